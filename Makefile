@@ -1,0 +1,36 @@
+# tfbert: `make setup run` sets everything up and trains the embedded default; `make test` tests.
+
+PYTHON ?= python3.11
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# Extra flags for `make run`, e.g. make run ARGS="--precision=bf16 --num_train_steps=100".
+ARGS ?=
+# Horovod is built from source against the TensorFlow installed first (the horovod[tensorflow]
+# extra would pull the newest TensorFlow). On GPU machines add HOROVOD_GPU_OPERATIONS=NCCL.
+HOROVOD_ENV ?= HOROVOD_WITH_TENSORFLOW=1 HOROVOD_WITH_GLOO=1 HOROVOD_WITHOUT_PYTORCH=1 \
+	HOROVOD_WITHOUT_MXNET=1
+
+.PHONY: setup run test bench clean
+
+setup: $(VENV)/.tfbert-installed
+
+$(VENV)/.tfbert-installed: setup.cfg pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade "pip>=23.3" wheel "setuptools>=64,<81"
+	$(PY) -m pip install --quiet -e '.[test]'
+	$(PY) -c "import horovod.tensorflow" 2>/dev/null || \
+		$(HOROVOD_ENV) $(PY) -m pip install --no-build-isolation horovod==0.28.1
+	$(PY) -c "import horovod.tensorflow, tensorflow as tf; print('tfbert set up: TF', tf.__version__)"
+	touch $@
+
+run: setup
+	$(PY) -m tfbert.run $(ARGS)
+
+test: setup
+	$(PY) -m pytest -q tests
+
+bench: setup
+	$(PY) benchmarks/throughput.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info runs .pytest_cache

@@ -1,0 +1,111 @@
+"""Flags -> frozen Config: round trips, precedence and the start-up errors that name a flag."""
+
+import dataclasses
+import json
+
+import pytest
+from absl import flags
+
+from tfbert import config as cfg
+from tfbert import run
+from tfbert.training.run_dir import prepare_output_dir
+
+
+def parse(*argv):
+    flag_values = flags.FlagValues()
+    run.define_flags(flag_values)
+    flag_values(["tfbert.run", *argv])
+    return flag_values
+
+
+def build(*argv, tokenizer_size=None, monkeypatch=None):
+    """Config from flags with pre-tokenized (non-existent) input files: no tokenizer involved."""
+    return run.build_config(parse("--input_files=/data/part-*.tfrecord", *argv))[0]
+
+
+def test_flagfile_round_trips_to_the_same_config(tmp_path):
+    flagfile = tmp_path / "run.cfg"
+    flagfile.write_text("--model=mini\n--vocab_size=1000\n--hidden_act=geglu\n--precision=bf16\n"
+                        "--xla=auto\n--optimizer=adamw\n--learning_rate=3e-4\n"
+                        "--use_bias_in_keys=false\n--train_batch_size=12\n"
+                        f"--output_dir={tmp_path / 'out'}\n")
+    config = build(f"--flagfile={flagfile}")
+    assert config.model.hidden_size == 256 and config.model.hidden_act == "geglu"
+    assert config.model.use_bias_in_keys is False and config.runtime.xla == "auto"
+    # Flags written back out parse to the same config ...
+    again = tmp_path / "again.cfg"
+    again.write_text(parse(f"--flagfile={flagfile}",
+                           "--input_files=/data/part-*.tfrecord").flags_into_string())
+    assert build(f"--flagfile={again}") == config
+    # ... and so does the saved config.json.
+    config.save(str(tmp_path / "config.json"))
+    assert cfg.Config.load(str(tmp_path / "config.json")) == config
+
+
+def test_flagfiles_compose_by_inclusion(tmp_path):
+    base = tmp_path / "base.cfg"
+    base.write_text("--model=mini\n--vocab_size=1000\n--precision=fp16\n")
+    derived = tmp_path / "derived.cfg"
+    derived.write_text(f"--flagfile={base}\n--hidden_act=gelu_tanh\n")
+    config = build(f"--flagfile={derived}", "--output_dir=/tmp/x")
+    assert config.runtime.precision == "fp16" and config.model.hidden_act == "gelu_tanh"
+    assert config.model.num_hidden_layers == 4
+
+
+def test_precedence_preset_then_bert_config_then_flags(tmp_path):
+    bert_config = tmp_path / "bert_config.json"
+    bert_config.write_text(json.dumps(dict(vocab_size=500, hidden_size=64, num_attention_heads=4,
+                                           num_hidden_layers=3, directionality="bidi")))
+    config = build(f"--bert_config_file={bert_config}", "--num_hidden_layers=5", "--output_dir=x")
+    assert config.model.vocab_size == 500 and config.model.hidden_size == 64
+    assert config.model.num_hidden_layers == 5  # the flag wins
+    assert config.model.intermediate_size == 512  # from the tiny preset
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--vocab_size=100", "--hidden_size=130", "--num_attention_heads=4"],
+     "--hidden_size=130 is not divisible by --num_attention_heads=4"),
+    (["--vocab_size=100", "--max_seq_length=1024"], "--max_seq_length=1024 exceeds"),
+    (["--vocab_size=100", "--num_warmup_steps=-1"], "--num_warmup_steps"),
+    (["--vocab_size=100", "--max_predictions_per_seq=200"], "--max_predictions_per_seq=200"),
+    (["--vocab_size=100", "--model=huge"], "--model='huge'"),
+    (["--vocab_size=100", "--hidden_dropout_prob=1.5"], "--hidden_dropout_prob"),
+    (["--vocab_size=100", "--dynamic_masking"], "--dynamic_masking needs --vocab_file"),
+    ([], "vocabulary size is unknown"),
+])
+def test_invalid_settings_fail_at_start_naming_the_flag(argv, message):
+    with pytest.raises(cfg.ConfigError, match=message.replace("(", r"\(")):
+        build("--output_dir=x", *argv)
+
+
+def test_bert_config_with_unknown_computation_is_refused(tmp_path):
+    path = tmp_path / "bert_config.json"
+    path.write_text(json.dumps(dict(vocab_size=10, position_embedding_type="relative_key")))
+    with pytest.raises(cfg.ConfigError, match="position_embedding_type"):
+        build(f"--bert_config_file={path}", "--output_dir=x")
+
+
+def test_output_dir_of_another_model_is_refused(tmp_path):
+    config = build("--vocab_size=100", f"--output_dir={tmp_path}")
+    prepare_output_dir(config)
+    prepare_output_dir(dataclasses.replace(config, optimizer=cfg.OptimizerConfig(learning_rate=1)))
+    other = dataclasses.replace(config, model=dataclasses.replace(config.model, hidden_size=64))
+    with pytest.raises(cfg.ConfigError, match="different model.*hidden_size"):
+        prepare_output_dir(other)
+    saved = json.loads((tmp_path / "bert_config.json").read_text())
+    assert saved["hidden_size"] == 128 and saved["vocab_size"] == 100
+
+
+def test_presets_have_the_sizes_of_the_notes():
+    def params(name, vocab=100_000):
+        m = cfg.ModelConfig(vocab_size=vocab, **cfg.MODEL_PRESETS[name])
+        per_layer = 4 * m.hidden_size ** 2 + 2 * m.hidden_size * m.intermediate_size
+        return m.num_hidden_layers * per_layer + vocab * m.hidden_size
+
+    assert params("xlarge") == pytest.approx(1.4e9, rel=0.05)
+    assert params("48x2048") == pytest.approx(2.6e9, rel=0.05)
+    assert params("64x2048") == pytest.approx(3.4e9, rel=0.05)
+    assert params("36x3072") == pytest.approx(4.4e9, rel=0.05)
+    assert params("48x3072") == pytest.approx(5.75e9, rel=0.05)
+    large = cfg.MODEL_PRESETS["large"]
+    assert (large["num_hidden_layers"], large["hidden_size"]) == (24, 1024)

@@ -1,0 +1,142 @@
+"""The training loop: resume exactness, mixed precision, loss scaling, checkpoints."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from conftest import odd_model_config, run_config, synthetic_dataset
+from tfbert import config as cfg
+from tfbert.training.checkpointing import CheckpointError
+from tfbert.training.optimization import WarmupPolynomialDecay
+from tfbert.training.trainer import Pretrainer
+
+
+def read_log(output_dir):
+    with open(os.path.join(output_dir, "log.jsonl")) as f:
+        return {r["step"]: r for r in map(json.loads, f)}
+
+
+def test_resume_reproduces_the_next_steps_exactly(tmp_path):
+    # Dropout on: the masks, the data position and the optimizer state must all come back.
+    model = odd_model_config(hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1)
+    straight = tmp_path / "straight"
+    Pretrainer(run_config(straight, model, num_train_steps=8), synthetic_dataset()).train()
+
+    interrupted = tmp_path / "interrupted"
+    config = run_config(interrupted, model, num_train_steps=8)
+    first = Pretrainer(config, synthetic_dataset()).train(max_steps=5)
+    assert first["steps"] == 5 and first["checkpoint"].endswith("ckpt-5")
+    tf.keras.backend.clear_session()
+    resumed = Pretrainer(config, synthetic_dataset()).train()
+    assert resumed["steps"] == 8 and resumed["steps_this_run"] == 3
+
+    a, b = read_log(straight), read_log(interrupted)
+    for step in (6, 7, 8):
+        for key in ("loss", "mlm_loss", "nsp_loss", "learning_rate", "grad_norm"):
+            assert a[step][key] == b[step][key], (step, key)
+    # Steps before the interruption differ from those after it: the comparison is not vacuous.
+    assert a[5]["loss"] != a[8]["loss"]
+
+
+def test_fp16_skips_a_step_on_overflow_and_lowers_the_scale(tmp_path):
+    # A scale of 2^40 overflows float16 gradients; the step must be skipped, weights untouched.
+    config = run_config(tmp_path, precision="fp16", num_train_steps=1, initial_loss_scale=2.0 ** 40)
+    trainer = Pretrainer(config, synthetic_dataset(batch=4))
+    before = [v.numpy().copy() for v in trainer.variables]
+    summary = trainer.train()
+    assert summary["skipped_steps"] == 1
+    assert summary["loss_scale"] == 2.0 ** 39
+    for old, var in zip(before, trainer.variables):
+        np.testing.assert_array_equal(old, var.numpy())
+    assert int(trainer.update.optimizer.iterations) == 0
+
+
+def test_fp16_steps_apply_with_a_sane_scale(tmp_path):
+    config = run_config(tmp_path, precision="fp16", num_train_steps=2, initial_loss_scale=128.0)
+    trainer = Pretrainer(config, synthetic_dataset(batch=4))
+    before = trainer.variables[0].numpy().copy()
+    summary = trainer.train()
+    assert summary["skipped_steps"] == 0 and summary["loss_scale"] == 128.0
+    assert not np.array_equal(before, trainer.variables[0].numpy())
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_precisions_train(tmp_path, precision):
+    summary = Pretrainer(run_config(tmp_path, precision=precision, num_train_steps=3),
+                         synthetic_dataset()).train()
+    assert summary["steps"] == 3 and np.isfinite(summary["final_loss"])
+    assert summary["loss_scale"] is None
+
+
+def test_summary_and_checkpoint_files(tmp_path):
+    config = run_config(tmp_path, num_train_steps=4, save_checkpoints_steps=2, keep_checkpoint_max=1)
+    summary = Pretrainer(config, synthetic_dataset()).train()
+    with open(tmp_path / "summary.json") as f:
+        on_disk = json.load(f)
+    for key in ("steps", "first_loss", "final_loss", "examples_per_sec", "tokens_per_sec",
+                "peak_memory_bytes"):
+        assert on_disk[key] == summary[key]
+    # (peak_memory_bytes is checked on the default run: this model's tensors are all below the
+    # size the CPU allocator counts.)
+    assert summary["examples_per_sec"] > 0 and summary["peak_rss_bytes"] > 0
+    assert summary["tokens_per_sec"] == pytest.approx(summary["examples_per_sec"] * 16)
+    # Only the newest checkpoint is kept, and the index points at it.
+    assert tf.train.latest_checkpoint(str(tmp_path)).endswith("ckpt-4")
+    assert not list(tmp_path.glob("ckpt-2.*"))
+    assert list((tmp_path / "train").iterdir())  # TensorBoard events
+
+
+def test_init_checkpoint_loads_weights_but_not_the_step(tmp_path):
+    source = tmp_path / "source"
+    first = Pretrainer(run_config(source, num_train_steps=2), synthetic_dataset())
+    first.train()
+    target = Pretrainer(run_config(tmp_path / "target", init_checkpoint=str(source)),
+                        synthetic_dataset())
+    assert target.restore_or_initialize() == 0
+    for a, b in zip(first.variables, target.variables):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
+
+
+def test_checkpoint_of_another_shape_is_refused(tmp_path):
+    Pretrainer(run_config(tmp_path / "small", num_train_steps=1), synthetic_dataset()).train()
+    bigger = run_config(tmp_path / "big", odd_model_config(hidden_size=48),
+                        init_checkpoint=str(tmp_path / "small"))
+    with pytest.raises(CheckpointError, match="different model shape"):
+        Pretrainer(bigger, synthetic_dataset()).restore_or_initialize()
+
+
+def test_interrupted_save_leaves_the_previous_checkpoint_usable(tmp_path):
+    config = run_config(tmp_path, num_train_steps=2)
+    Pretrainer(config, synthetic_dataset()).train()
+    # A save killed midway leaves temporary files but never updates the index.
+    (tmp_path / "ckpt-3_temp").mkdir()
+    (tmp_path / "ckpt-3_temp" / "part-00000-of-00001.data-00000-of-00001").write_bytes(b"\0" * 10)
+    resumed = Pretrainer(run_config(tmp_path, num_train_steps=3), synthetic_dataset())
+    assert resumed.restore_or_initialize() == 2
+
+
+def test_schedule_warms_up_then_decays():
+    schedule = WarmupPolynomialDecay(1e-3, num_train_steps=100, num_warmup_steps=10)
+    values = [float(schedule(s)) for s in (0, 5, 10, 55, 100)]
+    assert values[0] == 0.0 and values[1] == pytest.approx(5e-4)
+    assert values[2] == pytest.approx(9e-4) and values[3] == pytest.approx(4.5e-4)
+    assert values[4] == 0.0
+
+
+@pytest.mark.parametrize("name", ["lamb", "adamw"])
+def test_optimizers_decay_weights_but_not_layer_norm_or_biases(tmp_path, name):
+    # With zero gradients (lr > 0, no data signal) only weight decay moves the weights.
+    optimizer = cfg.OptimizerConfig(optimizer=name, learning_rate=0.1, weight_decay_rate=0.5,
+                                    clip_norm=0.0)
+    trainer = Pretrainer(run_config(tmp_path, optimizer=optimizer), synthetic_dataset())
+    trainer.restore_or_initialize()
+    variables = trainer.model.variables_by_name()
+    gamma = variables["bert/embeddings/LayerNorm/gamma"]
+    kernel = variables["bert/pooler/dense/kernel"]
+    gamma_before, kernel_before = gamma.numpy().copy(), kernel.numpy().copy()
+    trainer.update.apply([tf.zeros_like(v) for v in trainer.variables], trainer.variables)
+    np.testing.assert_array_equal(gamma.numpy(), gamma_before)
+    assert np.abs(kernel.numpy()).sum() < np.abs(kernel_before).sum()

@@ -1,0 +1,271 @@
+"""Frozen, validated configuration of a tfbert run.
+
+Configuration flows one way: the entry point (`tfbert/run.py`) turns its flags into a `Config`
+once, validates it, logs it and writes it as `config.json` beside the checkpoints. Library code
+takes explicit arguments or one of these dataclasses; nothing below the entry point reads flags.
+
+Field names follow google-research/bert's `run_pretraining.py` and `bert_config.json` where those
+have the same setting, so a flag, a field and a JSON key share one name.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any
+
+PRECISIONS = ("fp32", "fp16", "bf16")
+XLA_MODES = ("off", "auto", "jit")
+OPTIMIZERS = ("lamb", "adamw")
+TOKENIZER_TYPES = ("sentencepiece", "wordpiece")
+HIDDEN_ACTS = ("gelu", "gelu_tanh", "relu", "geglu")
+
+# Sizes from the benchmark notes. Parameter counts are with a 100k vocabulary; the vocabulary
+# itself comes from the tokenizer (or --vocab_size / --bert_config_file).
+MODEL_PRESETS: dict[str, dict[str, int]] = {
+    # For tests and the embedded default run on a CPU.
+    "tiny": dict(num_hidden_layers=2, hidden_size=128, num_attention_heads=2, intermediate_size=512),
+    "mini": dict(num_hidden_layers=4, hidden_size=256, num_attention_heads=4, intermediate_size=1024),
+    "small": dict(num_hidden_layers=4, hidden_size=512, num_attention_heads=8, intermediate_size=2048),
+    "base": dict(num_hidden_layers=12, hidden_size=768, num_attention_heads=12, intermediate_size=3072),
+    "large": dict(num_hidden_layers=24, hidden_size=1024, num_attention_heads=16, intermediate_size=4096),
+    # ~1.4B
+    "xlarge": dict(num_hidden_layers=24, hidden_size=2048, num_attention_heads=32, intermediate_size=8192),
+    # ~2.6B
+    "48x2048": dict(num_hidden_layers=48, hidden_size=2048, num_attention_heads=32, intermediate_size=8192),
+    # ~3.4B
+    "64x2048": dict(num_hidden_layers=64, hidden_size=2048, num_attention_heads=32, intermediate_size=8192),
+    # ~4.4B
+    "36x3072": dict(num_hidden_layers=36, hidden_size=3072, num_attention_heads=48, intermediate_size=12288),
+    # ~5.75B
+    "48x3072": dict(num_hidden_layers=48, hidden_size=3072, num_attention_heads=48, intermediate_size=12288),
+}
+
+
+class ConfigError(ValueError):
+    """A setting, or a combination of settings, that cannot work. The message names the flag."""
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise ConfigError(message)
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """The encoder's shape. Keys match google-research/bert's `bert_config.json`."""
+
+    vocab_size: int
+    hidden_size: int = 128
+    num_hidden_layers: int = 2
+    num_attention_heads: int = 2
+    intermediate_size: int = 512
+    hidden_act: str = "gelu"
+    hidden_dropout_prob: float = 0.1
+    attention_probs_dropout_prob: float = 0.1
+    max_position_embeddings: int = 512
+    type_vocab_size: int = 2
+    initializer_range: float = 0.02
+    layer_norm_eps: float = 1e-12
+    use_bias_in_keys: bool = True
+
+    def __post_init__(self):
+        _require(self.vocab_size > 0, f"--vocab_size must be positive, got {self.vocab_size}")
+        for name in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+                     "max_position_embeddings", "type_vocab_size"):
+            _require(getattr(self, name) > 0, f"--{name} must be positive, got {getattr(self, name)}")
+        _require(self.hidden_size % self.num_attention_heads == 0,
+                 f"--hidden_size={self.hidden_size} is not divisible by "
+                 f"--num_attention_heads={self.num_attention_heads}")
+        _require(self.hidden_act in HIDDEN_ACTS,
+                 f"--hidden_act={self.hidden_act!r} is not one of {HIDDEN_ACTS}")
+        for name in ("hidden_dropout_prob", "attention_probs_dropout_prob"):
+            value = getattr(self, name)
+            _require(0.0 <= value < 1.0, f"--{name} must be in [0, 1), got {value}")
+
+    @property
+    def head_size(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    def to_bert_config(self) -> dict[str, Any]:
+        """The google-research/bert `bert_config.json` dictionary (plus tfbert's extra keys)."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def bert_config_overrides(cls, path: str) -> dict[str, Any]:
+        """Reads a google-style `bert_config.json`; returns the keys this class knows.
+
+        Keys that change the computation but that tfbert does not implement are an error rather
+        than silently dropped; purely descriptive keys (e.g. "directionality") are ignored.
+        """
+        try:
+            with open(path, encoding="utf-8") as f:
+                raw = json.load(f)
+        except FileNotFoundError:
+            raise ConfigError(f"--bert_config_file={path} does not exist") from None
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"--bert_config_file={path} is not valid JSON: {e}") from None
+        known = {f.name for f in dataclasses.fields(cls)}
+        descriptive = {"directionality", "pooler_fc_size", "pooler_num_attention_heads",
+                       "pooler_num_fc_layers", "pooler_size_per_head", "pooler_type",
+                       "model_type", "architectures", "torch_dtype", "transformers_version"}
+        unknown = set(raw) - known - descriptive
+        _require(not unknown, f"--bert_config_file={path} has keys tfbert does not implement: "
+                              f"{sorted(unknown)}")
+        return {k: v for k, v in raw.items() if k in known}
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """Where the pretraining records come from and how they are batched."""
+
+    input_files: tuple[str, ...]
+    max_seq_length: int = 128
+    max_predictions_per_seq: int = 20
+    train_batch_size: int = 32  # per rank
+    num_readers: int = 4
+    shuffle_buffer: int = 1000
+    dynamic_masking: bool = False
+    masked_lm_prob: float = 0.15
+    tokenizer_type: str = "sentencepiece"
+    vocab_file: str = ""
+
+    def __post_init__(self):
+        _require(len(self.input_files) > 0, "--input_files is empty")
+        _require(self.max_seq_length > 2, f"--max_seq_length must be > 2, got {self.max_seq_length}")
+        _require(0 < self.max_predictions_per_seq <= self.max_seq_length,
+                 f"--max_predictions_per_seq={self.max_predictions_per_seq} must be in "
+                 f"(0, --max_seq_length={self.max_seq_length}]")
+        _require(self.train_batch_size > 0, f"--train_batch_size must be positive, got "
+                                            f"{self.train_batch_size}")
+        _require(self.num_readers > 0, f"--num_readers must be positive, got {self.num_readers}")
+        _require(self.shuffle_buffer > 0, f"--shuffle_buffer must be positive")
+        _require(0.0 < self.masked_lm_prob < 1.0, f"--masked_lm_prob must be in (0, 1)")
+        _require(self.tokenizer_type in TOKENIZER_TYPES,
+                 f"--tokenizer_type={self.tokenizer_type!r} is not one of {TOKENIZER_TYPES}")
+        _require(not self.dynamic_masking or self.vocab_file,
+                 "--dynamic_masking needs --vocab_file: the [MASK] id and the vocabulary used for "
+                 "random replacements come from the tokenizer")
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizerConfig:
+    """Optimizer and learning-rate schedule (linear warm-up, then polynomial decay)."""
+
+    optimizer: str = "lamb"
+    learning_rate: float = 1e-3
+    num_warmup_steps: int = 0
+    end_learning_rate: float = 0.0
+    decay_power: float = 1.0
+    weight_decay_rate: float = 0.01
+    beta_1: float = 0.9
+    beta_2: float = 0.999
+    epsilon: float = 1e-6
+    clip_norm: float = 1.0  # global-norm clipping; 0 turns it off
+    # Decoupled weight decay skips LayerNorm parameters and biases, as google-research/bert does.
+    exclude_from_weight_decay: tuple[str, ...] = ("LayerNorm", "layer_norm", "bias")
+
+    def __post_init__(self):
+        _require(self.optimizer in OPTIMIZERS,
+                 f"--optimizer={self.optimizer!r} is not one of {OPTIMIZERS}")
+        _require(self.learning_rate > 0, f"--learning_rate must be positive")
+        _require(self.num_warmup_steps >= 0, f"--num_warmup_steps must be >= 0")
+        _require(self.weight_decay_rate >= 0, f"--weight_decay_rate must be >= 0")
+        _require(self.clip_norm >= 0, f"--clip_norm must be >= 0 (0 turns clipping off)")
+        _require(0 <= self.beta_1 < 1 and 0 <= self.beta_2 < 1, "--beta_1/--beta_2 must be in [0, 1)")
+
+
+@dataclasses.dataclass(frozen=True)
+class RuntimeConfig:
+    """How the training step runs: numerics, compilation, checkpoints, logging."""
+
+    output_dir: str
+    num_train_steps: int = 300
+    precision: str = "fp32"
+    xla: str = "off"
+    seed: int = 12345
+    deterministic: bool = False
+    init_checkpoint: str = ""
+    save_checkpoints_steps: int = 1000
+    keep_checkpoint_max: int = 5
+    log_every_n_steps: int = 50
+    initial_loss_scale: float = 2.0 ** 15
+    loss_scale_growth_interval: int = 2000
+
+    def __post_init__(self):
+        _require(bool(self.output_dir), "--output_dir is empty")
+        _require(self.num_train_steps > 0, f"--num_train_steps must be positive")
+        _require(self.precision in PRECISIONS,
+                 f"--precision={self.precision!r} is not one of {PRECISIONS}")
+        _require(self.xla in XLA_MODES, f"--xla={self.xla!r} is not one of {XLA_MODES}")
+        _require(self.save_checkpoints_steps > 0, "--save_checkpoints_steps must be positive")
+        _require(self.keep_checkpoint_max > 0, "--keep_checkpoint_max must be positive")
+        _require(self.log_every_n_steps > 0, "--log_every_n_steps must be positive")
+        _require(self.initial_loss_scale >= 1, "--initial_loss_scale must be >= 1")
+        _require(self.loss_scale_growth_interval > 0, "--loss_scale_growth_interval must be positive")
+
+
+@dataclasses.dataclass(frozen=True)
+class DistributionConfig:
+    """The process group this run belongs to, as found at start-up (not set by flags)."""
+
+    num_processes: int = 1
+    rank: int = 0
+
+    def __post_init__(self):
+        _require(0 <= self.rank < self.num_processes,
+                 f"rank {self.rank} is outside a group of {self.num_processes} processes")
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    model: ModelConfig
+    data: DataConfig
+    optimizer: OptimizerConfig
+    runtime: RuntimeConfig
+    distribution: DistributionConfig = DistributionConfig()
+
+    def __post_init__(self):
+        _require(self.data.max_seq_length <= self.model.max_position_embeddings,
+                 f"--max_seq_length={self.data.max_seq_length} exceeds "
+                 f"--max_position_embeddings={self.model.max_position_embeddings}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Config":
+        def build(klass, values):
+            kwargs = {}
+            for field in dataclasses.fields(klass):
+                if field.name in values:
+                    value = values[field.name]
+                    kwargs[field.name] = tuple(value) if isinstance(value, list) else value
+            return klass(**kwargs)
+
+        return cls(model=build(ModelConfig, d["model"]), data=build(DataConfig, d["data"]),
+                   optimizer=build(OptimizerConfig, d["optimizer"]),
+                   runtime=build(RuntimeConfig, d["runtime"]),
+                   distribution=build(DistributionConfig, d.get("distribution", {})))
+
+    @classmethod
+    def load(cls, path: str) -> "Config":
+        with open(path, encoding="utf-8") as f:
+            return cls.from_dict(json.load(f))
+
+    def save(self, path: str) -> None:
+        atomic_write_text(path, self.to_json() + "\n")
+
+
+def atomic_write_text(path: str, text: str) -> None:
+    """Writes `text` to `path` so that a reader sees the old file or the new one, never half."""
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)

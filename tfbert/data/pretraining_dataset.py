@@ -1,0 +1,498 @@
+"""Reads pretraining TFRecords into batches, and checks them before a run starts.
+
+The records carry google-research/bert's features (written by `create_pretraining_data`, or by
+google's and NVIDIA's tools):
+
+    input_ids, input_mask, segment_ids          int64 [max_seq_length]
+    masked_lm_positions, masked_lm_ids          int64 [max_predictions_per_seq]
+    masked_lm_weights                           float [max_predictions_per_seq]
+    next_sentence_labels                        int64 [1]   (0: B follows A, 1: B is random)
+
+Start-up checks (`resolve_input_files`, `check_records`, `check_token_ids`) read only the first
+record(s) of each file, so they stay cheap for thousands of files. A corrupt record deep inside
+a file shows up only when training reaches it; `describe_data_error` turns that error into a
+message, and
+
+    python -m tfbert.data.pretraining_dataset --check_all='records/*.tfrecord'
+
+reads every record of every file and reports the bad ones.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import shlex
+import sys
+
+import tensorflow as tf
+
+FEATURE_NAMES = ("input_ids", "input_mask", "segment_ids", "masked_lm_positions",
+                 "masked_lm_ids", "masked_lm_weights", "next_sentence_labels")
+_SEQUENCE_FEATURES = ("input_ids", "input_mask", "segment_ids")
+_PREDICTION_FEATURES = ("masked_lm_positions", "masked_lm_ids", "masked_lm_weights")
+_FLOAT_FEATURES = ("masked_lm_weights",)
+
+
+class DataError(ValueError):
+    """Input files are missing, empty, corrupt, or do not match the run's settings."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Start-up checks.
+
+
+def resolve_input_files(file_patterns: str | list[str]) -> list[str]:
+    """Expands comma-separated globs into a sorted list of files, without duplicates.
+
+    Args:
+      file_patterns: "a/*.tfrecord,b/*.tfrecord", or a list of such strings.
+    Raises:
+      DataError: a pattern that matches nothing, no pattern at all, or an empty (0-byte) file.
+    """
+    if isinstance(file_patterns, str):
+        file_patterns = [file_patterns]
+    patterns = [p.strip() for item in file_patterns for p in item.split(",") if p.strip()]
+    if not patterns:
+        raise DataError("no input files given (--input_files is empty)")
+    files = set()
+    for pattern in patterns:
+        matched = tf.io.gfile.glob(pattern)
+        if not matched:
+            raise DataError(f"--input_files pattern {pattern!r} matches no file")
+        files.update(matched)
+    files = sorted(files)
+    for path in files:
+        if tf.io.gfile.stat(path).length == 0:
+            raise DataError(f"input file {path} is empty (0 bytes): remove it or leave it out of "
+                            f"--input_files")
+    return files
+
+
+def _first_records(path: str, count: int) -> list[bytes]:
+    """Up to `count` serialized records from the start of `path`; DataError if unreadable."""
+    try:
+        return [r.numpy() for r in tf.data.TFRecordDataset(path).take(count)]
+    except (tf.errors.DataLossError, tf.errors.InvalidArgumentError,
+            tf.errors.OutOfRangeError) as e:
+        raise DataError(f"{path}: the first record cannot be read, the file is corrupt or "
+                        f"truncated, or not a TFRecord file ({_clean_message(e)})") from None
+    except tf.errors.NotFoundError:
+        raise DataError(f"input file {path} does not exist") from None
+
+
+def _parse_example(path: str, serialized: bytes) -> dict[str, list]:
+    """A record's features as {name: list of values}; DataError if it is not a tf.train.Example
+    with the seven pretraining features of the right kinds."""
+    try:
+        example = tf.train.Example.FromString(serialized)
+    except Exception as e:  # google.protobuf.message.DecodeError
+        raise DataError(f"{path}: the first record is not a tf.train.Example ({e})") from None
+    feature = example.features.feature
+    values = {}
+    for name in FEATURE_NAMES:
+        if name not in feature:
+            raise DataError(f"{path}: records lack the feature {name!r} (they have "
+                            f"{sorted(feature)}); pretraining records need {list(FEATURE_NAMES)}")
+        kind = "float_list" if name in _FLOAT_FEATURES else "int64_list"
+        if feature[name].WhichOneof("kind") != kind:
+            raise DataError(f"{path}: feature {name!r} is a {feature[name].WhichOneof('kind')}, "
+                            f"expected a {kind}")
+        values[name] = list(getattr(feature[name], kind).value)
+    return values
+
+
+def _first_record_of_each(files: list[str]) -> dict[str, bytes]:
+    """{file: its first serialized record}, files without records left out. One parallel tf.data
+    pass over all files (a dataset per file costs ~20 ms each, too slow for thousands)."""
+    firsts = (tf.data.Dataset.from_tensor_slices(files)
+              .interleave(lambda path: tf.data.TFRecordDataset(path).take(1).map(
+                  lambda record: (path, record)), cycle_length=16,
+                  num_parallel_calls=tf.data.AUTOTUNE, deterministic=False)
+              .batch(256))
+    try:
+        return {path.decode(): record for paths, records in firsts.as_numpy_iterator()
+                for path, record in zip(paths, records)}
+    except tf.errors.OpError as e:
+        # Some file is bad; its error may not say which: read them one by one to name it.
+        for path in files:
+            _first_records(path, 1)
+        raise DataError(f"reading the first records of {len(files)} files failed "
+                        f"({_clean_message(e)})") from None
+
+
+def check_records(files: list[str], max_seq_length: int, max_predictions_per_seq: int) -> None:
+    """Checks the first record of each file: readable, the seven features, the run's lengths.
+
+    Only the first record is read, so this scales to thousands of files; corruption further
+    into a file is found by `python -m tfbert.data.pretraining_dataset --check_all=...`.
+
+    Raises:
+      DataError naming the file: a corrupt or truncated record, no records, a missing feature,
+      or lengths different from `max_seq_length` / `max_predictions_per_seq`.
+    """
+    if not files:
+        raise DataError("no input files to check")
+    firsts = _first_record_of_each(list(files))
+    for path in files:
+        if path not in firsts:
+            raise DataError(f"{path} holds no records")
+        values = _parse_example(path, firsts[path])
+        seq_length = len(values["input_ids"])
+        if seq_length != max_seq_length:
+            raise DataError(
+                f"records in {path} have max_seq_length={seq_length} but "
+                f"--max_seq_length={max_seq_length}; use --max_seq_length={seq_length} or "
+                f"records made with --max_seq_length={max_seq_length}")
+        predictions = len(values["masked_lm_positions"])
+        if predictions != max_predictions_per_seq:
+            raise DataError(
+                f"records in {path} have max_predictions_per_seq={predictions} but "
+                f"--max_predictions_per_seq={max_predictions_per_seq}; use "
+                f"--max_predictions_per_seq={predictions} or records made with "
+                f"--max_predictions_per_seq={max_predictions_per_seq}")
+        expected = dict.fromkeys(_SEQUENCE_FEATURES, seq_length)
+        expected.update(dict.fromkeys(_PREDICTION_FEATURES, predictions), next_sentence_labels=1)
+        for name, length in expected.items():
+            if len(values[name]) != length:
+                raise DataError(f"{path}: malformed record: {name!r} has {len(values[name])} "
+                                f"values, expected {length}")
+
+
+def check_token_ids(files: list[str], vocab_size: int, num_records: int = 64) -> None:
+    """Checks that the first `num_records` records of the first file hold only token ids below
+    `vocab_size` (records made with another tokenizer usually fail this at once).
+
+    Raises:
+      DataError: an id >= vocab_size or < 0 (tokenizer/model vocabulary mismatch).
+    """
+    if not files:
+        return
+    path = files[0]
+    for serialized in _first_records(path, num_records):
+        values = _parse_example(path, serialized)
+        weights = values["masked_lm_weights"]
+        ids = values["input_ids"] + [i for i, w in zip(values["masked_lm_ids"], weights) if w > 0]
+        if ids and (max(ids) >= vocab_size or min(ids) < 0):
+            bad = max(ids) if max(ids) >= vocab_size else min(ids)
+            raise DataError(
+                f"records in {path} hold token id {bad} but the model's vocabulary has "
+                f"{vocab_size} tokens (ids 0..{vocab_size - 1}): tokenizer/model vocabulary "
+                f"mismatch; the records were made with a different vocabulary")
+
+
+# ----------------------------------------------------------------------------------------------
+# Dynamic masking.
+
+
+@dataclasses.dataclass(frozen=True)
+class MaskingSpec:
+    """How `pretraining_dataset(dynamic_masking=...)` re-masks every batch.
+
+    Positions are chosen among the real tokens except [CLS], [SEP] and [PAD]:
+    ceil(masked_lm_prob * count), at most max_predictions_per_seq per sequence (google's
+    create_pretraining_data rounds instead of ceil, and counts [CLS]/[SEP]). A chosen token
+    becomes [MASK] with probability mask_token_rate, a uniformly random id with probability
+    random_token_rate, and stays as it is otherwise (80/10/10).
+    """
+
+    vocab_size: int
+    mask_id: int
+    cls_id: int
+    sep_id: int
+    pad_id: int
+    masked_lm_prob: float = 0.15
+    max_predictions_per_seq: int = 20
+    mask_token_rate: float = 0.8
+    random_token_rate: float = 0.1
+
+    def __post_init__(self):
+        if not 0.0 < self.masked_lm_prob <= 1.0:
+            raise DataError(f"--masked_lm_prob={self.masked_lm_prob} must be in (0, 1]")
+        if self.max_predictions_per_seq < 1:
+            raise DataError(f"--max_predictions_per_seq={self.max_predictions_per_seq} must "
+                            f"be >= 1")
+        if min(self.mask_token_rate, self.random_token_rate) < 0 or (
+                self.mask_token_rate + self.random_token_rate > 1.0):
+            raise DataError(f"mask_token_rate={self.mask_token_rate} and random_token_rate="
+                            f"{self.random_token_rate} must be >= 0 and sum to <= 1")
+        for name in ("mask_id", "cls_id", "sep_id", "pad_id"):
+            if not 0 <= getattr(self, name) < self.vocab_size:
+                raise DataError(f"MaskingSpec.{name}={getattr(self, name)} is outside the "
+                                f"vocabulary [0, {self.vocab_size})")
+
+
+def _restore_original_ids(features: dict[str, tf.Tensor]) -> tf.Tensor:
+    """input_ids with the masked tokens put back: masked_lm_ids scattered to
+    masked_lm_positions where masked_lm_weights > 0. Returns int32 [batch, seq]."""
+    positions = features["masked_lm_positions"]  # [B, P]
+    batch_index = tf.broadcast_to(tf.range(tf.shape(positions)[0])[:, None], tf.shape(positions))
+    indices = tf.stack([batch_index, positions], axis=-1)  # [B, P, 2]
+    real = features["masked_lm_weights"] > 0  # padding slots point at position 0 ([CLS])
+    return tf.tensor_scatter_nd_update(features["input_ids"], tf.boolean_mask(indices, real),
+                                       tf.boolean_mask(features["masked_lm_ids"], real))
+
+
+@tf.autograph.experimental.do_not_convert  # plain TensorFlow ops, no Python control flow
+def apply_dynamic_masking(features: dict[str, tf.Tensor], spec: MaskingSpec,
+                          seed: tf.Tensor) -> dict[str, tf.Tensor]:
+    """Re-masks a batch: restores the original tokens, then chooses new masked positions with
+    tensorflow_text (`RandomItemSelector`, `MaskValuesChooser`, `mask_language_model`).
+
+    All randomness is stateless and comes from `seed`, so the same batch and seed give the same
+    masks, and a tf.data pipeline using this can be checkpointed and resumed exactly.
+
+    Args:
+      features: a batch as `pretraining_dataset` yields it: int32 input_ids, input_mask,
+        segment_ids [batch, seq]; int32 masked_lm_positions, masked_lm_ids and float32
+        masked_lm_weights [batch, predictions]; int32 next_sentence_labels [batch, 1].
+      spec: the masking settings; spec.max_predictions_per_seq <= predictions.
+      seed: int64 Tensor of shape [2], the stateless seed for this batch.
+    Returns:
+      The batch with new input_ids, masked_lm_positions, masked_lm_ids and masked_lm_weights
+      (same shapes and dtypes; unused prediction slots are 0 with weight 0).
+    """
+    from tfbert.tokenization import import_tensorflow_text
+
+    text = import_tensorflow_text()
+    input_ids = features["input_ids"]
+    num_predictions = features["masked_lm_positions"].shape[1]
+    row_seed, choice_seed, random_id_seed = tf.unstack(
+        tf.random.experimental.stateless_split(seed, num=3))
+
+    def shuffle(positions):
+        # Called once per sequence with that row's selectable positions (flat indices into the
+        # batch, disjoint between rows): the smallest one gives each row its own seed.
+        first = tf.cast(tf.reduce_min(positions), tf.int64)
+        return tf.random.experimental.stateless_shuffle(
+            positions, seed=tf.random.experimental.stateless_fold_in(row_seed, first))
+
+    class SeededMaskValuesChooser(text.MaskValuesChooser):
+        """tf-text's 80/10/10 choice, drawn from stateless random numbers."""
+
+        def get_mask_values(self, masked_lm_ids):
+            ids = masked_lm_ids.flat_values
+            draw = tf.random.stateless_uniform(tf.shape(ids), seed=choice_seed)
+            random_ids = tf.random.stateless_uniform(tf.shape(ids), seed=random_id_seed,
+                                                     minval=0, maxval=spec.vocab_size,
+                                                     dtype=ids.dtype)
+            values = tf.where(
+                draw < spec.mask_token_rate, tf.cast(spec.mask_id, ids.dtype),
+                tf.where(draw < spec.mask_token_rate + spec.random_token_rate, random_ids, ids))
+            return masked_lm_ids.with_flat_values(values)
+
+    original = _restore_original_ids(features)
+    lengths = tf.reduce_sum(features["input_mask"], axis=1)
+    sequences = tf.RaggedTensor.from_tensor(original, lengths=lengths)  # [B, (real tokens)]
+    selector = text.RandomItemSelector(
+        max_selections_per_batch=spec.max_predictions_per_seq,  # per sequence, in fact
+        selection_rate=spec.masked_lm_prob,
+        unselectable_ids=[spec.cls_id, spec.sep_id, spec.pad_id], shuffle_fn=shuffle)
+    chooser = SeededMaskValuesChooser(spec.vocab_size, spec.mask_id, spec.mask_token_rate,
+                                      spec.random_token_rate)
+    masked, positions, labels = text.mask_language_model(sequences, selector, chooser)
+    # Padding keeps whatever the record had there.
+    masked_dense = masked.to_tensor(default_value=0, shape=tf.shape(input_ids))
+    new_input_ids = tf.where(features["input_mask"] > 0, masked_dense, original)
+    positions, weights = text.pad_model_inputs(positions, num_predictions)
+    labels, _ = text.pad_model_inputs(labels, num_predictions)
+    return dict(features, input_ids=new_input_ids,
+                masked_lm_positions=tf.cast(positions, tf.int32),
+                masked_lm_ids=tf.cast(labels, tf.int32),
+                masked_lm_weights=tf.cast(weights, tf.float32))
+
+
+# ----------------------------------------------------------------------------------------------
+# The input pipeline.
+
+
+def _parse_batch(serialized: tf.Tensor, max_seq_length: int,
+                 max_predictions_per_seq: int) -> dict[str, tf.Tensor]:
+    """Parses a [batch] string Tensor of records into the feature dict (int64 -> int32)."""
+    lengths = dict.fromkeys(_SEQUENCE_FEATURES, max_seq_length)
+    lengths.update(dict.fromkeys(_PREDICTION_FEATURES, max_predictions_per_seq),
+                   next_sentence_labels=1)
+    spec = {name: tf.io.FixedLenFeature([lengths[name]],
+                                        tf.float32 if name in _FLOAT_FEATURES else tf.int64)
+            for name in FEATURE_NAMES}
+    parsed = tf.io.parse_example(serialized, spec)
+    # tf.train.Example has only int64; int32 is what the model and TPUs/GPUs want (as google).
+    return {name: tf.cast(parsed[name], tf.int32) if parsed[name].dtype == tf.int64
+            else parsed[name] for name in FEATURE_NAMES}
+
+
+def pretraining_dataset(files: list[str], *, batch_size: int, max_seq_length: int,
+                        max_predictions_per_seq: int, is_training: bool = True,
+                        num_readers: int = 4, shuffle_buffer: int = 1000, seed: int | None = None,
+                        input_pipeline_id: int = 0, num_input_pipelines: int = 1,
+                        dynamic_masking: MaskingSpec | None = None) -> tf.data.Dataset:
+    """The batches of one rank (input pipeline).
+
+    Sharding between pipelines (ranks): with at least `num_input_pipelines` files, each rank
+    reads its own files (file i goes to rank i % num_input_pipelines); with fewer files, every
+    rank reads all files and keeps every num_input_pipelines-th record of each. Either way the
+    ranks see disjoint data, whatever their seeds.
+
+    Training: the file order is shuffled (each epoch anew), `num_readers` files are read
+    interleaved, the stream repeats forever and records pass a `shuffle_buffer`-deep shuffle.
+    With a `seed` the order is reproducible (deterministic interleave); without one, readers may
+    deliver out of order, which is faster. Evaluation: files in order, one pass, no shuffling.
+
+    The pipeline holds no Python-side state, so `tf.train.Checkpoint(iterator=iter(ds))` saves
+    and restores its position exactly (shuffle buffers included).
+
+    Args:
+      files: TFRecord files (see `resolve_input_files`).
+      batch_size: examples per batch; the last partial batch is dropped (static shapes).
+      max_seq_length, max_predictions_per_seq: the records' lengths (see `check_records`).
+      dynamic_masking: re-mask every batch (see `apply_dynamic_masking`); None keeps the masks
+        written in the records.
+    Returns:
+      A dataset of dicts: int32 input_ids, input_mask, segment_ids [batch_size, max_seq_length];
+      int32 masked_lm_positions, masked_lm_ids and float32 masked_lm_weights
+      [batch_size, max_predictions_per_seq]; int32 next_sentence_labels [batch_size, 1].
+    """
+    files = list(files)
+    if not files:
+        raise DataError("pretraining_dataset: no input files")
+    if not 0 <= input_pipeline_id < num_input_pipelines:
+        raise DataError(f"input_pipeline_id={input_pipeline_id} is not in "
+                        f"[0, num_input_pipelines={num_input_pipelines})")
+    if batch_size < 1:
+        raise DataError(f"batch_size={batch_size} must be >= 1")
+    if num_readers < 1 or shuffle_buffer < 1:
+        raise DataError(f"--num_readers={num_readers} and --shuffle_buffer={shuffle_buffer} "
+                        f"must be >= 1")
+    if dynamic_masking is not None and (
+            dynamic_masking.max_predictions_per_seq > max_predictions_per_seq):
+        raise DataError(f"dynamic masking makes up to {dynamic_masking.max_predictions_per_seq} "
+                        f"predictions but records have room for {max_predictions_per_seq}")
+
+    shard_by_file = len(files) >= num_input_pipelines
+    if shard_by_file:
+        files = files[input_pipeline_id::num_input_pipelines]
+
+    def read(path):
+        records = tf.data.TFRecordDataset(path, buffer_size=8 * 1024 * 1024)
+        if not shard_by_file:
+            records = records.shard(num_input_pipelines, input_pipeline_id)
+        return records
+
+    deterministic = seed is not None or not is_training
+    dataset = tf.data.Dataset.from_tensor_slices(files)
+    if is_training:
+        dataset = dataset.shuffle(len(files), seed=seed, reshuffle_each_iteration=True).repeat()
+        dataset = dataset.interleave(read, cycle_length=min(num_readers, len(files)),
+                                     num_parallel_calls=tf.data.AUTOTUNE,
+                                     deterministic=deterministic)
+        dataset = dataset.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
+    else:
+        dataset = dataset.flat_map(read)
+    # Batch first, then parse the whole batch at once (faster than one parse per record).
+    dataset = dataset.batch(batch_size, drop_remainder=True)
+    dataset = dataset.map(
+        lambda serialized: _parse_batch(serialized, max_seq_length, max_predictions_per_seq),
+        num_parallel_calls=tf.data.AUTOTUNE, deterministic=deterministic)
+    if dynamic_masking is not None:
+        # One random int64 per batch, from a dataset (its state is checkpointed with the
+        # iterator), turned into the stateless seed of that batch's masks.
+        seeds = tf.data.Dataset.random(seed=seed)
+        dataset = tf.data.Dataset.zip((dataset, seeds)).map(
+            lambda features, s: apply_dynamic_masking(
+                features, dynamic_masking, tf.stack([s, tf.constant(0, tf.int64)])),
+            num_parallel_calls=tf.data.AUTOTUNE, deterministic=deterministic)
+    return dataset.prefetch(tf.data.AUTOTUNE)
+
+
+# ----------------------------------------------------------------------------------------------
+# Corrupt records found during training.
+
+
+def _clean_message(err: Exception) -> str:
+    """A TensorFlow error's message without the runtime's decoration ("{{function_node ...}}",
+    "[Op:IteratorGetNext]")."""
+    message = getattr(err, "message", None) or str(err)
+    message = re.sub(r"\{\{[^}]*\}\}", "", message)
+    message = re.sub(r"\[Op:[^\]]*\].*$", "", message, flags=re.S)
+    return message.strip()
+
+
+def describe_data_error(err: Exception, files: list[str]) -> str:
+    """A helpful message for a tf.errors.DataLossError raised while training reads records.
+
+    Args:
+      err: the error (its message may name the file).
+      files: the run's input files or patterns (--input_files).
+    """
+    message = _clean_message(err)
+    named = [f for f in files if f and f in message]
+    shown = ", ".join(files[:5]) + (f" and {len(files) - 5} more" if len(files) > 5 else "")
+    lines = [f"a corrupt or truncated record was met while reading the training data: "
+             f"{message.strip()}"]
+    if named:
+        lines.append(f"The error names {named[0]}.")
+    lines.append(f"Files being read: {shown}.")
+    lines.append("Find the bad file(s), which are read in full and CRC-checked, with:\n"
+                 f"    python -m tfbert.data.pretraining_dataset "
+                 f"--check_all={shlex.quote(','.join(files))}\n"
+                 "then remove or regenerate them and start again with the same --output_dir: the "
+                 "run resumes from its last checkpoint.")
+    return "\n".join(lines)
+
+
+def scan_records(path: str) -> tuple[int, str | None]:
+    """Reads every record of `path`, checking CRCs. Returns (records read, error or None); the
+    count is exact when there is no error, and a multiple of 1024 records read before it."""
+    count = 0
+    try:
+        for batch in tf.data.TFRecordDataset(path).batch(1024):
+            count += int(tf.shape(batch)[0])
+    except tf.errors.OpError as e:
+        return count, _clean_message(e)
+    return count, None
+
+
+def check_all(file_patterns: str) -> int:
+    """Reads every record of every file matched by the comma-separated globs, prints one line
+    per file (ok / BAD and why) and returns the exit status: 0 all good, 1 some bad, 2 a pattern
+    that matches nothing."""
+    files = set()
+    for pattern in (p.strip() for p in file_patterns.split(",") if p.strip()):
+        matched = tf.io.gfile.glob(pattern)
+        if not matched:
+            print(f"error: {pattern!r} matches no file", file=sys.stderr)
+            return 2
+        files.update(matched)
+    bad = 0
+    for path in sorted(files):
+        count, error = scan_records(path)
+        if error is None and count == 0:
+            bad += 1
+            print(f"BAD  {path}: no records", flush=True)
+        elif error is None:
+            print(f"ok   {path}: {count} records", flush=True)
+        else:
+            bad += 1
+            before = f" ({count}+ good records before it)" if count else ""
+            print(f"BAD  {path}: {error}{before}", flush=True)
+    print(f"{len(files)} files checked, {bad} bad", flush=True)
+    return 1 if bad else 0
+
+
+def _main(argv) -> int:
+    from absl import flags
+
+    if not flags.FLAGS.check_all:
+        print("usage: python -m tfbert.data.pretraining_dataset --check_all='<glob>[,<glob>...]'",
+              file=sys.stderr)
+        return 2
+    # An unquoted glob is expanded by the shell: its other files arrive as arguments.
+    return check_all(",".join([flags.FLAGS.check_all] + list(argv[1:])))
+
+
+if __name__ == "__main__":
+    from absl import app, flags
+
+    flags.DEFINE_string("check_all", "", "Comma-separated globs of TFRecord files to read in full "
+                                         "(CRC-checked); reports the corrupt or truncated ones.")
+    app.run(lambda argv: sys.exit(_main(argv)))

@@ -1,0 +1,102 @@
+"""Multi-head self-attention.
+
+Shape legend: B batch, S sequence length, N heads, H head size, D = N * H hidden size.
+"""
+
+from __future__ import annotations
+
+import tensorflow as tf
+
+from tfbert.modeling.layers.dense import DenseFactory
+from tfbert.modeling.layers.dropout import Dropout, DropoutRng
+
+
+def attention_mask_bias(input_mask: tf.Tensor, dtype: tf.DType) -> tf.Tensor:
+    """Additive mask: 0 where a key may be attended to, a large negative number where not.
+
+    Args:
+      input_mask: int32 Tensor [B, S], 1 for real tokens and 0 for padding.
+    Returns: Tensor [B, 1, 1, S] of `dtype`, broadcast over heads and queries.
+    """
+    # -10000 rather than the dtype's minimum: it survives float16 and the softmax still gives
+    # padded keys a weight of exactly zero after exp() underflows.
+    bias = (1.0 - tf.cast(input_mask, dtype)) * tf.cast(-10000.0, dtype)  # (B, S)
+    return bias[:, tf.newaxis, tf.newaxis, :]  # (B, 1, 1, S)
+
+
+def masked_softmax(scores: tf.Tensor, mask_bias: tf.Tensor) -> tf.Tensor:
+    """softmax(scores + mask_bias) over the last axis, computed in float32.
+
+    The reference for the fused attention-softmax op. float32 because a float16 exp() of
+    unnormalised scores overflows; the result is cast back to the scores' dtype.
+    """
+    probs = tf.nn.softmax(tf.cast(scores, tf.float32) + tf.cast(mask_bias, tf.float32), axis=-1)
+    return tf.cast(probs, scores.dtype)
+
+
+class SelfAttention(tf.keras.layers.Layer):
+    """Multi-head self-attention with its output projection, residual and LayerNorm excluded.
+
+    Args:
+      num_heads: N.
+      head_size: H.
+      dense_factory: builds the Q/K/V (column-parallel) and output (row-parallel) projections.
+      attention_dropout: dropout rate on the attention probabilities.
+      use_bias_in_keys: whether the key projection has a bias. A key bias adds the same amount
+        to every score of a query, which softmax cancels, so it can be dropped to save memory.
+      rng: DropoutRng for the attention dropout.
+
+    Variables (google-research/bert names): self/query, self/key, self/value, output/dense.
+    """
+
+    def __init__(self, num_heads: int, head_size: int, dense_factory: DenseFactory,
+                 attention_dropout: float = 0.0, use_bias_in_keys: bool = True,
+                 rng: DropoutRng | None = None, **kwargs):
+        super().__init__(**kwargs)
+        self.num_heads = num_heads
+        self.head_size = head_size
+        self.attention_dropout = attention_dropout
+        self.use_bias_in_keys = use_bias_in_keys
+        hidden = num_heads * head_size
+        self.query = dense_factory.column_parallel(hidden, name="query")
+        self.key = dense_factory.column_parallel(hidden, name="key", use_bias=use_bias_in_keys)
+        self.value = dense_factory.column_parallel(hidden, name="value")
+        self.output_dense = dense_factory.row_parallel(hidden, name="dense")
+        self.dropout = Dropout(attention_dropout, rng, name="attention_dropout", dtype=self.dtype_policy)
+
+    def _split_heads(self, x: tf.Tensor) -> tf.Tensor:
+        batch, seq = tf.shape(x)[0], tf.shape(x)[1]
+        x = tf.reshape(x, [batch, seq, self.num_heads, self.head_size])  # (B, S, N, H)
+        return tf.transpose(x, [0, 2, 1, 3])  # (B, N, S, H)
+
+    def call(self, hidden_states, mask_bias, training=False):
+        """
+        Args:
+          hidden_states: Tensor [B, S, D] in the compute dtype.
+          mask_bias: Tensor [B, 1, 1, S] from `attention_mask_bias`.
+        Returns: Tensor [B, S, D], the attention output after its dense projection.
+        """
+        with tf.name_scope("self"):
+            query = self._split_heads(self.query(hidden_states))  # (B, N, S, H)
+            key = self._split_heads(self.key(hidden_states))  # (B, N, S, H)
+            value = self._split_heads(self.value(hidden_states))  # (B, N, S, H)
+
+        # Scale the query rather than the scores: fewer elements ([B,N,S,H] vs [B,N,S,S]).
+        query = query * tf.cast(self.head_size ** -0.5, query.dtype)
+        scores = tf.einsum("bnqh,bnkh->bnqk", query, key)  # (B, N, S, S)
+        probs = masked_softmax(scores, mask_bias)  # (B, N, S, S)
+        probs = self.dropout(probs, training=training)
+        context = tf.einsum("bnqk,bnkh->bnqh", probs, value)  # (B, N, S, H)
+        context = tf.transpose(context, [0, 2, 1, 3])  # (B, S, N, H)
+        batch, seq = tf.shape(context)[0], tf.shape(context)[1]
+        context = tf.reshape(context, [batch, seq, self.num_heads * self.head_size])  # (B, S, D)
+
+        with tf.name_scope("output"):
+            return self.output_dense(context)  # (B, S, D)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(num_heads=self.num_heads, head_size=self.head_size,
+                      attention_dropout=self.attention_dropout,
+                      use_bias_in_keys=self.use_bias_in_keys)
+        return config

@@ -1,0 +1,63 @@
+"""Word, position and token-type embeddings, summed and normalised."""
+
+from __future__ import annotations
+
+import tensorflow as tf
+
+from tfbert.modeling.layers.dropout import Dropout, DropoutRng
+from tfbert.modeling.layers.layer_norm import LayerNorm
+
+
+class Embeddings(tf.keras.layers.Layer):
+    """Args:
+      vocab_size, hidden_size, max_position_embeddings, type_vocab_size: table sizes.
+      initializer_range: stddev of the truncated-normal initializer.
+      dropout: dropout rate after the LayerNorm.
+      layer_norm_eps: LayerNorm epsilon.
+      rng: DropoutRng.
+
+    Variables (google-research/bert names): word_embeddings [V, D], token_type_embeddings [T, D],
+    position_embeddings [P, D], LayerNorm/{gamma,beta}.
+    """
+
+    def __init__(self, vocab_size: int, hidden_size: int, max_position_embeddings: int,
+                 type_vocab_size: int, initializer_range: float, dropout: float = 0.0,
+                 layer_norm_eps: float = 1e-12, rng: DropoutRng | None = None, **kwargs):
+        super().__init__(**kwargs)
+        self.vocab_size = vocab_size
+        self.hidden_size = hidden_size
+        self.max_position_embeddings = max_position_embeddings
+        self.type_vocab_size = type_vocab_size
+        self.initializer_range = initializer_range
+        self.dropout_rate = dropout
+        self.layer_norm = LayerNorm(layer_norm_eps, name="LayerNorm", dtype=self.dtype_policy)
+        self.dropout = Dropout(dropout, rng, name="dropout", dtype=self.dtype_policy)
+
+    def build(self, input_shape):
+        def table(name, rows):
+            # No autocast: a gather from an autocast table would first cast the whole table.
+            return self.add_weight(
+                name, shape=[rows, self.hidden_size], experimental_autocast=False,
+                initializer=tf.keras.initializers.TruncatedNormal(stddev=self.initializer_range))
+
+        self.word_embeddings = table("word_embeddings", self.vocab_size)
+        self.token_type_embeddings = table("token_type_embeddings", self.type_vocab_size)
+        self.position_embeddings = table("position_embeddings", self.max_position_embeddings)
+        super().build(input_shape)
+
+    def call(self, input_ids, segment_ids, training=False):
+        """input_ids, segment_ids: int32 [B, S]. Returns [B, S, D] in the compute dtype."""
+        seq_length = tf.shape(input_ids)[1]
+        embeddings = tf.gather(self.word_embeddings, input_ids)  # (B, S, D)
+        embeddings += tf.gather(self.token_type_embeddings, segment_ids)  # (B, S, D)
+        embeddings += self.position_embeddings[tf.newaxis, :seq_length]  # (1, S, D)
+        embeddings = tf.cast(embeddings, self.compute_dtype)
+        return self.dropout(self.layer_norm(embeddings), training=training)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(vocab_size=self.vocab_size, hidden_size=self.hidden_size,
+                      max_position_embeddings=self.max_position_embeddings,
+                      type_vocab_size=self.type_vocab_size,
+                      initializer_range=self.initializer_range, dropout=self.dropout_rate)
+        return config

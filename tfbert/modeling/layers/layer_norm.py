@@ -1,0 +1,44 @@
+"""Layer normalization with statistics in a chosen dtype."""
+
+from __future__ import annotations
+
+import tensorflow as tf
+
+
+class LayerNorm(tf.keras.layers.Layer):
+    """y = (x - mean) / sqrt(var + eps) * gamma + beta over the last axis.
+
+    Args:
+      epsilon: added to the variance.
+      stats_dtype: dtype in which mean and variance are computed. float32 by default: a float16
+        variance of activations in the hundreds overflows, and of small ones underflows.
+    Inputs: float Tensor [..., hidden]. Output: same shape, in the layer's compute dtype.
+
+    Variables are named `gamma` and `beta`, as in google-research/bert checkpoints.
+    """
+
+    def __init__(self, epsilon: float = 1e-12, stats_dtype: str = "float32", **kwargs):
+        super().__init__(**kwargs)
+        self.epsilon = epsilon
+        self.stats_dtype = tf.as_dtype(stats_dtype)
+
+    def build(self, input_shape):
+        hidden = int(input_shape[-1])
+        # Kept in their variable dtype (no autocast): they are used in the statistics dtype.
+        self.gamma = self.add_weight("gamma", shape=[hidden], initializer="ones",
+                                     experimental_autocast=False)
+        self.beta = self.add_weight("beta", shape=[hidden], initializer="zeros",
+                                    experimental_autocast=False)
+        super().build(input_shape)
+
+    def call(self, inputs):
+        x = tf.cast(inputs, self.stats_dtype)
+        mean, variance = tf.nn.moments(x, axes=[-1], keepdims=True)
+        normed = (x - mean) * tf.math.rsqrt(variance + tf.cast(self.epsilon, self.stats_dtype))
+        outputs = normed * tf.cast(self.gamma, self.stats_dtype) + tf.cast(self.beta, self.stats_dtype)
+        return tf.cast(outputs, self.compute_dtype)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(epsilon=self.epsilon, stats_dtype=self.stats_dtype.name)
+        return config

@@ -1,0 +1,70 @@
+"""One post-LayerNorm transformer block, as in BERT."""
+
+from __future__ import annotations
+
+import tensorflow as tf
+
+from tfbert.modeling.layers.activations import GATED_ACTIVATIONS, get_activation
+from tfbert.modeling.layers.attention import SelfAttention
+from tfbert.modeling.layers.dense import DenseFactory
+from tfbert.modeling.layers.dropout import Dropout, DropoutRng
+from tfbert.modeling.layers.layer_norm import LayerNorm
+
+
+class TransformerBlock(tf.keras.layers.Layer):
+    """attention -> dropout -> add & LayerNorm -> FFN -> dropout -> add & LayerNorm.
+
+    Args:
+      num_heads, head_size: attention shape (hidden = num_heads * head_size).
+      intermediate_size: FFN width.
+      hidden_act: FFN activation name ("gelu", "gelu_tanh", "relu", "geglu"). For "geglu" the
+        first FFN projection is twice as wide and holds [gate, value].
+      hidden_dropout, attention_dropout: dropout rates.
+      use_bias_in_keys, layer_norm_eps: see SelfAttention / LayerNorm.
+      dense_factory: builds every projection.
+      rng: DropoutRng.
+
+    Variables (google-research/bert names): attention/self/{query,key,value},
+    attention/output/{dense,LayerNorm}, intermediate/dense, output/{dense,LayerNorm}.
+    """
+
+    def __init__(self, num_heads: int, head_size: int, intermediate_size: int, hidden_act: str,
+                 dense_factory: DenseFactory, hidden_dropout: float = 0.0,
+                 attention_dropout: float = 0.0, use_bias_in_keys: bool = True,
+                 layer_norm_eps: float = 1e-12, rng: DropoutRng | None = None, **kwargs):
+        super().__init__(**kwargs)
+        hidden = num_heads * head_size
+        self.activation = get_activation(hidden_act)
+        self._config = dict(num_heads=num_heads, head_size=head_size,
+                            intermediate_size=intermediate_size, hidden_act=hidden_act,
+                            hidden_dropout=hidden_dropout, attention_dropout=attention_dropout,
+                            use_bias_in_keys=use_bias_in_keys, layer_norm_eps=layer_norm_eps)
+        policy = self.dtype_policy
+        self.attention = SelfAttention(num_heads, head_size, dense_factory,
+                                       attention_dropout=attention_dropout,
+                                       use_bias_in_keys=use_bias_in_keys, rng=rng,
+                                       name="attention", dtype=policy)
+        self.attention_dropout = Dropout(hidden_dropout, rng, name="dropout", dtype=policy)
+        self.attention_layer_norm = LayerNorm(layer_norm_eps, name="LayerNorm", dtype=policy)
+        ffn_width = intermediate_size * (2 if hidden_act in GATED_ACTIVATIONS else 1)
+        self.intermediate = dense_factory.column_parallel(ffn_width, name="dense")
+        self.ffn_output = dense_factory.row_parallel(hidden, name="dense")
+        self.ffn_dropout = Dropout(hidden_dropout, rng, name="dropout", dtype=policy)
+        self.ffn_layer_norm = LayerNorm(layer_norm_eps, name="LayerNorm", dtype=policy)
+
+    def call(self, hidden_states, mask_bias, training=False):
+        """hidden_states: [B, S, D]; mask_bias: [B, 1, 1, S]. Returns [B, S, D]."""
+        attention_output = self.attention(hidden_states, mask_bias, training=training)
+        with tf.name_scope("attention/output"):
+            attention_output = self.attention_dropout(attention_output, training=training)
+            attention_output = self.attention_layer_norm(attention_output + hidden_states)
+        with tf.name_scope("intermediate"):
+            intermediate = self.activation(self.intermediate(attention_output))  # (B, S, I)
+        with tf.name_scope("output"):
+            output = self.ffn_dropout(self.ffn_output(intermediate), training=training)
+            return self.ffn_layer_norm(output + attention_output)  # (B, S, D)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(self._config)
+        return config

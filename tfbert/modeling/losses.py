@@ -1,0 +1,42 @@
+"""Pretraining losses and metrics, all in float32."""
+
+from __future__ import annotations
+
+import tensorflow as tf
+
+
+def masked_lm_loss(logits: tf.Tensor, label_ids: tf.Tensor, label_weights: tf.Tensor) -> tf.Tensor:
+    """Weighted mean cross-entropy over the real (weight 1) predictions.
+
+    Args:
+      logits: float32 [B, P, V]. label_ids: int32 [B, P]. label_weights: float32 [B, P].
+    """
+    per_token = tf.nn.sparse_softmax_cross_entropy_with_logits(labels=label_ids, logits=logits)
+    weights = tf.cast(label_weights, tf.float32)
+    # The epsilon keeps a batch with no predictions finite, as google-research/bert does.
+    return tf.reduce_sum(per_token * weights) / (tf.reduce_sum(weights) + 1e-5)
+
+
+def masked_lm_accuracy(logits, label_ids, label_weights) -> tf.Tensor:
+    correct = tf.cast(tf.equal(tf.argmax(logits, -1, output_type=tf.int32), label_ids), tf.float32)
+    weights = tf.cast(label_weights, tf.float32)
+    return tf.reduce_sum(correct * weights) / (tf.reduce_sum(weights) + 1e-5)
+
+
+def next_sentence_loss(logits: tf.Tensor, labels: tf.Tensor) -> tf.Tensor:
+    """logits: float32 [B, 2]; labels: int32 [B, 1] or [B]."""
+    labels = tf.reshape(labels, [-1])
+    return tf.reduce_mean(
+        tf.nn.sparse_softmax_cross_entropy_with_logits(labels=labels, logits=logits))
+
+
+def pretraining_losses(mlm_logits, nsp_logits, features) -> dict[str, tf.Tensor]:
+    mlm = masked_lm_loss(mlm_logits, features["masked_lm_ids"], features["masked_lm_weights"])
+    nsp = next_sentence_loss(nsp_logits, features["next_sentence_labels"])
+    nsp_labels = tf.reshape(features["next_sentence_labels"], [-1])
+    nsp_acc = tf.reduce_mean(tf.cast(
+        tf.equal(tf.argmax(nsp_logits, -1, output_type=tf.int32), nsp_labels), tf.float32))
+    return dict(loss=mlm + nsp, mlm_loss=mlm, nsp_loss=nsp,
+                mlm_accuracy=masked_lm_accuracy(mlm_logits, features["masked_lm_ids"],
+                                                features["masked_lm_weights"]),
+                nsp_accuracy=nsp_acc)

@@ -1,0 +1,67 @@
+"""The BERT encoder: embeddings, a stack of transformer blocks and the pooler."""
+
+from __future__ import annotations
+
+import tensorflow as tf
+
+from tfbert.config import ModelConfig
+from tfbert.modeling.layers.attention import attention_mask_bias
+from tfbert.modeling.layers.dense import DenseFactory
+from tfbert.modeling.layers.dropout import DropoutRng
+from tfbert.modeling.layers.embeddings import Embeddings
+from tfbert.modeling.layers.transformer_block import TransformerBlock
+
+
+class BertEncoder(tf.keras.Model):
+    """Args:
+      config: the model's shape and dropouts.
+      rng: DropoutRng seeding every dropout mask (may be None when all dropouts are 0).
+      dense_factory: builds every projection; defaults to a plain `DenseFactory`.
+      dtype: Keras dtype policy ("float32", "mixed_float16", "mixed_bfloat16").
+
+    Variables, with the model named "bert" (google-research/bert names):
+      bert/embeddings/{word_embeddings,token_type_embeddings,position_embeddings,LayerNorm/*}
+      bert/encoder/layer_{i}/attention/self/{query,key,value}/{kernel,bias}
+      bert/encoder/layer_{i}/attention/output/{dense/*,LayerNorm/*}
+      bert/encoder/layer_{i}/intermediate/dense/*, bert/encoder/layer_{i}/output/{dense/*,LayerNorm/*}
+      bert/pooler/dense/{kernel,bias}
+    """
+
+    def __init__(self, config: ModelConfig, rng: DropoutRng | None = None,
+                 dense_factory: DenseFactory | None = None, dtype="float32", name: str = "bert"):
+        super().__init__(name=name, dtype=dtype)
+        self.config = config
+        policy = self.dtype_policy
+        factory = dense_factory or DenseFactory(config.initializer_range, dtype=policy)
+        self.embeddings = Embeddings(
+            config.vocab_size, config.hidden_size, config.max_position_embeddings,
+            config.type_vocab_size, config.initializer_range,
+            dropout=config.hidden_dropout_prob, layer_norm_eps=config.layer_norm_eps, rng=rng,
+            name="embeddings", dtype=policy)
+        self.blocks = [
+            TransformerBlock(config.num_attention_heads, config.head_size,
+                             config.intermediate_size, config.hidden_act, factory,
+                             hidden_dropout=config.hidden_dropout_prob,
+                             attention_dropout=config.attention_probs_dropout_prob,
+                             use_bias_in_keys=config.use_bias_in_keys,
+                             layer_norm_eps=config.layer_norm_eps, rng=rng,
+                             name=f"layer_{i}", dtype=policy)
+            for i in range(config.num_hidden_layers)
+        ]
+        self.pooler = factory.dense(config.hidden_size, name="dense")
+
+    def call(self, input_ids, input_mask, segment_ids, training=False):
+        """
+        Args:
+          input_ids, input_mask, segment_ids: int32 Tensors [B, S].
+        Returns: (sequence_output [B, S, D], pooled_output [B, D]) in the compute dtype.
+        """
+        hidden_states = self.embeddings(input_ids, segment_ids, training=training)  # (B, S, D)
+        mask_bias = attention_mask_bias(input_mask, hidden_states.dtype)  # (B, 1, 1, S)
+        with tf.name_scope("encoder"):
+            for block in self.blocks:
+                hidden_states = block(hidden_states, mask_bias, training=training)
+        with tf.name_scope("pooler"):
+            # The pooler sees only [CLS]; tanh as in BERT.
+            pooled = tf.tanh(self.pooler(hidden_states[:, 0]))  # (B, D)
+        return hidden_states, pooled

@@ -1,0 +1,258 @@
+"""tfbert's pretraining entry point.
+
+    python -m tfbert.run                                  # the embedded default: tiny model,
+                                                          # sample corpus, a few hundred steps
+    python -m tfbert.run --flagfile=flags/base.cfg --input_files='data/*.tfrecord' ...
+    horovodrun -np 8 python -m tfbert.run --flagfile=...
+
+The only module that reads flags: it turns them into one frozen `Config`, validates it, logs it,
+saves it as `<output_dir>/config.json` and hands it to the library.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import os
+import sys
+
+from absl import app, flags, logging
+
+# Model flags default to None: unset means "from --model / --bert_config_file".
+MODEL_OVERRIDES = {
+    "vocab_size": (flags.DEFINE_integer, "Vocabulary size (default: the tokenizer's)."),
+    "hidden_size": (flags.DEFINE_integer, "Hidden size D."),
+    "num_hidden_layers": (flags.DEFINE_integer, "Number of transformer blocks."),
+    "num_attention_heads": (flags.DEFINE_integer, "Attention heads N (must divide D)."),
+    "intermediate_size": (flags.DEFINE_integer, "Feed-forward width."),
+    "hidden_act": (flags.DEFINE_string, "gelu | gelu_tanh | relu | geglu."),
+    "hidden_dropout_prob": (flags.DEFINE_float, "Dropout on hidden states (default 0.1)."),
+    "attention_probs_dropout_prob": (flags.DEFINE_float, "Dropout on attention probabilities "
+                                                         "(default 0.1)."),
+    "max_position_embeddings": (flags.DEFINE_integer, "Position table size (default 512)."),
+    "type_vocab_size": (flags.DEFINE_integer, "Segment table size (default 2)."),
+    "initializer_range": (flags.DEFINE_float, "Stddev of the weight initializer (default 0.02)."),
+    "layer_norm_eps": (flags.DEFINE_float, "LayerNorm epsilon (default 1e-12)."),
+    "use_bias_in_keys": (flags.DEFINE_boolean, "Bias in the attention key projection "
+                                               "(default True; softmax cancels it)."),
+}
+
+
+def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
+    fv = dict(flag_values=flag_values)
+    # Model.
+    flags.DEFINE_string("model", "tiny", "Size preset: one of tfbert.config.MODEL_PRESETS.", **fv)
+    flags.DEFINE_string("bert_config_file", "", "google-style bert_config.json; overrides --model.",
+                        **fv)
+    for name, (define, help_text) in MODEL_OVERRIDES.items():
+        define(name, None, help_text, **fv)
+    # Data.
+    flags.DEFINE_list("input_files", [], "Comma-separated globs of pretraining TFRecords. "
+                                         "Empty: the sample corpus shipped with tfbert.", **fv)
+    flags.DEFINE_integer("max_seq_length", 128, "Sequence length of the records.", **fv)
+    flags.DEFINE_integer("max_predictions_per_seq", 20, "Masked positions per sequence.", **fv)
+    flags.DEFINE_integer("train_batch_size", 32, "Batch size per rank.", **fv)
+    flags.DEFINE_integer("num_readers", 4, "Files read in parallel (interleave cycle length).", **fv)
+    flags.DEFINE_integer("shuffle_buffer", 1000, "Records in the shuffle buffer.", **fv)
+    flags.DEFINE_boolean("dynamic_masking", False, "Re-mask every batch on the fly.", **fv)
+    flags.DEFINE_float("masked_lm_prob", 0.15, "Masking rate for --dynamic_masking.", **fv)
+    flags.DEFINE_enum("tokenizer_type", "sentencepiece", ["sentencepiece", "wordpiece"],
+                      "Tokenizer kind of --vocab_file.", **fv)
+    flags.DEFINE_string("vocab_file", "", "sentencepiece .model or wordpiece vocab.txt. Optional "
+                                          "for pre-tokenized records.", **fv)
+    # Optimizer.
+    flags.DEFINE_enum("optimizer", "lamb", ["lamb", "adamw"], "Optimizer.", **fv)
+    flags.DEFINE_float("learning_rate", 1e-2, "Peak learning rate.", **fv)
+    flags.DEFINE_integer("num_warmup_steps", 50, "Linear warm-up steps.", **fv)
+    flags.DEFINE_float("end_learning_rate", 0.0, "Learning rate at --num_train_steps.", **fv)
+    flags.DEFINE_float("decay_power", 1.0, "Power of the polynomial decay (1 = linear).", **fv)
+    flags.DEFINE_float("weight_decay_rate", 0.01, "Decoupled weight decay (not on LayerNorm or "
+                                                  "biases).", **fv)
+    flags.DEFINE_float("beta_1", 0.9, "Adam/LAMB beta_1.", **fv)
+    flags.DEFINE_float("beta_2", 0.999, "Adam/LAMB beta_2.", **fv)
+    flags.DEFINE_float("epsilon", 1e-6, "Adam/LAMB epsilon.", **fv)
+    flags.DEFINE_float("clip_norm", 1.0, "Global-norm gradient clipping; 0 turns it off.", **fv)
+    # Runtime.
+    flags.DEFINE_string("output_dir", "", "Run directory: config, tokenizer, checkpoints, logs. "
+                                          "Resumed if it holds checkpoints. Default: "
+                                          "runs/tfbert-<time>.", **fv)
+    flags.DEFINE_integer("num_train_steps", 500, "Optimizer steps.", **fv)
+    flags.DEFINE_enum("precision", "fp32", ["fp32", "fp16", "bf16"],
+                      "fp16/bf16: mixed precision with float32 variables; fp16 with dynamic loss "
+                      "scaling.", **fv)
+    flags.DEFINE_enum("xla", "off", ["off", "auto", "jit"],
+                      "off; auto = auto-clustering (works with custom ops); jit = compile the "
+                      "whole step (no custom ops).", **fv)
+    flags.DEFINE_integer("seed", 12345, "Seed for weights, data order and dropout.", **fv)
+    flags.DEFINE_boolean("deterministic", False, "TensorFlow op determinism (slower).", **fv)
+    flags.DEFINE_string("init_checkpoint", "", "Checkpoint or run directory to take initial "
+                                               "weights (and, for a run directory, the model "
+                                               "config and tokenizer) from.", **fv)
+    flags.DEFINE_integer("save_checkpoints_steps", 1000, "Checkpoint every N steps (and at the "
+                                                         "end).", **fv)
+    flags.DEFINE_integer("keep_checkpoint_max", 5, "Checkpoints kept.", **fv)
+    flags.DEFINE_integer("log_every_n_steps", 50, "Log metrics every N steps.", **fv)
+    flags.DEFINE_float("initial_loss_scale", 2.0 ** 15, "fp16: initial dynamic loss scale.", **fv)
+    flags.DEFINE_integer("loss_scale_growth_interval", 2000, "fp16: finite steps before the loss "
+                                                             "scale doubles.", **fv)
+
+
+def _model_config(fv: flags.FlagValues, run_dir_config: str | None, vocab_size: int | None):
+    from tfbert.config import MODEL_PRESETS, ConfigError, ModelConfig
+
+    if fv.model not in MODEL_PRESETS:
+        raise ConfigError(f"--model={fv.model!r} is not one of {sorted(MODEL_PRESETS)}")
+    values = dict(MODEL_PRESETS[fv.model])
+    if fv.bert_config_file:
+        values.update(ModelConfig.bert_config_overrides(fv.bert_config_file))
+    elif run_dir_config:
+        values.update(ModelConfig.bert_config_overrides(run_dir_config))
+    for name in MODEL_OVERRIDES:
+        if fv[name].present:
+            values[name] = fv[name].value
+    if "vocab_size" not in values:
+        if vocab_size is None:
+            raise ConfigError("the vocabulary size is unknown: give --vocab_file (a tokenizer), "
+                              "--vocab_size or --bert_config_file")
+        values["vocab_size"] = vocab_size
+    elif vocab_size is not None and values["vocab_size"] != vocab_size:
+        raise ConfigError(f"the tokenizer (--vocab_file) has {vocab_size} tokens but the model's "
+                          f"vocab_size is {values['vocab_size']}: they must match")
+    return ModelConfig(**values)
+
+
+def build_config(fv: flags.FlagValues, group=None):
+    """Flags -> (validated Config, tokenizer or None). Prepares the sample data when
+    --input_files is empty."""
+    from tfbert import config as cfg
+    from tfbert.tokenization import default_filename, load_tokenizer
+
+    input_files, vocab_file, tokenizer_type = list(fv.input_files), fv.vocab_file, fv.tokenizer_type
+    run_dir_config = None
+    if fv.init_checkpoint and os.path.isdir(fv.init_checkpoint):
+        # A tfbert run directory is self-contained: model config and tokenizer come with it.
+        candidate = os.path.join(fv.init_checkpoint, "bert_config.json")
+        run_dir_config = candidate if os.path.exists(candidate) else None
+        saved = os.path.join(fv.init_checkpoint, "config.json")
+        if not vocab_file and os.path.exists(saved):
+            saved_data = cfg.Config.load(saved).data
+            tokenizer_type = saved_data.tokenizer_type
+            candidate = os.path.join(fv.init_checkpoint, default_filename(tokenizer_type))
+            vocab_file = candidate if os.path.exists(candidate) else ""
+    if not input_files:
+        from tfbert.data.sample import prepare_sample_data
+
+        input_files, vocab_file = prepare_sample_data(
+            tokenizer_type=tokenizer_type, vocab_file=vocab_file or None,
+            max_seq_length=fv.max_seq_length, max_predictions_per_seq=fv.max_predictions_per_seq)
+    tokenizer = load_tokenizer(tokenizer_type, vocab_file) if vocab_file else None
+
+    output_dir = fv.output_dir or os.path.join(
+        "runs", "tfbert-" + datetime.datetime.now().strftime("%Y%m%d-%H%M%S"))
+    model = _model_config(fv, run_dir_config, tokenizer.vocab_size if tokenizer else None)
+    data = cfg.DataConfig(
+        input_files=tuple(input_files), max_seq_length=fv.max_seq_length,
+        max_predictions_per_seq=fv.max_predictions_per_seq, train_batch_size=fv.train_batch_size,
+        num_readers=fv.num_readers, shuffle_buffer=fv.shuffle_buffer,
+        dynamic_masking=fv.dynamic_masking, masked_lm_prob=fv.masked_lm_prob,
+        tokenizer_type=tokenizer_type, vocab_file=os.path.abspath(vocab_file) if vocab_file else "")
+    optimizer = cfg.OptimizerConfig(
+        optimizer=fv.optimizer, learning_rate=fv.learning_rate,
+        num_warmup_steps=fv.num_warmup_steps, end_learning_rate=fv.end_learning_rate,
+        decay_power=fv.decay_power, weight_decay_rate=fv.weight_decay_rate, beta_1=fv.beta_1,
+        beta_2=fv.beta_2, epsilon=fv.epsilon, clip_norm=fv.clip_norm)
+    runtime = cfg.RuntimeConfig(
+        output_dir=output_dir, num_train_steps=fv.num_train_steps, precision=fv.precision,
+        xla=fv.xla, seed=fv.seed, deterministic=fv.deterministic,
+        init_checkpoint=fv.init_checkpoint, save_checkpoints_steps=fv.save_checkpoints_steps,
+        keep_checkpoint_max=fv.keep_checkpoint_max, log_every_n_steps=fv.log_every_n_steps,
+        initial_loss_scale=fv.initial_loss_scale,
+        loss_scale_growth_interval=fv.loss_scale_growth_interval)
+    distribution = cfg.DistributionConfig(num_processes=group.size if group else 1,
+                                          rank=group.rank if group else 0)
+    return cfg.Config(model=model, data=data, optimizer=optimizer, runtime=runtime,
+                      distribution=distribution), tokenizer
+
+
+def print_summary(config, summary: dict) -> None:
+    gb = 2 ** 30
+    print(
+        f"\ntfbert: {summary['steps_this_run']} steps of the {config.model.num_hidden_layers}x"
+        f"{config.model.hidden_size} model (now at step {summary['steps']})\n"
+        f"  MLM loss:     {summary['first_mlm_loss']:.4f} (first step) -> "
+        f"{summary['final_mlm_loss']:.4f} (last logging window)\n"
+        f"  total loss:   {summary['first_loss']:.4f} -> {summary['final_loss']:.4f}\n"
+        f"  throughput:   {summary['examples_per_sec']:.1f} examples/s, "
+        f"{summary['tokens_per_sec']:.0f} tokens/s per rank (first step excluded)\n"
+        f"  peak memory:  {summary['peak_memory_bytes'] / gb:.3f} GB TensorFlow allocator "
+        f"({summary['memory_device']}), {summary['peak_rss_bytes'] / gb:.2f} GB process RSS\n"
+        f"  checkpoint:   {summary['checkpoint']}\n"
+        f"  summary:      {os.path.join(config.runtime.output_dir, 'summary.json')}",
+        flush=True)
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    if flags.FLAGS.xla == "auto":
+        from tfbert.training.xla import request_cpu_autoclustering
+
+        request_cpu_autoclustering()  # before TensorFlow is imported: see its docstring
+    from tfbert.config import ConfigError
+    from tfbert.data.pretraining_dataset import DataError
+    from tfbert.tokenization import TokenizerError
+    from tfbert.training.checkpointing import CheckpointError
+
+    try:
+        config, tokenizer = build_config(flags.FLAGS)
+        return train(config, tokenizer)
+    except (ConfigError, DataError, TokenizerError, CheckpointError) as e:
+        logging.error("%s: %s", type(e).__name__, e)
+        print(f"tfbert: error: {e}", file=sys.stderr, flush=True)
+        return 2
+
+
+def train(config, tokenizer) -> int:
+    import tensorflow as tf
+
+    from tfbert.data.pretraining_dataset import (MaskingSpec, check_records, check_token_ids,
+                                                 pretraining_dataset, resolve_input_files)
+    from tfbert.training.run_dir import prepare_output_dir
+    from tfbert.training.trainer import Pretrainer
+
+    logging.info("Configuration:\n%s", config.to_json())
+    # Before the input pipeline is built: tf.data's shuffle seeds combine with the global seed.
+    tf.keras.utils.set_random_seed(config.runtime.seed)
+    data = config.data
+    files = resolve_input_files(list(data.input_files))
+    check_records(files, data.max_seq_length, data.max_predictions_per_seq)
+    check_token_ids(files, config.model.vocab_size)
+    prepare_output_dir(config, tokenizer)
+    masking = None
+    if data.dynamic_masking:
+        special = tokenizer.special_ids
+        masking = MaskingSpec(vocab_size=config.model.vocab_size, mask_id=special["mask"],
+                              cls_id=special["cls"], sep_id=special["sep"], pad_id=special["pad"],
+                              masked_lm_prob=data.masked_lm_prob,
+                              max_predictions_per_seq=data.max_predictions_per_seq)
+    group = config.distribution
+    dataset = pretraining_dataset(
+        files, batch_size=data.train_batch_size, max_seq_length=data.max_seq_length,
+        max_predictions_per_seq=data.max_predictions_per_seq, is_training=True,
+        num_readers=data.num_readers, shuffle_buffer=data.shuffle_buffer,
+        seed=config.runtime.seed + group.rank, input_pipeline_id=group.rank,
+        num_input_pipelines=group.num_processes, dynamic_masking=masking)
+    trainer = Pretrainer(config, dataset)
+    summary = trainer.train()
+    print_summary(config, summary)
+    return 0
+
+
+def run() -> None:
+    """Console-script entry point."""
+    define_flags()
+    app.run(lambda argv: sys.exit(main(argv)))
+
+
+if __name__ == "__main__":
+    run()

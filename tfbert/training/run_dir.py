@@ -1,0 +1,52 @@
+"""The run directory: one self-contained folder per run.
+
+    <output_dir>/config.json        the full run configuration (tfbert.config.Config)
+    <output_dir>/bert_config.json   the model, in google-research/bert's format
+    <output_dir>/spm.model|vocab.txt the tokenizer, when the run has one
+    <output_dir>/ckpt-<step>.*      checkpoints, and the `checkpoint` index
+    <output_dir>/train/             TensorBoard events
+    <output_dir>/log.jsonl          one JSON line per logging window
+    <output_dir>/summary.json       written at the end of training
+
+`--init_checkpoint=<output_dir>` needs nothing else: the model config and tokenizer are there.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+
+from tfbert.config import Config, ConfigError, atomic_write_text
+from tfbert.tokenization import default_filename
+
+
+def prepare_output_dir(config: Config, tokenizer=None) -> None:
+    """Creates the run directory and writes the config, model config and tokenizer files.
+
+    Resuming into a directory written by a different model shape is refused: its checkpoints
+    could not be restored, and its config would be overwritten.
+    """
+    output_dir = config.runtime.output_dir
+    os.makedirs(output_dir, exist_ok=True)
+    config_path = os.path.join(output_dir, "config.json")
+    if os.path.exists(config_path):
+        previous = Config.load(config_path).model
+        if previous != config.model:
+            before, after = dataclasses.asdict(previous), dataclasses.asdict(config.model)
+            changed = {k: (before[k], after[k]) for k in before if before[k] != after[k]}
+            raise ConfigError(
+                f"--output_dir={output_dir} holds a run of a different model "
+                f"(field: (saved, requested) = {changed}); use a new --output_dir, or "
+                f"--init_checkpoint={output_dir} to start a new run from its weights")
+    config.save(config_path)
+    atomic_write_text(os.path.join(output_dir, "bert_config.json"),
+                      json.dumps(config.model.to_bert_config(), indent=2) + "\n")
+    if tokenizer is not None:
+        # Under the standard name, whatever the original was called, so that
+        # --init_checkpoint=<output_dir> finds it.
+        source = tokenizer.files[0]
+        target = os.path.join(output_dir, default_filename(tokenizer.tokenizer_type))
+        if os.path.abspath(source) != os.path.abspath(target):
+            shutil.copyfile(source, target)
