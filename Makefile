@@ -31,6 +31,7 @@ test: setup
 
 bench: setup
 	$(PY) benchmarks/throughput.py
+	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(PY) benchmarks/distributed.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info runs .pytest_cache

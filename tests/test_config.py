@@ -72,6 +72,10 @@ def test_precedence_preset_then_bert_config_then_flags(tmp_path):
     (["--vocab_size=100", "--hidden_dropout_prob=1.5"], "--hidden_dropout_prob"),
     (["--vocab_size=100", "--dynamic_masking"], "--dynamic_masking needs --vocab_file"),
     ([], "vocabulary size is unknown"),
+    (["--vocab_size=100", "--hvd_fp16_compression"], "--hvd_fp16_compression acts on the all-reduce"),
+    (["--vocab_size=100", "--sparse_as_dense"], "--sparse_as_dense acts on the all-reduce"),
+    (["--vocab_size=100", "--grad_accum_dtype=float16"], "--grad_accum_dtype=float16 needs --precision=fp16"),
+    (["--vocab_size=100", "--num_accumulation_steps=0"], "--num_accumulation_steps must be >= 1"),
 ])
 def test_invalid_settings_fail_at_start_naming_the_flag(argv, message):
     with pytest.raises(cfg.ConfigError, match=message.replace("(", r"\(")):

@@ -140,3 +140,57 @@ def test_optimizers_decay_weights_but_not_layer_norm_or_biases(tmp_path, name):
     trainer.update.apply([tf.zeros_like(v) for v in trainer.variables], trainer.variables)
     np.testing.assert_array_equal(gamma.numpy(), gamma_before)
     assert np.abs(kernel.numpy()).sum() < np.abs(kernel_before).sum()
+
+
+def test_sparse_gradient_norm_counts_repeated_tokens_once():
+    from tfbert.training.precision import deduplicate_indexed_slices
+
+    grad = tf.IndexedSlices(tf.constant([[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]]),
+                            tf.constant([2, 0, 2]), tf.constant([4, 2]))
+    dense = tf.convert_to_tensor(grad)
+    deduplicated = deduplicate_indexed_slices(grad)
+    assert float(tf.linalg.global_norm([deduplicated])) == pytest.approx(
+        float(tf.linalg.global_norm([dense])))
+    # Without deduplication the norm is wrong: the reason the trainer deduplicates.
+    assert float(tf.linalg.global_norm([grad])) != pytest.approx(
+        float(tf.linalg.global_norm([dense])))
+    np.testing.assert_array_equal(tf.convert_to_tensor(deduplicated).numpy(), dense.numpy())
+
+
+def test_scale_learning_rate_multiplies_the_peak_by_the_ranks(tmp_path):
+    from tfbert.distributed import SingleProcess
+
+    class FourRanks(SingleProcess):
+        size = 4
+
+    base = run_config(tmp_path / "a", num_train_steps=10)
+    scaled = cfg.Config(model=base.model, data=base.data, optimizer=base.optimizer,
+                        runtime=run_config(tmp_path / "b", num_train_steps=10).runtime,
+                        distribution=cfg.DistributionConfig(scale_learning_rate=True))
+    plain = Pretrainer(base, synthetic_dataset(), FourRanks())
+    scaled_trainer = Pretrainer(scaled, synthetic_dataset(), FourRanks())
+    assert float(scaled_trainer.schedule(0)) == pytest.approx(4 * float(plain.schedule(0)))
+
+
+def test_accumulation_reads_k_batches_per_step_and_all_reduces_once(tmp_path):
+    from tfbert.distributed import SingleProcess
+
+    class CountingGroup(SingleProcess):
+        calls = 0
+
+        def allreduce_gradients(self, grads):
+            CountingGroup.calls += 1  # counted while tracing: once per traced step function
+            return grads
+
+    config = run_config(tmp_path, num_train_steps=3)
+    config = cfg.Config(model=config.model, data=config.data, optimizer=config.optimizer,
+                        runtime=config.runtime,
+                        distribution=cfg.DistributionConfig(num_accumulation_steps=3))
+    trainer = Pretrainer(config, synthetic_dataset(), CountingGroup())
+    summary = trainer.train()
+    assert summary["global_batch_size"] == 8 * 3 and summary["steps"] == 3
+    assert CountingGroup.calls == 1  # only the apply step all-reduces, not the micro-batches
+    # 3 steps x 3 micro-batches consumed: the next batch is the 10th of the stream.
+    expected = list(synthetic_dataset().skip(9).take(1))[0]["input_ids"].numpy()
+    np.testing.assert_array_equal(next(trainer.iterator)["input_ids"].numpy(), expected)
+    assert all(float(tf.reduce_max(tf.abs(a))) == 0.0 for a in trainer.accumulators)

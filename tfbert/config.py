@@ -192,6 +192,9 @@ class RuntimeConfig:
     log_every_n_steps: int = 50
     initial_loss_scale: float = 2.0 ** 15
     loss_scale_growth_interval: int = 2000
+    # Fault injection for tests: rank `debug_fail_rank` raises at step `debug_fail_at_step`.
+    debug_fail_at_step: int = 0
+    debug_fail_rank: int = 0
 
     def __post_init__(self):
         _require(bool(self.output_dir), "--output_dir is empty")
@@ -206,16 +209,41 @@ class RuntimeConfig:
         _require(self.loss_scale_growth_interval > 0, "--loss_scale_growth_interval must be positive")
 
 
+GRAD_ACCUM_DTYPES = ("float32", "float16")
+
+
 @dataclasses.dataclass(frozen=True)
 class DistributionConfig:
-    """The process group this run belongs to, as found at start-up (not set by flags)."""
+    """Data parallelism and gradient accumulation.
+
+    `num_processes` and `rank` are found at start-up (from the launcher), not set by flags.
+    """
 
     num_processes: int = 1
     rank: int = 0
+    hvd_fp16_compression: bool = False
+    sparse_as_dense: bool = False
+    hvd_fusion_threshold_mb: int | None = None
+    hvd_cycle_time_ms: float | None = None
+    scale_learning_rate: bool = False  # peak learning rate x num_processes
+    num_accumulation_steps: int = 1
+    grad_accum_dtype: str = "float32"
 
     def __post_init__(self):
         _require(0 <= self.rank < self.num_processes,
                  f"rank {self.rank} is outside a group of {self.num_processes} processes")
+        _require(self.num_accumulation_steps >= 1,
+                 f"--num_accumulation_steps must be >= 1, got {self.num_accumulation_steps}")
+        _require(self.grad_accum_dtype in GRAD_ACCUM_DTYPES,
+                 f"--grad_accum_dtype={self.grad_accum_dtype!r} is not one of {GRAD_ACCUM_DTYPES}")
+        _require(self.hvd_fusion_threshold_mb is None or self.hvd_fusion_threshold_mb >= 0,
+                 "--hvd_fusion_threshold_mb must be >= 0")
+        _require(self.hvd_cycle_time_ms is None or self.hvd_cycle_time_ms > 0,
+                 "--hvd_cycle_time_ms must be positive")
+
+    @property
+    def uses_accumulation(self) -> bool:
+        return self.num_accumulation_steps > 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -227,6 +255,10 @@ class Config:
     distribution: DistributionConfig = DistributionConfig()
 
     def __post_init__(self):
+        _require(self.distribution.grad_accum_dtype != "float16"
+                 or self.runtime.precision == "fp16",
+                 "--grad_accum_dtype=float16 needs --precision=fp16: float16 accumulators rely "
+                 "on loss scaling to keep small gradients from flushing to zero")
         _require(self.data.max_seq_length <= self.model.max_position_embeddings,
                  f"--max_seq_length={self.data.max_seq_length} exceeds "
                  f"--max_position_embeddings={self.model.max_position_embeddings}")

@@ -92,6 +92,25 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
                                                          "end).", **fv)
     flags.DEFINE_integer("keep_checkpoint_max", 5, "Checkpoints kept.", **fv)
     flags.DEFINE_integer("log_every_n_steps", 50, "Log metrics every N steps.", **fv)
+    # Distribution and gradient accumulation.
+    flags.DEFINE_boolean("hvd_fp16_compression", False, "All-reduce gradients in float16 "
+                                                        "(Horovod's fp16 compression).", **fv)
+    flags.DEFINE_boolean("sparse_as_dense", False, "Densify the sparse word-embedding gradient "
+                                                   "before the all-reduce (else all-gathered as "
+                                                   "slices).", **fv)
+    flags.DEFINE_integer("hvd_fusion_threshold_mb", None, "Horovod tensor-fusion buffer in MB "
+                                                          "(default: Horovod's, 64).", **fv)
+    flags.DEFINE_float("hvd_cycle_time_ms", None, "Horovod cycle time in ms (default: "
+                                                  "Horovod's, 1).", **fv)
+    flags.DEFINE_boolean("scale_learning_rate", False, "Multiply the peak learning rate by the "
+                                                       "number of ranks.", **fv)
+    flags.DEFINE_integer("num_accumulation_steps", 1, "Micro-batches per optimizer step "
+                                                      "(gradient accumulation).", **fv)
+    flags.DEFINE_enum("grad_accum_dtype", "float32", ["float32", "float16"],
+                      "Accumulator dtype; float16 needs --precision=fp16.", **fv)
+    flags.DEFINE_integer("debug_fail_at_step", 0, "Testing only: raise at this step on "
+                                                  "--debug_fail_rank (0 = never).", **fv)
+    flags.DEFINE_integer("debug_fail_rank", 0, "Testing only: the rank that fails.", **fv)
     flags.DEFINE_float("initial_loss_scale", 2.0 ** 15, "fp16: initial dynamic loss scale.", **fv)
     flags.DEFINE_integer("loss_scale_growth_interval", 2000, "fp16: finite steps before the loss "
                                                              "scale doubles.", **fv)
@@ -167,9 +186,22 @@ def build_config(fv: flags.FlagValues, group=None):
         init_checkpoint=fv.init_checkpoint, save_checkpoints_steps=fv.save_checkpoints_steps,
         keep_checkpoint_max=fv.keep_checkpoint_max, log_every_n_steps=fv.log_every_n_steps,
         initial_loss_scale=fv.initial_loss_scale,
-        loss_scale_growth_interval=fv.loss_scale_growth_interval)
-    distribution = cfg.DistributionConfig(num_processes=group.size if group else 1,
-                                          rank=group.rank if group else 0)
+        loss_scale_growth_interval=fv.loss_scale_growth_interval,
+        debug_fail_at_step=fv.debug_fail_at_step, debug_fail_rank=fv.debug_fail_rank)
+    num_processes = group.size if group else 1
+    if num_processes == 1:
+        for name in ("hvd_fp16_compression", "sparse_as_dense", "hvd_fusion_threshold_mb",
+                     "hvd_cycle_time_ms"):
+            if fv[name].present and fv[name].value not in (None, False):
+                raise cfg.ConfigError(
+                    f"--{name} acts on the all-reduce between ranks, but this process runs "
+                    f"alone; launch with horovodrun (-np 1 is fine) or drop the flag")
+    distribution = cfg.DistributionConfig(
+        num_processes=num_processes, rank=group.rank if group else 0,
+        hvd_fp16_compression=fv.hvd_fp16_compression, sparse_as_dense=fv.sparse_as_dense,
+        hvd_fusion_threshold_mb=fv.hvd_fusion_threshold_mb,
+        hvd_cycle_time_ms=fv.hvd_cycle_time_ms, scale_learning_rate=fv.scale_learning_rate,
+        num_accumulation_steps=fv.num_accumulation_steps, grad_accum_dtype=fv.grad_accum_dtype)
     return cfg.Config(model=model, data=data, optimizer=optimizer, runtime=runtime,
                       distribution=distribution), tokenizer
 
@@ -183,7 +215,9 @@ def print_summary(config, summary: dict) -> None:
         f"{summary['final_mlm_loss']:.4f} (last logging window)\n"
         f"  total loss:   {summary['first_loss']:.4f} -> {summary['final_loss']:.4f}\n"
         f"  throughput:   {summary['examples_per_sec']:.1f} examples/s, "
-        f"{summary['tokens_per_sec']:.0f} tokens/s per rank (first step excluded)\n"
+        f"{summary['tokens_per_sec']:.0f} tokens/s per rank (first step excluded); "
+        f"{summary['examples_per_sec_total']:.1f} examples/s over {summary['num_processes']} "
+        f"rank(s)\n"
         f"  peak memory:  {summary['peak_memory_bytes'] / gb:.3f} GB TensorFlow allocator "
         f"({summary['memory_device']}), {summary['peak_rss_bytes'] / gb:.2f} GB process RSS\n"
         f"  checkpoint:   {summary['checkpoint']}\n"
@@ -194,6 +228,8 @@ def print_summary(config, summary: dict) -> None:
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    # TensorFlow's C++ INFO lines drown the training log; warnings and errors still show.
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
     if flags.FLAGS.xla == "auto":
         from tfbert.training.xla import request_cpu_autoclustering
 
@@ -203,16 +239,24 @@ def main(argv):
     from tfbert.tokenization import TokenizerError
     from tfbert.training.checkpointing import CheckpointError
 
+    from tfbert.distributed import create_group
+
+    fv = flags.FLAGS
+    # Horovod is initialised before anything else touches TensorFlow's devices.
+    group = create_group(fv.hvd_fp16_compression, fv.sparse_as_dense,
+                         fv.hvd_fusion_threshold_mb, fv.hvd_cycle_time_ms)
+    if not group.is_chief:
+        logging.set_verbosity(logging.WARNING)  # the console log comes from rank 0
     try:
-        config, tokenizer = build_config(flags.FLAGS)
-        return train(config, tokenizer)
+        config, tokenizer = build_config(fv, group)
+        return train(config, tokenizer, group)
     except (ConfigError, DataError, TokenizerError, CheckpointError) as e:
         logging.error("%s: %s", type(e).__name__, e)
         print(f"tfbert: error: {e}", file=sys.stderr, flush=True)
         return 2
 
 
-def train(config, tokenizer) -> int:
+def train(config, tokenizer, group) -> int:
     import tensorflow as tf
 
     from tfbert.data.pretraining_dataset import (MaskingSpec, check_records, check_token_ids,
@@ -227,7 +271,8 @@ def train(config, tokenizer) -> int:
     files = resolve_input_files(list(data.input_files))
     check_records(files, data.max_seq_length, data.max_predictions_per_seq)
     check_token_ids(files, config.model.vocab_size)
-    prepare_output_dir(config, tokenizer)
+    if group.is_chief:
+        prepare_output_dir(config, tokenizer)
     masking = None
     if data.dynamic_masking:
         special = tokenizer.special_ids
@@ -235,16 +280,16 @@ def train(config, tokenizer) -> int:
                               cls_id=special["cls"], sep_id=special["sep"], pad_id=special["pad"],
                               masked_lm_prob=data.masked_lm_prob,
                               max_predictions_per_seq=data.max_predictions_per_seq)
-    group = config.distribution
     dataset = pretraining_dataset(
         files, batch_size=data.train_batch_size, max_seq_length=data.max_seq_length,
         max_predictions_per_seq=data.max_predictions_per_seq, is_training=True,
         num_readers=data.num_readers, shuffle_buffer=data.shuffle_buffer,
         seed=config.runtime.seed + group.rank, input_pipeline_id=group.rank,
-        num_input_pipelines=group.num_processes, dynamic_masking=masking)
-    trainer = Pretrainer(config, dataset)
+        num_input_pipelines=group.size, dynamic_masking=masking)
+    trainer = Pretrainer(config, dataset, group)
     summary = trainer.train()
-    print_summary(config, summary)
+    if group.is_chief:
+        print_summary(config, summary)
     return 0
 
 

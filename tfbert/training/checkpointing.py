@@ -72,6 +72,15 @@ class CheckpointKeeper:
         status.expect_partial()  # the manager's own save counter is not part of the run state
         return prefix
 
+    def restore_step(self, step: int) -> str | None:
+        """Restores the checkpoint saved at `step`, if this keeper has one."""
+        prefix = os.path.join(self.manager.directory, f"ckpt-{step}")
+        if not tf.io.gfile.exists(prefix + ".index"):
+            return None
+        status = _restore(self.checkpoint, prefix, "checkpoint")
+        status.assert_existing_objects_matched().expect_partial()
+        return prefix
+
 
 def init_from_checkpoint(model: tf.Module, path: str) -> str:
     """Loads only the model's weights from a checkpoint prefix or a run directory.

@@ -15,6 +15,20 @@ def scale_gradient(grad, factor: tf.Tensor):
     return grad * tf.cast(factor, grad.dtype)
 
 
+def deduplicate_indexed_slices(grad):
+    """Sums the rows of an IndexedSlices that share an index; other gradients pass through.
+
+    A gather's gradient holds one row per looked-up token, repeated tokens included (and an
+    all-gather across ranks repeats them again). Its global norm and clipping must see the summed
+    rows, as the dense gradient would, not the rows one by one.
+    """
+    if not isinstance(grad, tf.IndexedSlices):
+        return grad
+    unique_indices, positions = tf.unique(grad.indices)
+    summed = tf.math.unsorted_segment_sum(grad.values, positions, tf.shape(unique_indices)[0])
+    return tf.IndexedSlices(summed, unique_indices, grad.dense_shape)
+
+
 class DynamicLossScale(tf.Module):
     """Dynamic loss scaling for float16 training.
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -15,11 +16,12 @@ from tfbert.config import Config, atomic_write_text
 from tfbert.distributed import SingleProcess
 from tfbert.modeling.layers.dropout import DropoutRng
 from tfbert.modeling.models.bert_pretrainer import BertPretrainer
-from tfbert.training.checkpointing import CheckpointKeeper, init_from_checkpoint
+from tfbert.training.checkpointing import (CheckpointKeeper, checkpoint_step,
+                                           init_from_checkpoint)
 from tfbert.training.memory import PeakMemory, peak_rss_bytes
 from tfbert.training.optimization import (KerasOptimizerUpdate, WarmupPolynomialDecay,
                                           build_optimizer)
-from tfbert.training.precision import DynamicLossScale
+from tfbert.training.precision import DynamicLossScale, deduplicate_indexed_slices
 from tfbert.training.xla import configure_xla
 
 METRIC_NAMES = ("loss", "mlm_loss", "nsp_loss", "mlm_accuracy", "nsp_accuracy", "grad_norm")
@@ -58,8 +60,11 @@ class Pretrainer:
         # Counts training steps, including float16 steps skipped for overflow.
         self.global_step = tf.Variable(0, dtype=tf.int64, trainable=False, name="global_step")
         self.skipped_steps = tf.Variable(0, dtype=tf.int64, trainable=False, name="skipped_steps")
+        distribution = config.distribution
+        peak_learning_rate = config.optimizer.learning_rate * (
+            self.group.size if distribution.scale_learning_rate else 1)
         self.schedule = WarmupPolynomialDecay(
-            config.optimizer.learning_rate, runtime.num_train_steps,
+            peak_learning_rate, runtime.num_train_steps,
             config.optimizer.num_warmup_steps, config.optimizer.end_learning_rate,
             config.optimizer.decay_power)
         optimizer = build_optimizer(config.optimizer, lambda: self.schedule(self.global_step))
@@ -71,13 +76,32 @@ class Pretrainer:
 
         self.iterator: Iterator = iter(dataset)
         self.metrics = {name: tf.keras.metrics.Mean(name) for name in METRIC_NAMES}
-        state = dict(model=self.model, global_step=self.global_step,
-                     skipped_steps=self.skipped_steps, dropout_rng=self.rng.generator,
-                     data_iterator=self.iterator, **self.update.checkpoint_items())
+        # The state every rank shares (written by rank 0) ...
+        shared = dict(model=self.model, global_step=self.global_step,
+                      skipped_steps=self.skipped_steps, **self.update.checkpoint_items())
         if self.loss_scale is not None:
-            state["loss_scale"] = self.loss_scale
-        self.checkpoints = CheckpointKeeper(runtime.output_dir, runtime.keep_checkpoint_max, **state)
-        self.train_step = tf.function(self._train_step, jit_compile=self.jit_compile)
+            shared["loss_scale"] = self.loss_scale
+        self.checkpoints = CheckpointKeeper(runtime.output_dir, runtime.keep_checkpoint_max,
+                                            **shared)
+        # ... and the state of each rank: its position in its data shard and its dropout RNG.
+        rank_dir = os.path.join(runtime.output_dir, "rank_state", f"rank-{self.group.rank}")
+        os.makedirs(rank_dir, exist_ok=True)
+        self.rank_checkpoints = CheckpointKeeper(
+            rank_dir,
+            runtime.keep_checkpoint_max, dropout_rng=self.rng.generator,
+            data_iterator=self.iterator)
+
+        self.accumulation_steps = distribution.num_accumulation_steps
+        if distribution.uses_accumulation:
+            dtype = tf.as_dtype(distribution.grad_accum_dtype)
+            self.accumulators = [
+                tf.Variable(tf.zeros(v.shape, dtype), trainable=False,
+                            name="accumulated/" + v.name.split(":")[0]) for v in self.variables]
+            self.accumulate_step = tf.function(self._accumulate, jit_compile=self.jit_compile)
+            self.apply_accumulated_step = tf.function(self._apply_accumulated,
+                                                      jit_compile=self.jit_compile)
+        else:
+            self.train_step = tf.function(self._train_step, jit_compile=self.jit_compile)
 
     # ----------------------------------------------------------------------------------------
     def restore_or_initialize(self) -> int:
@@ -85,26 +109,53 @@ class Pretrainer:
         weights, else keeps the fresh initialisation. Returns the step training starts at."""
         restored = self.checkpoints.restore_latest()
         if restored:
+            step = checkpoint_step(restored)
+            rank_state = self.rank_checkpoints.restore_step(step)
+            if rank_state is None:
+                logging.warning(
+                    "Rank %d has no data position saved at step %d (the number of ranks "
+                    "changed?): its input pipeline starts afresh, so this resume is not exact",
+                    self.group.rank, step)
             logging.info("Resumed from %s at step %d", restored, int(self.global_step))
         elif self.config.runtime.init_checkpoint:
             prefix = init_from_checkpoint(self.model, self.config.runtime.init_checkpoint)
             logging.info("Initialised weights from %s", prefix)
-        self.group.broadcast_variables(self.model.variables)
+        # Every rank starts from rank 0's weights, optimizer state and counters (also when only
+        # rank 0 can read the checkpoint). Slots exist already, so no first step is needed.
+        self.group.broadcast_variables(self.shared_variables())
         return int(self.global_step)
+
+    def shared_variables(self) -> list[tf.Variable]:
+        """Everything that must be equal on all ranks."""
+        variables = list(self.model.variables) + list(self.update.optimizer.variables())
+        variables += [self.global_step, self.skipped_steps]
+        if self.loss_scale is not None:
+            variables += [self.loss_scale.scale, self.loss_scale.good_steps]
+        return variables
 
     def _apply(self, grads):
         self.update.apply(grads, self.variables)
         return tf.constant(True)
 
-    def _train_step(self, batch: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
-        """One optimizer step on one batch. Returns float32 scalars (losses, lr, grad_norm)."""
+    def _compute_gradients(self, batch: dict[str, tf.Tensor]):
+        """Losses (float32 scalars) and the gradients of the (loss-scaled) loss."""
         with tf.GradientTape() as tape:
             outputs = self.model.compute_losses(batch, training=True)
             loss = outputs["loss"]
             if self.loss_scale is not None:
                 loss = self.loss_scale.scale_loss(loss)
-        grads = tape.gradient(loss, self.variables)
+        return outputs, tape.gradient(loss, self.variables)
+
+    def _update_loss_metrics(self, outputs):
+        for name, metric in self.metrics.items():
+            if name in outputs:
+                metric.update_state(outputs[name])
+
+    def _finish_step(self, grads) -> dict[str, tf.Tensor]:
+        """Averages over ranks, unscales, clips and applies (or, on fp16 overflow, skips) one
+        optimizer step. Returns grad_norm and learning_rate."""
         grads = self.group.allreduce_gradients(grads)
+        grads = [deduplicate_indexed_slices(g) for g in grads]
         if self.loss_scale is not None:
             grads = self.loss_scale.unscale(grads)
         grad_norm = tf.linalg.global_norm(grads)
@@ -121,10 +172,42 @@ class Pretrainer:
         else:
             self._apply(grads)
         self.global_step.assign_add(1)
-        outputs = dict(outputs, grad_norm=grad_norm)
-        for name, metric in self.metrics.items():
-            metric.update_state(outputs[name])
-        return dict(outputs, learning_rate=learning_rate)
+        self.metrics["grad_norm"].update_state(grad_norm)
+        return dict(grad_norm=grad_norm, learning_rate=learning_rate)
+
+    def _train_step(self, batch: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
+        """One optimizer step on one batch."""
+        outputs, grads = self._compute_gradients(batch)
+        self._update_loss_metrics(outputs)
+        return dict(outputs, **self._finish_step(grads))
+
+    def _accumulate(self, batch: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
+        """Adds one micro-batch's gradients, divided by the number of micro-batches, to the
+        accumulators. Nothing crosses ranks here: the all-reduce happens once per step."""
+        outputs, grads = self._compute_gradients(batch)
+        for accumulator, grad in zip(self.accumulators, grads):
+            # Divided before the cast: the sum stays the size of one big batch's gradient. In
+            # float16 an overflow becomes inf, which the step then detects and skips.
+            grad = tf.convert_to_tensor(grad) / self.accumulation_steps
+            accumulator.assign_add(tf.cast(grad, accumulator.dtype))
+        self._update_loss_metrics(outputs)
+        return outputs
+
+    def _apply_accumulated(self) -> dict[str, tf.Tensor]:
+        """The optimizer step over the accumulated gradients; then clears the accumulators."""
+        grads = [tf.cast(a, tf.float32) for a in self.accumulators]
+        result = self._finish_step(grads)
+        for accumulator in self.accumulators:
+            accumulator.assign(tf.zeros_like(accumulator))
+        return result
+
+    def run_step(self) -> dict[str, tf.Tensor]:
+        """One optimizer step: one batch, or `num_accumulation_steps` micro-batches."""
+        if self.accumulation_steps == 1:
+            return self.train_step(self._next_batch())
+        for _ in range(self.accumulation_steps):
+            self.accumulate_step(self._next_batch())
+        return self.apply_accumulated_step()
 
     # ----------------------------------------------------------------------------------------
     def _next_batch(self):
@@ -144,12 +227,12 @@ class Pretrainer:
         end_step = runtime.num_train_steps
         if max_steps is not None:
             end_step = min(end_step, start_step + max_steps)
-        examples_per_step = data.train_batch_size  # per rank
+        examples_per_step = data.train_batch_size * self.accumulation_steps  # per rank
         tokens_per_step = examples_per_step * data.max_seq_length
 
         writer = (tf.summary.create_file_writer(os.path.join(runtime.output_dir, "train"))
                   if is_chief else tf.summary.create_noop_writer())
-        log_path = os.path.join(runtime.output_dir, "log.jsonl")
+        log_path = os.path.join(runtime.output_dir, "log.jsonl") if is_chief else None
         memory = PeakMemory()
         first = None
         window = dict(start_time=time.perf_counter(), start_step=start_step)
@@ -160,30 +243,34 @@ class Pretrainer:
         for metric in self.metrics.values():
             metric.reset_state()
         while step < end_step:
-            outputs = self.train_step(self._next_batch())
+            outputs = self.run_step()
             step += 1
+            if runtime.debug_fail_at_step == step and runtime.debug_fail_rank == self.group.rank:
+                raise RuntimeError(f"injected failure on rank {self.group.rank} at step {step} "
+                                   f"(--debug_fail_at_step)")
             if first is None:
                 # The first step traces and compiles: it is excluded from the throughput.
-                first = {k: float(v) for k, v in outputs.items()}
+                first = {name: float(metric.result()) for name, metric in self.metrics.items()}
                 timed["start_time"] = time.perf_counter()
                 if not math.isfinite(first["loss"]):
                     raise TrainingDiverged(f"loss is {first['loss']} at step {step}")
             else:
                 timed["steps"] += 1
-            if step % runtime.log_every_n_steps == 0 or step == end_step:
+            checkpoint_now = step % runtime.save_checkpoints_steps == 0 or step == end_step
+            if step % runtime.log_every_n_steps == 0 or checkpoint_now:
                 last_record = self._log(step, outputs, window, memory, examples_per_step,
-                                        tokens_per_step, writer, log_path if is_chief else None)
-            if step % runtime.save_checkpoints_steps == 0 or step == end_step:
-                if last_record is None or last_record["step"] != step:
-                    last_record = self._log(step, outputs, window, memory, examples_per_step,
-                                            tokens_per_step, writer, log_path if is_chief else None)
+                                        tokens_per_step, writer, log_path)
+            if checkpoint_now:
+                self.rank_checkpoints.save(step)
                 if is_chief:
-                    path = self.checkpoints.save(step)
-                    logging.info("Saved checkpoint %s", path)
+                    logging.info("Saved checkpoint %s", self.checkpoints.save(step))
 
         elapsed = time.perf_counter() - (timed["start_time"] or time.perf_counter())
         steps_timed = timed["steps"]
         examples_per_sec = examples_per_step * steps_timed / elapsed if steps_timed else 0.0
+        # Per-rank figures, gathered on every rank (all ranks must take part).
+        per_rank = self.group.allgather_values(
+            [examples_per_sec, memory.run_peak_bytes, peak_rss_bytes(), self.weights_checksum()])
         summary = dict(
             steps=int(self.global_step), steps_this_run=step - start_step,
             first_loss=first["loss"] if first else None,
@@ -191,18 +278,36 @@ class Pretrainer:
             final_loss=last_record["loss"] if last_record else None,
             final_mlm_loss=last_record["mlm_loss"] if last_record else None,
             final_mlm_accuracy=last_record["mlm_accuracy"] if last_record else None,
+            # Per rank (this one), then over all ranks.
             examples_per_sec=examples_per_sec,
             tokens_per_sec=examples_per_sec * data.max_seq_length,
             peak_memory_bytes=memory.run_peak_bytes, peak_rss_bytes=peak_rss_bytes(),
+            examples_per_sec_total=float(per_rank[:, 0].sum()),
+            tokens_per_sec_total=float(per_rank[:, 0].sum()) * data.max_seq_length,
+            peak_memory_bytes_max=int(per_rank[:, 1].max()),
+            peak_memory_bytes_total=int(per_rank[:, 1].sum()),
+            per_rank=dict(examples_per_sec=per_rank[:, 0].tolist(),
+                          peak_memory_bytes=per_rank[:, 1].astype(int).tolist(),
+                          peak_rss_bytes=per_rank[:, 2].astype(int).tolist(),
+                          weights_checksum=per_rank[:, 3].astype(int).tolist()),
             memory_device=memory.device, skipped_steps=int(self.skipped_steps),
             loss_scale=float(self.loss_scale.scale) if self.loss_scale is not None else None,
             checkpoint=self.checkpoints.latest, num_processes=self.group.size,
-            train_batch_size=data.train_batch_size, max_seq_length=data.max_seq_length,
-            precision=runtime.precision, xla=runtime.xla)
+            train_batch_size=data.train_batch_size,
+            num_accumulation_steps=self.accumulation_steps,
+            global_batch_size=examples_per_step * self.group.size,
+            max_seq_length=data.max_seq_length, precision=runtime.precision, xla=runtime.xla)
         if is_chief:
             atomic_write_text(os.path.join(runtime.output_dir, "summary.json"),
                               json.dumps(summary, indent=2) + "\n")
         return summary
+
+    def weights_checksum(self) -> int:
+        """A 48-bit hash of the model weights' bytes: equal on two ranks iff bit-identical."""
+        digest = hashlib.sha256()
+        for variable in self.model.variables:
+            digest.update(variable.numpy().tobytes())
+        return int(digest.hexdigest()[:12], 16)  # 48 bits: exact in a float64
 
     def _log(self, step, outputs, window, memory, examples_per_step, tokens_per_step, writer,
              log_path):

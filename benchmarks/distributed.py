@@ -1,0 +1,79 @@
+"""Data-parallel throughput: 1 and 2 ranks, with and without Horovod's fp16 compression.
+
+    python benchmarks/distributed.py                     # tiny model, CPU defaults
+    python benchmarks/distributed.py --model=mini --steps=60
+
+Each setup is one `tfbert.run` job (under `horovodrun --gloo` for several ranks) on the sample
+corpus, run side by side in one invocation. Figures come from each job's summary.json:
+examples/s per rank (first step excluded), summed over ranks, and the allocator's peak memory.
+On this 2-core machine two ranks share the cores, so per-rank throughput falls; the benchmark
+shows the cost of the all-reduce and of compression, not a GPU cluster's scaling.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+
+import pandas as pd
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SETUPS = [  # (ranks, extra flags)
+    (1, []),
+    (2, []),
+    (2, ["--hvd_fp16_compression"]),
+]
+
+
+def run_job(output_dir: str, ranks: int, flags: list[str]) -> dict:
+    command = [sys.executable, "-m", "tfbert.run", f"--output_dir={output_dir}", *flags]
+    if ranks > 1:
+        horovodrun = shutil.which("horovodrun", path=os.path.dirname(sys.executable))
+        command = [horovodrun, "-np", str(ranks), "-H", f"localhost:{ranks}", "--gloo", *command]
+    result = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise RuntimeError(f"{' '.join(command)} failed:\n{result.stderr[-3000:]}")
+    with open(os.path.join(output_dir, "summary.json")) as f:
+        return json.load(f)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="tiny")
+    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--csv", default=os.path.join(REPO_ROOT, "runs", "bench", "distributed.csv"))
+    args = parser.parse_args()
+
+    common = [f"--model={args.model}", f"--num_train_steps={args.steps}",
+              f"--train_batch_size={args.batch}", f"--log_every_n_steps={args.steps}",
+              f"--save_checkpoints_steps={args.steps}"]
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for i, (ranks, extra) in enumerate(SETUPS):
+            summary = run_job(os.path.join(tmp, str(i)), ranks, common + extra)
+            rows.append(dict(setup=f"{ranks} rank(s)" + (" + " + " ".join(extra) if extra else ""),
+                             ranks=ranks, model=args.model, batch_per_rank=args.batch,
+                             examples_per_sec_per_rank=summary["examples_per_sec"],
+                             examples_per_sec_total=summary["examples_per_sec_total"],
+                             max_gb=summary["peak_memory_bytes_max"] / 2 ** 30,
+                             final_loss=summary["final_loss"]))
+            print(f"done: {rows[-1]['setup']}", flush=True)
+    table = pd.DataFrame(rows)
+    base = table.iloc[0]["examples_per_sec_per_rank"]
+    table["per_rank_vs_1_rank_%"] = (table["examples_per_sec_per_rank"] / base - 1) * 100
+    os.makedirs(os.path.dirname(args.csv), exist_ok=True)
+    table.to_csv(args.csv, index=False)
+    print(table[["setup", "examples_per_sec_per_rank", "examples_per_sec_total",
+                 "per_rank_vs_1_rank_%", "max_gb", "final_loss"]].to_markdown(
+        index=False, floatfmt=".3f"))
+    print(f"\nCSV: {args.csv}")
+
+
+if __name__ == "__main__":
+    main()
