@@ -13,33 +13,18 @@ shows the cost of the all-reduce and of compression, not a GPU cluster's scaling
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import shutil
-import subprocess
-import sys
 import tempfile
 
 import pandas as pd
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from jobs import REPO_ROOT, run_job
+
 SETUPS = [  # (ranks, extra flags)
     (1, []),
     (2, []),
     (2, ["--hvd_fp16_compression"]),
 ]
-
-
-def run_job(output_dir: str, ranks: int, flags: list[str]) -> dict:
-    command = [sys.executable, "-m", "tfbert.run", f"--output_dir={output_dir}", *flags]
-    if ranks > 1:
-        horovodrun = shutil.which("horovodrun", path=os.path.dirname(sys.executable))
-        command = [horovodrun, "-np", str(ranks), "-H", f"localhost:{ranks}", "--gloo", *command]
-    result = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True)
-    if result.returncode != 0:
-        raise RuntimeError(f"{' '.join(command)} failed:\n{result.stderr[-3000:]}")
-    with open(os.path.join(output_dir, "summary.json")) as f:
-        return json.load(f)
 
 
 def main() -> None:
@@ -56,7 +41,7 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for i, (ranks, extra) in enumerate(SETUPS):
-            summary = run_job(os.path.join(tmp, str(i)), ranks, common + extra)
+            summary = run_job(os.path.join(tmp, str(i)), common + extra, ranks)
             rows.append(dict(setup=f"{ranks} rank(s)" + (" + " + " ".join(extra) if extra else ""),
                              ranks=ranks, model=args.model, batch_per_rank=args.batch,
                              examples_per_sec_per_rank=summary["examples_per_sec"],

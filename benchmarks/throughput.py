@@ -15,28 +15,12 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import os
-import subprocess
-import sys
 import tempfile
 
 import pandas as pd
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def run_one(output_dir: str, model: str, precision: str, xla: str, steps: int, batch: int,
-            seq: int, extra: list[str]) -> dict:
-    cmd = [sys.executable, "-m", "tfbert.run", f"--output_dir={output_dir}", f"--model={model}",
-           f"--precision={precision}", f"--xla={xla}", f"--num_train_steps={steps}",
-           f"--train_batch_size={batch}", f"--max_seq_length={seq}",
-           f"--log_every_n_steps={steps}", f"--save_checkpoints_steps={steps}", *extra]
-    result = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True)
-    if result.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd)} failed:\n{result.stderr[-3000:]}")
-    with open(os.path.join(output_dir, "summary.json")) as f:
-        return json.load(f)
+from jobs import REPO_ROOT, run_job
 
 
 def main() -> None:
@@ -55,8 +39,11 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for precision, xla in itertools.product(args.precisions.split(","),
                                                 args.xla_modes.split(",")):
-            summary = run_one(os.path.join(tmp, f"{precision}-{xla}"), args.model, precision, xla,
-                              args.steps, args.batch, args.seq, args.extra)
+            summary = run_job(os.path.join(tmp, f"{precision}-{xla}"), [
+                f"--model={args.model}", f"--precision={precision}", f"--xla={xla}",
+                f"--num_train_steps={args.steps}", f"--train_batch_size={args.batch}",
+                f"--max_seq_length={args.seq}", f"--log_every_n_steps={args.steps}",
+                f"--save_checkpoints_steps={args.steps}", *args.extra])
             rows.append(dict(setup=f"{precision}+xla={xla}", model=args.model, precision=precision,
                              xla=xla, batch=args.batch, seq=args.seq, steps=args.steps,
                              examples_per_sec=summary["examples_per_sec"],
