@@ -10,9 +10,13 @@ ARGS ?=
 HOROVOD_ENV ?= HOROVOD_WITH_TENSORFLOW=1 HOROVOD_WITH_GLOO=1 HOROVOD_WITHOUT_PYTORCH=1 \
 	HOROVOD_WITHOUT_MXNET=1
 
-.PHONY: setup run test bench clean
+.PHONY: setup ops run test bench clean
 
-setup: $(VENV)/.tfbert-installed
+setup: $(VENV)/.tfbert-installed ops
+
+# The fused custom ops (custom_ops/Makefile). `make ops WITH_CUDA=1` adds the CUDA kernels.
+ops: $(VENV)/.tfbert-installed
+	$(MAKE) -C custom_ops PYTHON=$(CURDIR)/$(PY)
 
 $(VENV)/.tfbert-installed: setup.cfg pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -31,7 +35,8 @@ test: setup
 
 bench: setup
 	$(PY) benchmarks/throughput.py
-	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(PY) benchmarks/distributed.py
+	$(PY) benchmarks/distributed.py
 
 clean:
+	$(MAKE) -C custom_ops clean
 	rm -rf $(VENV) build *.egg-info runs .pytest_cache

@@ -76,6 +76,9 @@ def test_precedence_preset_then_bert_config_then_flags(tmp_path):
     (["--vocab_size=100", "--sparse_as_dense"], "--sparse_as_dense acts on the all-reduce"),
     (["--vocab_size=100", "--grad_accum_dtype=float16"], "--grad_accum_dtype=float16 needs --precision=fp16"),
     (["--vocab_size=100", "--num_accumulation_steps=0"], "--num_accumulation_steps must be >= 1"),
+    (["--vocab_size=100", "--ln_ytf_impl", "--xla=jit"], "--xla=jit compiles the whole step"),
+    (["--vocab_size=100", "--optimizer=fused_lamb", "--xla=jit"], "custom ops of --optimizer=fused_lamb"),
+    (["--vocab_size=100", "--ytf_gelu", "--hidden_act=relu"], "--ytf_gelu fuses GELU/GeGLU"),
 ])
 def test_invalid_settings_fail_at_start_naming_the_flag(argv, message):
     with pytest.raises(cfg.ConfigError, match=message.replace("(", r"\(")):
@@ -113,3 +116,15 @@ def test_presets_have_the_sizes_of_the_notes():
     assert params("48x3072") == pytest.approx(5.75e9, rel=0.05)
     large = cfg.MODEL_PRESETS["large"]
     assert (large["num_hidden_layers"], large["hidden_size"]) == (24, 1024)
+
+
+def test_fused_op_without_the_library_fails_at_start_saying_how_to_build(monkeypatch, tmp_path):
+    from tfbert.ops import loader
+
+    monkeypatch.setattr(loader, "LIBRARY_PATH", str(tmp_path / "missing.so"))
+    loader.load_ops.cache_clear()
+    try:
+        with pytest.raises(cfg.ConfigError, match="--attn_softmax_ytf_impl.*make ops"):
+            build("--vocab_size=100", "--attn_softmax_ytf_impl", "--output_dir=x")
+    finally:
+        loader.load_ops.cache_clear()

@@ -17,7 +17,7 @@ from typing import Any
 
 PRECISIONS = ("fp32", "fp16", "bf16")
 XLA_MODES = ("off", "auto", "jit")
-OPTIMIZERS = ("lamb", "adamw")
+OPTIMIZERS = ("lamb", "adamw", "fused_lamb")
 TOKENIZER_TYPES = ("sentencepiece", "wordpiece")
 HIDDEN_ACTS = ("gelu", "gelu_tanh", "relu", "geglu")
 
@@ -114,6 +114,26 @@ class ModelConfig:
         _require(not unknown, f"--bert_config_file={path} has keys tfbert does not implement: "
                               f"{sorted(unknown)}")
         return {k: v for k, v in raw.items() if k in known}
+
+
+@dataclasses.dataclass(frozen=True)
+class FusedOpsConfig:
+    """Which computations run as tfbert's fused custom ops (custom_ops/, built by `make ops`).
+
+    Not part of the model's shape: a run may resume with other settings here.
+    """
+
+    ln_ytf_impl: bool = False  # fused LayerNorm forward/backward
+    attn_softmax_ytf_impl: bool = False  # fused scale + mask + softmax + dropout
+    ytf_gelu: bool = False  # fused bias + GELU / GeGLU in the feed-forward block
+
+    @property
+    def any(self) -> bool:
+        return self.ln_ytf_impl or self.attn_softmax_ytf_impl or self.ytf_gelu
+
+    def enabled_flags(self) -> list[str]:
+        """The --flags that ask for fused ops (for error messages)."""
+        return [f"--{f.name}" for f in dataclasses.fields(self) if getattr(self, f.name)]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -253,8 +273,17 @@ class Config:
     optimizer: OptimizerConfig
     runtime: RuntimeConfig
     distribution: DistributionConfig = DistributionConfig()
+    ops: FusedOpsConfig = FusedOpsConfig()
 
     def __post_init__(self):
+        custom_ops = self.ops.enabled_flags() + (
+            ["--optimizer=fused_lamb"] if self.optimizer.optimizer == "fused_lamb" else [])
+        _require(self.runtime.xla != "jit" or not custom_ops,
+                 f"--xla=jit compiles the whole step with XLA, which cannot hold the custom ops "
+                 f"of {', '.join(custom_ops)}; use --xla=auto (auto-clustering compiles around "
+                 f"them) or drop those flags")
+        _require(not self.ops.ytf_gelu or self.model.hidden_act in ("gelu", "gelu_tanh", "geglu"),
+                 f"--ytf_gelu fuses GELU/GeGLU, but --hidden_act={self.model.hidden_act}")
         _require(self.distribution.grad_accum_dtype != "float16"
                  or self.runtime.precision == "fp16",
                  "--grad_accum_dtype=float16 needs --precision=fp16: float16 accumulators rely "
@@ -282,7 +311,8 @@ class Config:
         return cls(model=build(ModelConfig, d["model"]), data=build(DataConfig, d["data"]),
                    optimizer=build(OptimizerConfig, d["optimizer"]),
                    runtime=build(RuntimeConfig, d["runtime"]),
-                   distribution=build(DistributionConfig, d.get("distribution", {})))
+                   distribution=build(DistributionConfig, d.get("distribution", {})),
+                   ops=build(FusedOpsConfig, d.get("ops", {})))
 
     @classmethod
     def load(cls, path: str) -> "Config":

@@ -61,7 +61,15 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
     flags.DEFINE_string("vocab_file", "", "sentencepiece .model or wordpiece vocab.txt. Optional "
                                           "for pre-tokenized records.", **fv)
     # Optimizer.
-    flags.DEFINE_enum("optimizer", "lamb", ["lamb", "adamw"], "Optimizer.", **fv)
+    flags.DEFINE_enum("optimizer", "lamb", ["lamb", "adamw", "fused_lamb"],
+                      "Optimizer; fused_lamb is LAMB as one custom op per tensor (make ops).", **fv)
+    # Fused custom ops (built by `make ops`).
+    flags.DEFINE_boolean("ln_ytf_impl", False, "Fused LayerNorm op.", **fv)
+    flags.DEFINE_boolean("attn_softmax_ytf_impl", False, "Fused attention scale + mask + softmax "
+                                                         "+ dropout op (the dropout mask is "
+                                                         "regenerated, not stored).", **fv)
+    flags.DEFINE_boolean("ytf_gelu", False, "Fused bias + GELU/GeGLU op in the feed-forward "
+                                            "block.", **fv)
     flags.DEFINE_float("learning_rate", 1e-2, "Peak learning rate.", **fv)
     flags.DEFINE_integer("num_warmup_steps", 50, "Linear warm-up steps.", **fv)
     flags.DEFINE_float("end_learning_rate", 0.0, "Learning rate at --num_train_steps.", **fv)
@@ -202,8 +210,41 @@ def build_config(fv: flags.FlagValues, group=None):
         hvd_fusion_threshold_mb=fv.hvd_fusion_threshold_mb,
         hvd_cycle_time_ms=fv.hvd_cycle_time_ms, scale_learning_rate=fv.scale_learning_rate,
         num_accumulation_steps=fv.num_accumulation_steps, grad_accum_dtype=fv.grad_accum_dtype)
-    return cfg.Config(model=model, data=data, optimizer=optimizer, runtime=runtime,
-                      distribution=distribution), tokenizer
+    ops = cfg.FusedOpsConfig(ln_ytf_impl=fv.ln_ytf_impl,
+                             attn_softmax_ytf_impl=fv.attn_softmax_ytf_impl, ytf_gelu=fv.ytf_gelu)
+    config = cfg.Config(model=model, data=data, optimizer=optimizer, runtime=runtime,
+                        distribution=distribution, ops=ops)
+    check_custom_ops(config)
+    return config, tokenizer
+
+
+def check_custom_ops(config) -> None:
+    """Fails at start when a fused op is asked for but cannot run here."""
+    from tfbert.config import ConfigError
+
+    op_of_flag = {"--ln_ytf_impl": "tf_bert_fused_layer_norm",
+                  "--attn_softmax_ytf_impl": "tf_bert_fused_attention_softmax",
+                  "--ytf_gelu": "tf_bert_fused_bias_gelu",
+                  "--optimizer=fused_lamb": "tf_bert_fused_lamb_update"}
+    wanted = config.ops.enabled_flags() + (
+        ["--optimizer=fused_lamb"] if config.optimizer.optimizer == "fused_lamb" else [])
+    if not wanted:
+        return
+    import tensorflow as tf
+
+    from tfbert.ops.loader import OpsNotBuiltError, gpu_kernels_built, load_ops
+
+    try:
+        library = load_ops()
+    except OpsNotBuiltError as e:
+        raise ConfigError(f"{', '.join(wanted)}: {e}") from None
+    for flag in wanted:
+        if not hasattr(library, op_of_flag[flag]):
+            raise ConfigError(f"{flag}: the op library has no {op_of_flag[flag]}; rebuild it "
+                              f"with `make ops`")
+    if tf.config.list_physical_devices("GPU") and not gpu_kernels_built():
+        raise ConfigError(f"{', '.join(wanted)}: this machine has a GPU but the op library was "
+                          f"built without CUDA kernels; rebuild with `make ops WITH_CUDA=1`")
 
 
 def print_summary(config, summary: dict) -> None:

@@ -53,7 +53,8 @@ class Pretrainer:
         tf.keras.utils.set_random_seed(runtime.seed)
         self.rng = DropoutRng(runtime.seed + 1_000_003 * self.group.rank)
 
-        self.model = BertPretrainer(config.model, self.rng, precision=runtime.precision)
+        self.model = BertPretrainer(config.model, self.rng, precision=runtime.precision,
+                                    ops=config.ops)
         self.model.build(config.data.max_seq_length, config.data.max_predictions_per_seq)
         self.variables = self.model.trainable_variables
 
@@ -67,8 +68,13 @@ class Pretrainer:
             peak_learning_rate, runtime.num_train_steps,
             config.optimizer.num_warmup_steps, config.optimizer.end_learning_rate,
             config.optimizer.decay_power)
-        optimizer = build_optimizer(config.optimizer, lambda: self.schedule(self.global_step))
-        self.update = KerasOptimizerUpdate(optimizer)
+        learning_rate = lambda: self.schedule(self.global_step)  # noqa: E731
+        if config.optimizer.optimizer == "fused_lamb":
+            from tfbert.ops.lamb_ops import FusedLambUpdate
+
+            self.update = FusedLambUpdate(config.optimizer, learning_rate, use_fused_op=True)
+        else:
+            self.update = KerasOptimizerUpdate(build_optimizer(config.optimizer, learning_rate))
         self.update.build(self.variables)
         self.loss_scale = (DynamicLossScale(runtime.initial_loss_scale,
                                             runtime.loss_scale_growth_interval)

@@ -45,14 +45,19 @@ class SelfAttention(tf.keras.layers.Layer):
       use_bias_in_keys: whether the key projection has a bias. A key bias adds the same amount
         to every score of a query, which softmax cancels, so it can be dropped to save memory.
       rng: DropoutRng for the attention dropout.
+      fused_softmax: compute scale, mask, softmax and dropout in one fused op
+        (tfbert.ops.attention_softmax_ops), which regenerates the dropout mask from its seed in
+        the backward pass instead of storing it.
 
     Variables (google-research/bert names): self/query, self/key, self/value, output/dense.
     """
 
     def __init__(self, num_heads: int, head_size: int, dense_factory: DenseFactory,
                  attention_dropout: float = 0.0, use_bias_in_keys: bool = True,
-                 rng: DropoutRng | None = None, **kwargs):
+                 rng: DropoutRng | None = None, fused_softmax: bool = False, **kwargs):
         super().__init__(**kwargs)
+        self.fused_softmax = fused_softmax
+        self._rng = rng
         self.num_heads = num_heads
         self.head_size = head_size
         self.attention_dropout = attention_dropout
@@ -84,8 +89,16 @@ class SelfAttention(tf.keras.layers.Layer):
         # Scale the query rather than the scores: fewer elements ([B,N,S,H] vs [B,N,S,S]).
         query = query * tf.cast(self.head_size ** -0.5, query.dtype)
         scores = tf.einsum("bnqh,bnkh->bnqk", query, key)  # (B, N, S, S)
-        probs = masked_softmax(scores, mask_bias)  # (B, N, S, S)
-        probs = self.dropout(probs, training=training)
+        if self.fused_softmax:
+            from tfbert.ops.attention_softmax_ops import fused_attention_softmax
+
+            rate = self.attention_dropout if training else 0.0
+            seed = self._rng.next_seed() if rate > 0 else tf.zeros([2], tf.int64)
+            probs = fused_attention_softmax(scores, tf.cast(mask_bias, scores.dtype), seed,
+                                            scale=1.0, dropout_rate=rate)  # (B, N, S, S)
+        else:
+            probs = masked_softmax(scores, mask_bias)  # (B, N, S, S)
+            probs = self.dropout(probs, training=training)
         context = tf.einsum("bnqk,bnkh->bnqh", probs, value)  # (B, N, S, H)
         context = tf.transpose(context, [0, 2, 1, 3])  # (B, S, N, H)
         batch, seq = tf.shape(context)[0], tf.shape(context)[1]
@@ -98,5 +111,5 @@ class SelfAttention(tf.keras.layers.Layer):
         config = super().get_config()
         config.update(num_heads=self.num_heads, head_size=self.head_size,
                       attention_dropout=self.attention_dropout,
-                      use_bias_in_keys=self.use_bias_in_keys)
+                      use_bias_in_keys=self.use_bias_in_keys, fused_softmax=self.fused_softmax)
         return config

@@ -19,13 +19,24 @@ class Dense(tf.keras.layers.Layer):
       units: output features.
       use_bias: whether to add a bias.
       kernel_initializer: initializer for the [in, units] kernel.
+      fused_activation: None, or "gelu" / "gelu_tanh" / "geglu": add the bias and apply the
+        activation in one fused op (tfbert.ops.gelu_ops). For "geglu" the output has units / 2
+        features.
     Inputs: float Tensor of shape [..., in]. Output: [..., units] in the layer's compute dtype.
 
     Variables are named `kernel` and `bias`, as in google-research/bert checkpoints.
     """
 
-    def __init__(self, units: int, use_bias: bool = True, kernel_initializer=None, **kwargs):
+    FUSED_ACTIVATIONS = ("gelu", "gelu_tanh", "geglu")
+
+    def __init__(self, units: int, use_bias: bool = True, kernel_initializer=None,
+                 fused_activation: str | None = None, **kwargs):
         super().__init__(**kwargs)
+        if fused_activation is not None and (fused_activation not in self.FUSED_ACTIVATIONS
+                                             or not use_bias):
+            raise ValueError(f"{self.name}: fused_activation={fused_activation!r} needs a bias and "
+                             f"one of {self.FUSED_ACTIVATIONS}")
+        self.fused_activation = fused_activation
         self.units = units
         self.use_bias = use_bias
         self.kernel_initializer = tf.keras.initializers.get(kernel_initializer or "glorot_uniform")
@@ -44,6 +55,13 @@ class Dense(tf.keras.layers.Layer):
         flat = tf.reshape(inputs, [-1, tf.shape(inputs)[-1]])  # (B*S, in)
         outputs = tf.matmul(flat, self.kernel)  # (B*S, units)
         outputs = tf.reshape(outputs, tf.concat([tf.shape(inputs)[:-1], [self.units]], axis=0))
+        if self.fused_activation is not None:
+            from tfbert.ops import gelu_ops
+
+            approximate = self.fused_activation == "gelu_tanh"
+            if self.fused_activation == "geglu":
+                return gelu_ops.fused_bias_geglu(outputs, self.bias, approximate=False)
+            return gelu_ops.fused_bias_gelu(outputs, self.bias, approximate=approximate)
         if self.bias is not None:
             outputs = outputs + self.bias
         return outputs
@@ -51,6 +69,7 @@ class Dense(tf.keras.layers.Layer):
     def get_config(self):
         config = super().get_config()
         config.update(units=self.units, use_bias=self.use_bias,
+                      fused_activation=self.fused_activation,
                       kernel_initializer=tf.keras.initializers.serialize(self.kernel_initializer))
         return config
 
@@ -71,14 +90,16 @@ class DenseFactory:
     def _initializer(self):
         return tf.keras.initializers.TruncatedNormal(stddev=self.initializer_range)
 
-    def dense(self, units: int, name: str, use_bias: bool = True) -> tf.keras.layers.Layer:
+    def dense(self, units: int, name: str, use_bias: bool = True,
+              fused_activation: str | None = None) -> tf.keras.layers.Layer:
         """A projection replicated on every rank (poolers, heads)."""
         return Dense(units, use_bias=use_bias, kernel_initializer=self._initializer(), name=name,
-                     dtype=self.dtype)
+                     fused_activation=fused_activation, dtype=self.dtype)
 
-    def column_parallel(self, units: int, name: str, use_bias: bool = True) -> tf.keras.layers.Layer:
+    def column_parallel(self, units: int, name: str, use_bias: bool = True,
+                        fused_activation: str | None = None) -> tf.keras.layers.Layer:
         """A projection whose output features a tensor-parallel factory splits across ranks."""
-        return self.dense(units, name=name, use_bias=use_bias)
+        return self.dense(units, name=name, use_bias=use_bias, fused_activation=fused_activation)
 
     def row_parallel(self, units: int, name: str, use_bias: bool = True) -> tf.keras.layers.Layer:
         """A projection whose input features a tensor-parallel factory splits across ranks

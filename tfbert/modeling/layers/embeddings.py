@@ -22,7 +22,8 @@ class Embeddings(tf.keras.layers.Layer):
 
     def __init__(self, vocab_size: int, hidden_size: int, max_position_embeddings: int,
                  type_vocab_size: int, initializer_range: float, dropout: float = 0.0,
-                 layer_norm_eps: float = 1e-12, rng: DropoutRng | None = None, **kwargs):
+                 layer_norm_eps: float = 1e-12, rng: DropoutRng | None = None,
+                 fused_layer_norm: bool = False, **kwargs):
         super().__init__(**kwargs)
         self.vocab_size = vocab_size
         self.hidden_size = hidden_size
@@ -30,7 +31,8 @@ class Embeddings(tf.keras.layers.Layer):
         self.type_vocab_size = type_vocab_size
         self.initializer_range = initializer_range
         self.dropout_rate = dropout
-        self.layer_norm = LayerNorm(layer_norm_eps, name="LayerNorm", dtype=self.dtype_policy)
+        self.layer_norm = LayerNorm(layer_norm_eps, fused=fused_layer_norm, name="LayerNorm",
+                                    dtype=self.dtype_policy)
         self.dropout = Dropout(dropout, rng, name="dropout", dtype=self.dtype_policy)
 
     def build(self, input_shape):

@@ -12,15 +12,21 @@ class LayerNorm(tf.keras.layers.Layer):
       epsilon: added to the variance.
       stats_dtype: dtype in which mean and variance are computed. float32 by default: a float16
         variance of activations in the hundreds overflows, and of small ones underflows.
+      fused: use the fused LayerNorm op (tfbert.ops.layer_norm_ops; statistics in float32).
     Inputs: float Tensor [..., hidden]. Output: same shape, in the layer's compute dtype.
 
     Variables are named `gamma` and `beta`, as in google-research/bert checkpoints.
     """
 
-    def __init__(self, epsilon: float = 1e-12, stats_dtype: str = "float32", **kwargs):
+    def __init__(self, epsilon: float = 1e-12, stats_dtype: str = "float32", fused: bool = False,
+                 **kwargs):
         super().__init__(**kwargs)
+        if fused and tf.as_dtype(stats_dtype) != tf.float32:
+            raise ValueError(f"{self.name}: the fused LayerNorm keeps its statistics in float32, "
+                             f"not {stats_dtype}")
         self.epsilon = epsilon
         self.stats_dtype = tf.as_dtype(stats_dtype)
+        self.fused = fused
 
     def build(self, input_shape):
         hidden = int(input_shape[-1])
@@ -32,6 +38,11 @@ class LayerNorm(tf.keras.layers.Layer):
         super().build(input_shape)
 
     def call(self, inputs):
+        if self.fused:
+            from tfbert.ops.layer_norm_ops import fused_layer_norm
+
+            return fused_layer_norm(tf.cast(inputs, self.compute_dtype), self.gamma, self.beta,
+                                    self.epsilon)
         x = tf.cast(inputs, self.stats_dtype)
         mean, variance = tf.nn.moments(x, axes=[-1], keepdims=True)
         normed = (x - mean) * tf.math.rsqrt(variance + tf.cast(self.epsilon, self.stats_dtype))
@@ -40,5 +51,5 @@ class LayerNorm(tf.keras.layers.Layer):
 
     def get_config(self):
         config = super().get_config()
-        config.update(epsilon=self.epsilon, stats_dtype=self.stats_dtype.name)
+        config.update(epsilon=self.epsilon, stats_dtype=self.stats_dtype.name, fused=self.fused)
         return config

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import tensorflow as tf
 
+from tfbert.config import FusedOpsConfig
 from tfbert.modeling.layers.activations import GATED_ACTIVATIONS, get_activation
 from tfbert.modeling.layers.attention import SelfAttention
 from tfbert.modeling.layers.dense import DenseFactory
@@ -23,6 +24,7 @@ class TransformerBlock(tf.keras.layers.Layer):
       use_bias_in_keys, layer_norm_eps: see SelfAttention / LayerNorm.
       dense_factory: builds every projection.
       rng: DropoutRng.
+      ops: which computations use the fused custom ops (FusedOpsConfig).
 
     Variables (google-research/bert names): attention/self/{query,key,value},
     attention/output/{dense,LayerNorm}, intermediate/dense, output/{dense,LayerNorm}.
@@ -31,10 +33,14 @@ class TransformerBlock(tf.keras.layers.Layer):
     def __init__(self, num_heads: int, head_size: int, intermediate_size: int, hidden_act: str,
                  dense_factory: DenseFactory, hidden_dropout: float = 0.0,
                  attention_dropout: float = 0.0, use_bias_in_keys: bool = True,
-                 layer_norm_eps: float = 1e-12, rng: DropoutRng | None = None, **kwargs):
+                 layer_norm_eps: float = 1e-12, rng: DropoutRng | None = None,
+                 ops: FusedOpsConfig = FusedOpsConfig(), **kwargs):
         super().__init__(**kwargs)
         hidden = num_heads * head_size
-        self.activation = get_activation(hidden_act)
+        # With --ytf_gelu the activation (and the bias) is applied by the fused op inside the
+        # intermediate projection.
+        fused_activation = hidden_act if ops.ytf_gelu else None
+        self.activation = (lambda x: x) if fused_activation else get_activation(hidden_act)
         self._config = dict(num_heads=num_heads, head_size=head_size,
                             intermediate_size=intermediate_size, hidden_act=hidden_act,
                             hidden_dropout=hidden_dropout, attention_dropout=attention_dropout,
@@ -43,14 +49,18 @@ class TransformerBlock(tf.keras.layers.Layer):
         self.attention = SelfAttention(num_heads, head_size, dense_factory,
                                        attention_dropout=attention_dropout,
                                        use_bias_in_keys=use_bias_in_keys, rng=rng,
+                                       fused_softmax=ops.attn_softmax_ytf_impl,
                                        name="attention", dtype=policy)
         self.attention_dropout = Dropout(hidden_dropout, rng, name="dropout", dtype=policy)
-        self.attention_layer_norm = LayerNorm(layer_norm_eps, name="LayerNorm", dtype=policy)
+        self.attention_layer_norm = LayerNorm(layer_norm_eps, fused=ops.ln_ytf_impl,
+                                              name="LayerNorm", dtype=policy)
         ffn_width = intermediate_size * (2 if hidden_act in GATED_ACTIVATIONS else 1)
-        self.intermediate = dense_factory.column_parallel(ffn_width, name="dense")
+        self.intermediate = dense_factory.column_parallel(ffn_width, name="dense",
+                                                          fused_activation=fused_activation)
         self.ffn_output = dense_factory.row_parallel(hidden, name="dense")
         self.ffn_dropout = Dropout(hidden_dropout, rng, name="dropout", dtype=policy)
-        self.ffn_layer_norm = LayerNorm(layer_norm_eps, name="LayerNorm", dtype=policy)
+        self.ffn_layer_norm = LayerNorm(layer_norm_eps, fused=ops.ln_ytf_impl, name="LayerNorm",
+                                        dtype=policy)
 
     def call(self, hidden_states, mask_bias, training=False):
         """hidden_states: [B, S, D]; mask_bias: [B, 1, 1, S]. Returns [B, S, D]."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import tensorflow as tf
 
-from tfbert.config import ModelConfig
+from tfbert.config import FusedOpsConfig, ModelConfig
 from tfbert.modeling import losses
 from tfbert.modeling.layers.activations import get_activation
 from tfbert.modeling.layers.dense import DenseFactory
@@ -30,7 +30,7 @@ class PretrainingHeads(tf.keras.layers.Layer):
     """
 
     def __init__(self, config: ModelConfig, word_embeddings: tf.Variable,
-                 dense_factory: DenseFactory, **kwargs):
+                 dense_factory: DenseFactory, fused_layer_norm: bool = False, **kwargs):
         super().__init__(**kwargs)
         self.config = config
         self._word_embeddings = word_embeddings
@@ -38,8 +38,8 @@ class PretrainingHeads(tf.keras.layers.Layer):
         act = "gelu" if config.hidden_act == "geglu" else config.hidden_act
         self.transform_activation = get_activation(act)
         self.transform = dense_factory.dense(config.hidden_size, name="dense")
-        self.transform_layer_norm = LayerNorm(config.layer_norm_eps, name="LayerNorm",
-                                              dtype=self.dtype_policy)
+        self.transform_layer_norm = LayerNorm(config.layer_norm_eps, fused=fused_layer_norm,
+                                              name="LayerNorm", dtype=self.dtype_policy)
 
     def build(self, input_shape):
         with tf.name_scope("predictions"):
@@ -83,17 +83,20 @@ class BertPretrainer(tf.Module):
       rng: DropoutRng (None when all dropouts are 0).
       precision: "fp32", "fp16" or "bf16" (mixed precision: float32 variables).
       dense_factory_cls: the factory class for every projection (replaced for tensor parallelism).
+      ops: which computations use the fused custom ops.
     """
 
     POLICIES = {"fp32": "float32", "fp16": "mixed_float16", "bf16": "mixed_bfloat16"}
 
     def __init__(self, config: ModelConfig, rng: DropoutRng | None = None, precision: str = "fp32",
-                 dense_factory_cls=DenseFactory):
+                 dense_factory_cls=DenseFactory, ops: FusedOpsConfig = FusedOpsConfig()):
         super().__init__(name=None)
         self.config = config
         policy = tf.keras.mixed_precision.Policy(self.POLICIES[precision])
         factory = dense_factory_cls(config.initializer_range, dtype=policy)
-        self.bert = BertEncoder(config, rng=rng, dense_factory=factory, dtype=policy, name="bert")
+        self.bert = BertEncoder(config, rng=rng, dense_factory=factory, dtype=policy, name="bert",
+                                ops=ops)
+        self._ops = ops
         self._built = False
         self._factory = factory
         self._policy = policy
@@ -105,7 +108,8 @@ class BertPretrainer(tf.Module):
         ids = tf.zeros([1, seq_length], tf.int32)
         self.bert(ids, tf.ones_like(ids), ids)
         self.cls = PretrainingHeads(self.config, self.bert.embeddings.word_embeddings,
-                                    self._factory, name="cls", dtype=self._policy)
+                                    self._factory, fused_layer_norm=self._ops.ln_ytf_impl,
+                                    name="cls", dtype=self._policy)
         self(dict(input_ids=ids, input_mask=tf.ones_like(ids), segment_ids=ids,
                   masked_lm_positions=tf.zeros([1, num_predictions], tf.int32)))
         self._built = True

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import tensorflow as tf
 
-from tfbert.config import ModelConfig
+from tfbert.config import FusedOpsConfig, ModelConfig
 from tfbert.modeling.layers.attention import attention_mask_bias
 from tfbert.modeling.layers.dense import DenseFactory
 from tfbert.modeling.layers.dropout import DropoutRng
@@ -18,6 +18,7 @@ class BertEncoder(tf.keras.Model):
       rng: DropoutRng seeding every dropout mask (may be None when all dropouts are 0).
       dense_factory: builds every projection; defaults to a plain `DenseFactory`.
       dtype: Keras dtype policy ("float32", "mixed_float16", "mixed_bfloat16").
+      ops: which computations use the fused custom ops.
 
     Variables, with the model named "bert" (google-research/bert names):
       bert/embeddings/{word_embeddings,token_type_embeddings,position_embeddings,LayerNorm/*}
@@ -28,7 +29,8 @@ class BertEncoder(tf.keras.Model):
     """
 
     def __init__(self, config: ModelConfig, rng: DropoutRng | None = None,
-                 dense_factory: DenseFactory | None = None, dtype="float32", name: str = "bert"):
+                 dense_factory: DenseFactory | None = None, dtype="float32", name: str = "bert",
+                 ops: FusedOpsConfig = FusedOpsConfig()):
         super().__init__(name=name, dtype=dtype)
         self.config = config
         policy = self.dtype_policy
@@ -37,14 +39,14 @@ class BertEncoder(tf.keras.Model):
             config.vocab_size, config.hidden_size, config.max_position_embeddings,
             config.type_vocab_size, config.initializer_range,
             dropout=config.hidden_dropout_prob, layer_norm_eps=config.layer_norm_eps, rng=rng,
-            name="embeddings", dtype=policy)
+            fused_layer_norm=ops.ln_ytf_impl, name="embeddings", dtype=policy)
         self.blocks = [
             TransformerBlock(config.num_attention_heads, config.head_size,
                              config.intermediate_size, config.hidden_act, factory,
                              hidden_dropout=config.hidden_dropout_prob,
                              attention_dropout=config.attention_probs_dropout_prob,
                              use_bias_in_keys=config.use_bias_in_keys,
-                             layer_norm_eps=config.layer_norm_eps, rng=rng,
+                             layer_norm_eps=config.layer_norm_eps, rng=rng, ops=ops,
                              name=f"layer_{i}", dtype=policy)
             for i in range(config.num_hidden_layers)
         ]

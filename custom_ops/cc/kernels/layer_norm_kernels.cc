@@ -1,0 +1,393 @@
+// Kernels of TfBert>FusedLayerNorm and TfBert>FusedLayerNormGrad (cc/ops/layer_norm_ops.cc):
+// the CPU functors and, in a WITH_CUDA=1 build, the GPU registration that calls the CUDA kernels
+// of cuda/layer_norm.cu through the C ABI in cuda/layer_norm_launch.h.
+//
+// Legend: rows = the product of x's leading dimensions, cols = H (see layer_norm.h).
+
+#define EIGEN_USE_THREADS
+#if GOOGLE_CUDA
+#define EIGEN_USE_GPU
+#endif
+
+#include "layer_norm.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <vector>
+
+#include "tensorflow/core/framework/op_kernel.h"
+#include "tensorflow/core/framework/tensor.h"
+#include "tensorflow/core/framework/types.h"
+#include "tensorflow/core/platform/threadpool.h"
+#include "unsupported/Eigen/CXX11/Tensor"
+
+#if GOOGLE_CUDA
+#include "layer_norm_launch.h"
+#endif
+
+namespace tfbert {
+
+using ::tensorflow::DEVICE_CPU;
+using ::tensorflow::OpKernel;
+using ::tensorflow::OpKernelConstruction;
+using ::tensorflow::OpKernelContext;
+using ::tensorflow::Status;
+using ::tensorflow::Tensor;
+using ::tensorflow::TensorShape;
+namespace errors = ::tensorflow::errors;
+
+using CPUDevice = Eigen::ThreadPoolDevice;
+
+namespace functor {
+
+namespace {
+
+// The CPU partition of the rows for the dgamma/dbeta partial sums is fixed (it does not depend
+// on the number of threads), and the partials are added in block order, so the sums are
+// bit-identical from run to run and from machine to machine. 128 blocks keep every core of a
+// large host busy while the partials stay small (128 * 2 * H floats).
+constexpr int64_t kMaxGradRowBlocks = 128;
+
+// Rough cycles per element, for the thread pool's sharding.
+constexpr int64_t kForwardCostPerElement = 12;
+constexpr int64_t kBackwardCostPerElement = 20;
+
+}  // namespace
+
+template <typename T>
+struct FusedLayerNormForward<CPUDevice, T> {
+  Status operator()(OpKernelContext* context, const T* x, const float* gamma, const float* beta,
+                    int64_t rows, int64_t cols, float epsilon, T* y, float* mean, float* rstd) {
+    auto* workers = context->device()->tensorflow_cpu_worker_threads()->workers;
+    const float inv_cols = 1.0f / static_cast<float>(cols);
+    workers->ParallelFor(rows, cols * kForwardCostPerElement, [&](int64_t begin, int64_t end) {
+      // The row in float32, read from memory once; the statistics sweep this cached copy.
+      std::vector<float> row(cols);
+      for (int64_t r = begin; r < end; ++r) {
+        const T* x_row = x + r * cols;
+        // Mean of (x - x[0]) plus x[0]: for a row like x + 1000 the shifted values are small,
+        // so the float32 sum keeps their low bits that a sum of the raw values would round off.
+        const float shift = static_cast<float>(x_row[0]);
+        float shifted_sum = 0.0f;
+        for (int64_t j = 0; j < cols; ++j) {
+          row[j] = static_cast<float>(x_row[j]);
+          shifted_sum += row[j] - shift;
+        }
+        const float row_mean = shift + shifted_sum * inv_cols;
+        // Variance of the centred values, not E[x^2] - mean^2: that difference of two large
+        // numbers cancels catastrophically in float32 once |mean| >> std (x + 1000: x^2 ~ 1e6,
+        // whose float32 spacing 0.06 is as large as the variance we want).
+        float centred_squares = 0.0f;
+        for (int64_t j = 0; j < cols; ++j) {
+          const float d = row[j] - row_mean;
+          centred_squares += d * d;
+        }
+        const float row_rstd = 1.0f / std::sqrt(centred_squares * inv_cols + epsilon);
+        T* y_row = y + r * cols;
+        for (int64_t j = 0; j < cols; ++j) {
+          y_row[j] = static_cast<T>((row[j] - row_mean) * row_rstd * gamma[j] + beta[j]);
+        }
+        mean[r] = row_mean;
+        rstd[r] = row_rstd;
+      }
+    });
+    return ::tensorflow::OkStatus();
+  }
+};
+
+template <typename T>
+struct FusedLayerNormBackward<CPUDevice, T> {
+  // With xhat = (x - mean) * rstd and g = gamma * dy, per row:
+  //   dx = rstd * (g - mean_j(g) - xhat * mean_j(g * xhat)),
+  // and over all rows: dgamma = sum(dy * xhat), dbeta = sum(dy).
+  Status operator()(OpKernelContext* context, const T* dy, const T* x, const float* mean,
+                    const float* rstd, const float* gamma, int64_t rows, int64_t cols, T* dx,
+                    float* dgamma, float* dbeta) {
+    auto* workers = context->device()->tensorflow_cpu_worker_threads()->workers;
+    const float inv_cols = 1.0f / static_cast<float>(cols);
+    const int64_t blocks = std::max<int64_t>(1, std::min(rows, kMaxGradRowBlocks));
+    // partials[b] = [dgamma partial (cols), dbeta partial (cols)] of row block b.
+    std::vector<float> partials(2 * blocks * cols, 0.0f);
+    const int64_t cost_per_block = (rows / blocks + 1) * cols * kBackwardCostPerElement;
+    workers->ParallelFor(blocks, cost_per_block, [&](int64_t block_begin, int64_t block_end) {
+      std::vector<float> xhat(cols), g(cols);  // the row's xhat and gamma * dy, in float32
+      for (int64_t b = block_begin; b < block_end; ++b) {
+        float* dgamma_partial = partials.data() + 2 * b * cols;
+        float* dbeta_partial = dgamma_partial + cols;
+        const int64_t row_end = (b + 1) * rows / blocks;
+        for (int64_t r = b * rows / blocks; r < row_end; ++r) {
+          const T* x_row = x + r * cols;
+          const T* dy_row = dy + r * cols;
+          const float row_mean = mean[r];
+          const float row_rstd = rstd[r];
+          float sum_g = 0.0f, sum_g_xhat = 0.0f;
+          for (int64_t j = 0; j < cols; ++j) {
+            const float dy_j = static_cast<float>(dy_row[j]);
+            xhat[j] = (static_cast<float>(x_row[j]) - row_mean) * row_rstd;
+            g[j] = gamma[j] * dy_j;
+            sum_g += g[j];
+            sum_g_xhat += g[j] * xhat[j];
+            dgamma_partial[j] += dy_j * xhat[j];
+            dbeta_partial[j] += dy_j;
+          }
+          const float mean_g = sum_g * inv_cols;
+          const float mean_g_xhat = sum_g_xhat * inv_cols;
+          T* dx_row = dx + r * cols;
+          for (int64_t j = 0; j < cols; ++j) {
+            dx_row[j] = static_cast<T>(row_rstd * (g[j] - mean_g - xhat[j] * mean_g_xhat));
+          }
+        }
+      }
+    });
+    // The second reduction, in block order. blocks * cols additions: small next to the rows.
+    for (int64_t j = 0; j < cols; ++j) {
+      float dgamma_j = 0.0f, dbeta_j = 0.0f;
+      for (int64_t b = 0; b < blocks; ++b) {
+        dgamma_j += partials[2 * b * cols + j];
+        dbeta_j += partials[(2 * b + 1) * cols + j];
+      }
+      dgamma[j] = dgamma_j;
+      dbeta[j] = dbeta_j;
+    }
+    return ::tensorflow::OkStatus();
+  }
+};
+
+#if GOOGLE_CUDA
+using GPUDevice = Eigen::GpuDevice;
+
+namespace {
+
+// Eigen::half and Eigen::bfloat16 hold the same 16 bits as __half and __nv_bfloat16; the C ABI
+// passes them as unsigned short.
+template <typename T>
+const unsigned short* Bits16(const T* p) {
+  static_assert(sizeof(T) == 2, "16-bit types only");
+  return reinterpret_cast<const unsigned short*>(p);
+}
+template <typename T>
+unsigned short* Bits16(T* p) {
+  static_assert(sizeof(T) == 2, "16-bit types only");
+  return reinterpret_cast<unsigned short*>(p);
+}
+
+cudaError_t LaunchForward(const float* x, const float* gamma, const float* beta, long long rows,
+                          int cols, float epsilon, float* y, float* mean, float* rstd,
+                          cudaStream_t stream) {
+  return tfbert_layer_norm_forward_f32(x, gamma, beta, rows, cols, epsilon, y, mean, rstd,
+                                       stream);
+}
+cudaError_t LaunchForward(const Eigen::half* x, const float* gamma, const float* beta,
+                          long long rows, int cols, float epsilon, Eigen::half* y, float* mean,
+                          float* rstd, cudaStream_t stream) {
+  return tfbert_layer_norm_forward_f16(Bits16(x), gamma, beta, rows, cols, epsilon, Bits16(y),
+                                       mean, rstd, stream);
+}
+cudaError_t LaunchForward(const Eigen::bfloat16* x, const float* gamma, const float* beta,
+                          long long rows, int cols, float epsilon, Eigen::bfloat16* y,
+                          float* mean, float* rstd, cudaStream_t stream) {
+  return tfbert_layer_norm_forward_bf16(Bits16(x), gamma, beta, rows, cols, epsilon, Bits16(y),
+                                        mean, rstd, stream);
+}
+
+cudaError_t LaunchBackward(const float* dy, const float* x, const float* mean, const float* rstd,
+                           const float* gamma, long long rows, int cols, float* dx,
+                           float* dgamma, float* dbeta, float* workspace, cudaStream_t stream) {
+  return tfbert_layer_norm_backward_f32(dy, x, mean, rstd, gamma, rows, cols, dx, dgamma, dbeta,
+                                        workspace, stream);
+}
+cudaError_t LaunchBackward(const Eigen::half* dy, const Eigen::half* x, const float* mean,
+                           const float* rstd, const float* gamma, long long rows, int cols,
+                           Eigen::half* dx, float* dgamma, float* dbeta, float* workspace,
+                           cudaStream_t stream) {
+  return tfbert_layer_norm_backward_f16(Bits16(dy), Bits16(x), mean, rstd, gamma, rows, cols,
+                                        Bits16(dx), dgamma, dbeta, workspace, stream);
+}
+cudaError_t LaunchBackward(const Eigen::bfloat16* dy, const Eigen::bfloat16* x,
+                           const float* mean, const float* rstd, const float* gamma,
+                           long long rows, int cols, Eigen::bfloat16* dx, float* dgamma,
+                           float* dbeta, float* workspace, cudaStream_t stream) {
+  return tfbert_layer_norm_backward_bf16(Bits16(dy), Bits16(x), mean, rstd, gamma, rows, cols,
+                                         Bits16(dx), dgamma, dbeta, workspace, stream);
+}
+
+Status CudaStatus(cudaError_t error, const char* what) {
+  if (error == cudaSuccess) return ::tensorflow::OkStatus();
+  return errors::Internal(what, " failed to launch: ", cudaGetErrorString(error));
+}
+
+Status CheckCudaCols(int64_t cols) {
+  if (cols > std::numeric_limits<int>::max()) {
+    return errors::InvalidArgument("FusedLayerNorm's CUDA kernels take a last dimension below ",
+                                   std::numeric_limits<int>::max(), ", got ", cols);
+  }
+  return ::tensorflow::OkStatus();
+}
+
+}  // namespace
+
+template <typename T>
+struct FusedLayerNormForward<GPUDevice, T> {
+  Status operator()(OpKernelContext* context, const T* x, const float* gamma, const float* beta,
+                    int64_t rows, int64_t cols, float epsilon, T* y, float* mean, float* rstd) {
+    TF_RETURN_IF_ERROR(CheckCudaCols(cols));
+    const cudaStream_t stream = context->eigen_device<GPUDevice>().stream();
+    return CudaStatus(LaunchForward(x, gamma, beta, rows, static_cast<int>(cols), epsilon, y,
+                                    mean, rstd, stream),
+                      "FusedLayerNorm");
+  }
+};
+
+template <typename T>
+struct FusedLayerNormBackward<GPUDevice, T> {
+  Status operator()(OpKernelContext* context, const T* dy, const T* x, const float* mean,
+                    const float* rstd, const float* gamma, int64_t rows, int64_t cols, T* dx,
+                    float* dgamma, float* dbeta) {
+    TF_RETURN_IF_ERROR(CheckCudaCols(cols));
+    Tensor workspace;
+    TF_RETURN_IF_ERROR(context->allocate_temp(
+        ::tensorflow::DT_FLOAT, TensorShape({tfbert_layer_norm_grad_workspace_floats(rows, cols)}),
+        &workspace));
+    const cudaStream_t stream = context->eigen_device<GPUDevice>().stream();
+    return CudaStatus(LaunchBackward(dy, x, mean, rstd, gamma, rows, static_cast<int>(cols), dx,
+                                     dgamma, dbeta, workspace.flat<float>().data(), stream),
+                      "FusedLayerNormGrad");
+  }
+};
+#endif  // GOOGLE_CUDA
+
+}  // namespace functor
+
+namespace {
+
+// x's shape as [rows, cols] (cols = the last dimension), or an error naming the op.
+Status RowsAndCols(const char* op, const Tensor& x, int64_t* rows, int64_t* cols) {
+  if (x.dims() < 1) {
+    return errors::InvalidArgument(op, ": x must have rank >= 1 (normalised over its last axis), "
+                                   "got shape ", x.shape().DebugString());
+  }
+  *cols = x.dim_size(x.dims() - 1);
+  *rows = 1;
+  for (int i = 0; i < x.dims() - 1; ++i) *rows *= x.dim_size(i);
+  if (*cols == 0 && *rows > 0) {
+    return errors::InvalidArgument(op, ": x's last dimension (the normalised axis) is 0, shape ",
+                                   x.shape().DebugString());
+  }
+  return ::tensorflow::OkStatus();
+}
+
+Status CheckVector(const char* op, const char* name, const Tensor& t, int64_t size) {
+  if (t.dims() != 1 || t.dim_size(0) != size) {
+    return errors::InvalidArgument(op, ": ", name, " must have shape [", size,
+                                   "] (x's last dimension), got ", t.shape().DebugString());
+  }
+  return ::tensorflow::OkStatus();
+}
+
+}  // namespace
+
+template <typename Device, typename T>
+class FusedLayerNormOp : public OpKernel {
+ public:
+  explicit FusedLayerNormOp(OpKernelConstruction* context) : OpKernel(context) {
+    OP_REQUIRES_OK(context, context->GetAttr("epsilon", &epsilon_));
+    OP_REQUIRES(context, epsilon_ >= 0.0f,
+                errors::InvalidArgument("FusedLayerNorm: epsilon must be >= 0, got ", epsilon_));
+  }
+
+  void Compute(OpKernelContext* context) override {
+    const Tensor& x = context->input(0);
+    const Tensor& gamma = context->input(1);
+    const Tensor& beta = context->input(2);
+    int64_t rows = 0, cols = 0;
+    OP_REQUIRES_OK(context, RowsAndCols("FusedLayerNorm", x, &rows, &cols));
+    OP_REQUIRES_OK(context, CheckVector("FusedLayerNorm", "gamma", gamma, cols));
+    OP_REQUIRES_OK(context, CheckVector("FusedLayerNorm", "beta", beta, cols));
+
+    Tensor* y = nullptr;
+    Tensor* mean = nullptr;
+    Tensor* rstd = nullptr;
+    OP_REQUIRES_OK(context, context->allocate_output(0, x.shape(), &y));
+    OP_REQUIRES_OK(context, context->allocate_output(1, TensorShape({rows}), &mean));
+    OP_REQUIRES_OK(context, context->allocate_output(2, TensorShape({rows}), &rstd));
+    if (rows == 0) return;
+
+    OP_REQUIRES_OK(context, functor::FusedLayerNormForward<Device, T>()(
+                                context, x.flat<T>().data(), gamma.flat<float>().data(),
+                                beta.flat<float>().data(), rows, cols, epsilon_,
+                                y->flat<T>().data(), mean->flat<float>().data(),
+                                rstd->flat<float>().data()));
+  }
+
+ private:
+  float epsilon_;
+};
+
+template <typename Device, typename T>
+class FusedLayerNormGradOp : public OpKernel {
+ public:
+  explicit FusedLayerNormGradOp(OpKernelConstruction* context) : OpKernel(context) {}
+
+  void Compute(OpKernelContext* context) override {
+    const Tensor& dy = context->input(0);
+    const Tensor& x = context->input(1);
+    const Tensor& mean = context->input(2);
+    const Tensor& rstd = context->input(3);
+    const Tensor& gamma = context->input(4);
+    int64_t rows = 0, cols = 0;
+    OP_REQUIRES_OK(context, RowsAndCols("FusedLayerNormGrad", x, &rows, &cols));
+    OP_REQUIRES(context, dy.shape() == x.shape(),
+                errors::InvalidArgument("FusedLayerNormGrad: dy must have x's shape ",
+                                        x.shape().DebugString(), ", got ",
+                                        dy.shape().DebugString()));
+    OP_REQUIRES_OK(context, CheckVector("FusedLayerNormGrad", "mean", mean, rows));
+    OP_REQUIRES_OK(context, CheckVector("FusedLayerNormGrad", "rstd", rstd, rows));
+    OP_REQUIRES_OK(context, CheckVector("FusedLayerNormGrad", "gamma", gamma, cols));
+
+    Tensor* dx = nullptr;
+    Tensor* dgamma = nullptr;
+    Tensor* dbeta = nullptr;
+    OP_REQUIRES_OK(context, context->allocate_output(0, x.shape(), &dx));
+    OP_REQUIRES_OK(context, context->allocate_output(1, TensorShape({cols}), &dgamma));
+    OP_REQUIRES_OK(context, context->allocate_output(2, TensorShape({cols}), &dbeta));
+    // With no rows the functor still runs: dgamma and dbeta are H zeros, the empty sums.
+    if (cols == 0) return;
+
+    OP_REQUIRES_OK(context, functor::FusedLayerNormBackward<Device, T>()(
+                                context, dy.flat<T>().data(), x.flat<T>().data(),
+                                mean.flat<float>().data(), rstd.flat<float>().data(),
+                                gamma.flat<float>().data(), rows, cols, dx->flat<T>().data(),
+                                dgamma->flat<float>().data(), dbeta->flat<float>().data()));
+  }
+};
+
+#define REGISTER_CPU(T)                                                                      \
+  REGISTER_KERNEL_BUILDER(                                                                   \
+      Name("TfBert>FusedLayerNorm").Device(DEVICE_CPU).TypeConstraint<T>("T"),               \
+      FusedLayerNormOp<CPUDevice, T>);                                                       \
+  REGISTER_KERNEL_BUILDER(                                                                   \
+      Name("TfBert>FusedLayerNormGrad").Device(DEVICE_CPU).TypeConstraint<T>("T"),           \
+      FusedLayerNormGradOp<CPUDevice, T>);
+REGISTER_CPU(float);
+REGISTER_CPU(Eigen::half);
+REGISTER_CPU(Eigen::bfloat16);
+#undef REGISTER_CPU
+
+#if GOOGLE_CUDA
+#define REGISTER_GPU(T)                                                                      \
+  REGISTER_KERNEL_BUILDER(                                                                   \
+      Name("TfBert>FusedLayerNorm").Device(::tensorflow::DEVICE_GPU).TypeConstraint<T>("T"), \
+      FusedLayerNormOp<functor::GPUDevice, T>);                                              \
+  REGISTER_KERNEL_BUILDER(Name("TfBert>FusedLayerNormGrad")                                  \
+                              .Device(::tensorflow::DEVICE_GPU)                              \
+                              .TypeConstraint<T>("T"),                                       \
+                          FusedLayerNormGradOp<functor::GPUDevice, T>);
+REGISTER_GPU(float);
+REGISTER_GPU(Eigen::half);
+REGISTER_GPU(Eigen::bfloat16);
+#undef REGISTER_GPU
+#endif  // GOOGLE_CUDA
+
+}  // namespace tfbert

@@ -1,0 +1,76 @@
+"""The tiny BERT with fused ops equals the reference model with the same weights."""
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from conftest import ODD, odd_model_config, synthetic_batch
+from tfbert.config import FusedOpsConfig
+from tfbert.modeling.layers.dropout import DropoutRng
+from tfbert.modeling.models.bert_pretrainer import BertPretrainer
+from tfbert.ops.loader import load_ops, ops_available
+
+OP_OF_FLAG = {"ln_ytf_impl": "tf_bert_fused_layer_norm",
+              "attn_softmax_ytf_impl": "tf_bert_fused_attention_softmax",
+              "ytf_gelu": "tf_bert_fused_bias_gelu"}
+
+
+def built(flag: str) -> bool:
+    return ops_available() and hasattr(load_ops(), OP_OF_FLAG[flag])
+
+
+CASES = [dict(ln_ytf_impl=True), dict(attn_softmax_ytf_impl=True), dict(ytf_gelu=True),
+         dict(ln_ytf_impl=True, attn_softmax_ytf_impl=True, ytf_gelu=True)]
+
+
+def losses_and_grads(model, batch):
+    with tf.GradientTape() as tape:
+        losses = model.compute_losses(batch, training=False)
+    grads = tape.gradient(losses["loss"], model.trainable_variables)
+    return losses, [tf.convert_to_tensor(g).numpy() for g in grads]
+
+
+@pytest.mark.parametrize("flags", CASES, ids=lambda f: "+".join(sorted(f)))
+@pytest.mark.parametrize("hidden_act", ["gelu", "geglu"])
+def test_fused_model_equals_reference(flags, hidden_act):
+    missing = [f for f in flags if not built(f)]
+    if missing:
+        pytest.skip(f"ops not built for {missing}")
+    config = odd_model_config(hidden_act=hidden_act, hidden_dropout_prob=0.0,
+                              attention_probs_dropout_prob=0.0)
+    reference = BertPretrainer(config, DropoutRng(0))
+    fused = BertPretrainer(config, DropoutRng(0), ops=FusedOpsConfig(**flags))
+    reference.build(ODD["seq"], ODD["predictions"])
+    fused.build(ODD["seq"], ODD["predictions"])
+    assert [v.name for v in fused.trainable_variables] == [
+        v.name for v in reference.trainable_variables]
+    for source, target in zip(reference.trainable_variables, fused.trainable_variables):
+        target.assign(source)
+    batch = synthetic_batch()
+    ref_losses, ref_grads = losses_and_grads(reference, batch)
+    fused_losses, fused_grads = losses_and_grads(fused, batch)
+    np.testing.assert_allclose(fused_losses["loss"].numpy(), ref_losses["loss"].numpy(), rtol=1e-5)
+    for var, a, b in zip(reference.trainable_variables, fused_grads, ref_grads):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6, err_msg=var.name)
+
+
+@pytest.mark.skipif(not (ops_available() and hasattr(load_ops(), "tf_bert_fused_lamb_update")),
+                    reason="fused LAMB not built")
+def test_fused_lamb_trains_the_model_like_addons_lamb(tmp_path):
+    from conftest import run_config, synthetic_dataset
+    from tfbert import config as cfg
+    from tfbert.ops.lamb_ops import FusedLambUpdate
+    from tfbert.training.trainer import Pretrainer
+
+    trained = {}
+    for name in ("lamb", "fused_lamb"):
+        optimizer = cfg.OptimizerConfig(optimizer=name, learning_rate=1e-3)
+        config = run_config(tmp_path / name, odd_model_config(hidden_dropout_prob=0.0,
+                                                             attention_probs_dropout_prob=0.0),
+                            optimizer=optimizer, num_train_steps=5)
+        trainer = Pretrainer(config, synthetic_dataset())
+        assert isinstance(trainer.update, FusedLambUpdate) == (name == "fused_lamb")
+        trainer.train()
+        trained[name] = [v.numpy() for v in trainer.variables]
+    for a, b in zip(trained["lamb"], trained["fused_lamb"]):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)

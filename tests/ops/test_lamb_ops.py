@@ -1,0 +1,213 @@
+"""The fused LAMB op against its pure-TF reference, and FusedLambUpdate against tfa's LAMB.
+
+- one op call equals `lamb_update_reference` on odd shapes, with and without weight decay and
+  layer adaptation, a zero-norm variable (ratio 1), and a tensor spanning several CPU chunks;
+- FusedLambUpdate over 20 steps on a tiny model equals tfa.optimizers.LAMB with the same
+  hyperparameters and exclusions, eagerly and inside tf.function;
+- the slots and the step counter survive a checkpoint round trip.
+"""
+
+import itertools
+
+import numpy as np
+import pytest
+import tensorflow as tf
+import tensorflow_addons as tfa
+
+from tfbert.config import OptimizerConfig
+from tfbert.ops import loader
+
+if not loader.ops_available():
+    pytest.skip(f"the op library is not built ({loader.LIBRARY_PATH}); run `make ops`",
+                allow_module_level=True)
+
+from tfbert.ops.lamb_ops import (FusedLambUpdate, fused_lamb_update,  # noqa: E402
+                                 lamb_update_reference)
+
+HYPER = dict(lr=0.01, beta1=0.9, beta2=0.999, epsilon=1e-6, weight_decay=0.01)
+FLAGS = list(itertools.product([True, False], [True, False]))  # (adaptation, weight decay)
+
+
+def random_state(shape, seed, zero_var=False):
+    """var, m, v (v >= 0), grad: float32 numpy arrays of `shape`, as after a few steps."""
+    rng = np.random.default_rng(seed)
+    var = np.zeros(shape, np.float32) if zero_var else rng.standard_normal(shape).astype(np.float32)
+    m = (0.1 * rng.standard_normal(shape)).astype(np.float32)
+    v = (0.01 * rng.random(shape)).astype(np.float32)
+    grad = rng.standard_normal(shape).astype(np.float32)
+    return var, m, v, grad
+
+
+@pytest.mark.parametrize("use_layer_adaptation,apply_weight_decay", FLAGS)
+@pytest.mark.parametrize("shape,zero_var,step", [
+    ([37], False, 1), ([13, 7], False, 3), ([1], False, 2), ([13, 7], True, 1),
+    ([201, 200], False, 5)])  # 40200 elements: several CPU chunks of partial sums
+def test_op_matches_reference(shape, zero_var, step, use_layer_adaptation, apply_weight_decay):
+    var0, m0, v0, grad = random_state(shape, seed=len(shape) * 100 + shape[0], zero_var=zero_var)
+    flags = dict(use_layer_adaptation=use_layer_adaptation, apply_weight_decay=apply_weight_decay)
+    want_var, want_m, want_v = lamb_update_reference(var0, m0, v0, grad, step=step, **HYPER,
+                                                     **flags)
+    var, m, v = tf.Variable(var0), tf.Variable(m0), tf.Variable(v0)
+    fused_lamb_update(var, m, v, tf.constant(grad), step=step, **HYPER, **flags)
+    # Sums over 40K elements (double partials vs tf.norm's float32) differ in the 7th digit.
+    tol = 1e-5 if np.prod(shape) > 10000 else 1e-6
+    for name, got, want in [("m", m, want_m), ("v", v, want_v), ("var", var, want_var)]:
+        np.testing.assert_allclose(got.numpy(), want.numpy(), rtol=tol, atol=tol * 1e-2,
+                                   err_msg=name)
+    if zero_var and not apply_weight_decay:
+        # ||var|| = 0: the ratio is 1, so the step is lr * update whatever adaptation says.
+        f32 = np.float32  # bias corrections as float32 computes them (1 - 0.999 is not 1e-3)
+        update = (want_m.numpy() / (f32(1) - f32(0.9))) / (
+            np.sqrt(want_v.numpy() / (f32(1) - f32(0.999))) + f32(1e-6))
+        np.testing.assert_allclose(var.numpy(), -f32(HYPER["lr"]) * update, rtol=1e-6, atol=1e-9)
+
+
+def test_op_is_deterministic_and_reads_before_writing():
+    var0, m0, v0, grad = random_state([201, 200], seed=7)
+    results = []
+    for _ in range(2):
+        var, m, v = tf.Variable(var0), tf.Variable(m0), tf.Variable(v0)
+        before = var.read_value()  # a read that shares the buffer: copy-on-write keeps it
+        fused_lamb_update(var, m, v, grad, step=4, **HYPER)
+        np.testing.assert_array_equal(before.numpy(), var0)
+        results.append(var.numpy())
+    np.testing.assert_array_equal(results[0], results[1])
+
+
+def test_op_rejects_bad_inputs():
+    var, m, v = tf.Variable(tf.ones([3])), tf.Variable(tf.zeros([3])), tf.Variable(tf.zeros([3]))
+    with pytest.raises((tf.errors.InvalidArgumentError, ValueError), match="shape"):
+        fused_lamb_update(var, m, v, tf.ones([4]), step=1, **HYPER)
+    with pytest.raises(tf.errors.InvalidArgumentError, match="1-based"):
+        fused_lamb_update(var, m, v, tf.ones([3]), step=0, **HYPER)
+
+
+# --- FusedLambUpdate against tfa.optimizers.LAMB -------------------------------------------
+
+CONFIG = OptimizerConfig(learning_rate=0.01, weight_decay_rate=0.01, beta_1=0.9, beta_2=0.999,
+                         epsilon=1e-6)
+# Names as in tfbert's model: LayerNorm and bias are excluded from decay and adaptation.
+VARIABLE_SHAPES = {"encoder/dense/kernel": [13, 7], "encoder/dense/bias": [7],
+                   "encoder/LayerNorm/gamma": [7], "head/kernel": [7, 3],
+                   "head/zero_init": [3], "embeddings/word": [11, 13]}
+
+
+def make_variables(seed=0):
+    rng = np.random.default_rng(seed)
+    variables = []
+    for name, shape in VARIABLE_SHAPES.items():
+        if name.endswith("zero_init") or name.endswith("bias"):
+            init = np.zeros(shape, np.float32)  # zero norm on the first step: ratio 1
+        elif name.endswith("gamma"):
+            init = np.ones(shape, np.float32)
+        else:
+            init = (0.3 * rng.standard_normal(shape)).astype(np.float32)
+        variables.append(tf.Variable(init, name=name))
+    return variables
+
+
+def make_loss(seed=1):
+    """A fixed random regression loss over the variables; the embedding lookup gives an
+    IndexedSlices gradient (with a repeated id) that the update must densify."""
+    rng = np.random.default_rng(seed)
+    ids = tf.constant([3, 0, 3, 10, 5], tf.int32)
+    target = tf.constant(rng.standard_normal([5, 3]).astype(np.float32))
+
+    def loss(variables):
+        kernel, bias, gamma, head, zero_init, word = variables
+        x = tf.gather(word, ids)                               # [5, 13]
+        h = tf.tanh(tf.matmul(x, kernel) + bias) * gamma       # [5, 7]
+        y = tf.matmul(h, head) + zero_init                     # [5, 3]
+        return tf.reduce_mean(tf.square(y - target)) + tf.reduce_sum(zero_init * [0.1, -0.2, 0.3])
+
+    return loss
+
+
+def train(step_fn, variables, loss, steps):
+    for _ in range(steps):
+        step_fn(variables, loss)
+
+
+def gradient_step(apply):
+    def step(variables, loss):
+        with tf.GradientTape() as tape:
+            value = loss(variables)
+        apply(tape.gradient(value, variables), variables)
+    return step
+
+
+def run_tfa(steps, loss):
+    variables = make_variables()
+    exclude = list(CONFIG.exclude_from_weight_decay)
+    optimizer = tfa.optimizers.LAMB(
+        learning_rate=lambda: CONFIG.learning_rate, beta_1=CONFIG.beta_1, beta_2=CONFIG.beta_2,
+        epsilon=CONFIG.epsilon, weight_decay=CONFIG.weight_decay_rate,
+        exclude_from_weight_decay=exclude, exclude_from_layer_adaptation=exclude)
+    train(gradient_step(lambda g, v: optimizer.apply_gradients(zip(g, v))), variables, loss,
+          steps)
+    return variables, optimizer
+
+
+@pytest.mark.parametrize("use_fused_op,in_function", [(True, False), (True, True),
+                                                      (False, False)])
+def test_update_matches_tfa_lamb_over_20_steps(use_fused_op, in_function):
+    loss = make_loss()
+    want, tfa_optimizer = run_tfa(20, loss)
+
+    variables = make_variables()
+    update = FusedLambUpdate(CONFIG, lambda: CONFIG.learning_rate, use_fused_op=use_fused_op)
+    update.build(variables)
+    step = gradient_step(update.apply)
+    if in_function:
+        step = tf.function(step)
+    train(step, variables, loss, 20)
+
+    assert int(update.optimizer.iterations.numpy()) == 20
+    for got, expected in zip(variables, want):
+        np.testing.assert_allclose(got.numpy(), expected.numpy(), rtol=1e-5, atol=1e-6,
+                                   err_msg=got.name)
+    for slot in ("m", "v"):
+        got_slots = update.optimizer.m if slot == "m" else update.optimizer.v
+        for got, var in zip(got_slots, want):
+            np.testing.assert_allclose(got.numpy(), tfa_optimizer.get_slot(var, slot).numpy(),
+                                       rtol=1e-5, atol=1e-7, err_msg=f"{var.name} {slot}")
+
+
+def test_slots_and_variables_interface():
+    variables = make_variables()
+    update = FusedLambUpdate(CONFIG, lambda: 0.01)
+    update.build(variables)
+    state = update.optimizer
+    assert len(state.variables()) == 1 + 2 * len(variables)
+    assert state.iterations.dtype == tf.int64
+    for var, m, v in zip(variables, state.m, state.v):
+        assert m.shape == var.shape and v.shape == var.shape
+        assert m.dtype == tf.float32 and not m.trainable
+        assert m.name.startswith(var.name.split(":")[0] + "/m")
+    assert set(update.checkpoint_items()) == {"optimizer"}
+
+
+def test_checkpoint_round_trip(tmp_path):
+    loss = make_loss()
+    variables = make_variables()
+    update = FusedLambUpdate(CONFIG, lambda: CONFIG.learning_rate)
+    update.build(variables)
+    step = gradient_step(update.apply)
+    train(step, variables, loss, 3)
+    path = tf.train.Checkpoint(model=variables, **update.checkpoint_items()).save(
+        str(tmp_path / "ckpt"))
+
+    restored_variables = make_variables(seed=99)
+    restored = FusedLambUpdate(CONFIG, lambda: CONFIG.learning_rate)
+    restored.build(restored_variables)
+    tf.train.Checkpoint(model=restored_variables, **restored.checkpoint_items()).restore(
+        path).assert_consumed()
+    assert int(restored.optimizer.iterations.numpy()) == 3
+    for got, want in zip(restored.optimizer.variables(), update.optimizer.variables()):
+        np.testing.assert_array_equal(got.numpy(), want.numpy())
+
+    # Both continue identically (same step counter in the bias corrections, same moments).
+    train(step, variables, loss, 2)
+    train(gradient_step(restored.apply), restored_variables, loss, 2)
+    for got, want in zip(restored_variables, variables):
+        np.testing.assert_array_equal(got.numpy(), want.numpy())

@@ -1,0 +1,202 @@
+"""Fused LAMB: the custom op (custom_ops/cc/ops/lamb_ops.cc), its TF reference, and the update
+step that uses them in place of tfa.optimizers.LAMB.
+
+One op per parameter tensor updates the parameter and its two moments in place, with the same
+numerics as tensorflow_addons' LAMB (t = the 1-based step):
+
+    m = beta1 * m + (1 - beta1) * g
+    v = beta2 * v + (1 - beta2) * g^2
+    update = (m / (1 - beta1^t)) / (sqrt(v / (1 - beta2^t)) + epsilon)
+    update += weight_decay * var                      (unless excluded from weight decay)
+    ratio = ||var|| / ||update|| if both > 0, else 1  (1 if excluded from layer adaptation)
+    var -= ratio * lr * update
+"""
+
+from __future__ import annotations
+
+import re
+
+import tensorflow as tf
+
+from tfbert.config import OptimizerConfig
+from tfbert.ops import loader
+
+
+def fused_lamb_update(var, m, v, grad, lr, beta1, beta2, epsilon, weight_decay, step,
+                      use_layer_adaptation: bool = True, apply_weight_decay: bool = True):
+    """One LAMB step with the fused op, updating `var`, `m` and `v` in place.
+
+    Args:
+      var, m, v: float32 resource tf.Variables of the same shape: the parameter and its first
+        and second moments.
+      grad: float32 Tensor of var's shape (dense).
+      lr, beta1, beta2, epsilon, weight_decay: float32 scalars.
+      step: scalar, the 1-based step t of the bias corrections (cast to float32, as tfa does).
+      use_layer_adaptation: scale the step by the trust ratio ||var|| / ||update||.
+      apply_weight_decay: add weight_decay * var to the update direction.
+
+    Returns:
+      The op (no outputs); eager callers can ignore it.
+
+    Raises:
+      loader.OpsNotBuiltError: the op library is not built; use `lamb_update_reference`.
+    """
+    f32 = lambda x: tf.cast(x, tf.float32)  # noqa: E731
+    return loader.load_ops().tf_bert_fused_lamb_update(
+        var.handle, m.handle, v.handle, f32(grad), f32(lr), f32(beta1), f32(beta2),
+        f32(epsilon), f32(weight_decay), f32(step),
+        use_layer_adaptation=use_layer_adaptation, apply_weight_decay=apply_weight_decay)
+
+
+def lamb_update_reference(var, m, v, grad, lr, beta1, beta2, epsilon, weight_decay, step,
+                          use_layer_adaptation: bool = True, apply_weight_decay: bool = True):
+    """The same step in plain TensorFlow, written as tfa's LAMB writes it: the fallback and the
+    test oracle. Pure: nothing is assigned.
+
+    Args:
+      var, m, v: float32 Tensors (or variables, read once) of the same shape.
+      grad: float32 Tensor of var's shape.
+      lr, beta1, beta2, epsilon, weight_decay, step: scalars as in `fused_lamb_update`.
+
+    Returns:
+      (new_var, new_m, new_v): float32 Tensors of var's shape.
+    """
+    f32 = lambda x: tf.cast(tf.convert_to_tensor(x), tf.float32)  # noqa: E731
+    var, m, v, grad = f32(var), f32(m), f32(v), f32(grad)
+    lr, beta1, beta2, epsilon, weight_decay, step = map(
+        f32, (lr, beta1, beta2, epsilon, weight_decay, step))
+    new_m = m * beta1 + grad * (1.0 - beta1)
+    new_v = v * beta2 + (grad * grad) * (1.0 - beta2)
+    m_hat = new_m / (1.0 - tf.pow(beta1, step))
+    v_hat = new_v / (1.0 - tf.pow(beta2, step))
+    update = m_hat / (tf.sqrt(v_hat) + epsilon)
+    if apply_weight_decay:
+        # Decoupled weight decay inside the trust ratio: adding L2 to the loss is not the same
+        # under LAMB, whose moments would rescale it.
+        update += weight_decay * var
+    ratio = tf.constant(1.0)
+    if use_layer_adaptation:
+        w_norm = tf.norm(var, ord=2)
+        g_norm = tf.norm(update, ord=2)
+        ratio = tf.where(w_norm > 0, tf.where(g_norm > 0, w_norm / g_norm, 1.0), 1.0)
+    new_var = var - ratio * lr * update
+    return new_var, new_m, new_v
+
+
+def _slot_name(variable, slot: str) -> str:
+    # "dense/kernel:0" -> "dense/kernel/m"
+    return re.sub(r":\d+$", "", variable.name) + "/" + slot
+
+
+class LambState(tf.Module):
+    """The optimizer state of `FusedLambUpdate`: the step counter and the m and v slots.
+
+    Slots are tracked as lists in the order of the variables passed to `build`, so a checkpoint
+    restores into an update built over the same variables in the same order (the trainer's
+    order is the model's, which is stable).
+    """
+
+    def __init__(self, name: str = "FusedLAMB"):
+        super().__init__(name=name)
+        self.iterations = None  # int64 scalar tf.Variable, the number of steps taken
+        self.m = []
+        self.v = []
+
+    # The trainer broadcasts `optimizer.variables()` (a method on Keras optimizers), so this
+    # replaces tf.Module's `variables` property.
+    def variables(self):
+        """[iterations] + m slots + v slots."""
+        return [self.iterations] + list(self.m) + list(self.v)
+
+
+class FusedLambUpdate:
+    """The update step with the fused LAMB op: a drop-in replacement of
+    `KerasOptimizerUpdate(build_optimizer(config, learning_rate))` for `config.optimizer ==
+    "lamb"`, with the same numerics as tfa.optimizers.LAMB.
+
+    Variables whose names match one of `config.exclude_from_weight_decay` (regex search, as tfa
+    does) get neither weight decay nor layer adaptation, like `build_optimizer`'s LAMB.
+    """
+
+    def __init__(self, config: OptimizerConfig, learning_rate, use_fused_op: bool | None = None):
+        """
+        Args:
+          config: optimizer settings (beta_1, beta_2, epsilon, weight_decay_rate, exclusions).
+          learning_rate: a zero-argument callable returning the current learning rate.
+          use_fused_op: None uses the op when the library loads and the TF reference otherwise;
+            True requires the op (raises loader.OpsNotBuiltError if it is not built).
+        """
+        if config.optimizer not in ("lamb", "fused_lamb"):
+            raise ValueError(f"FusedLambUpdate implements LAMB, not {config.optimizer!r}")
+        if use_fused_op is None:
+            use_fused_op = loader.ops_available()
+        elif use_fused_op:
+            loader.load_ops()  # fail now, with the loader's message
+        self.config = config
+        self.learning_rate = learning_rate
+        self.use_fused_op = use_fused_op
+        self.optimizer = LambState()
+        self._exclude = [re.compile(p) for p in config.exclude_from_weight_decay]
+        self._flags = []  # per variable: (use_layer_adaptation, apply_weight_decay)
+
+    def _excluded(self, variable) -> bool:
+        return any(p.search(variable.name) for p in self._exclude)
+
+    def build(self, variables) -> None:
+        """Creates the step counter and the zero m and v slots eagerly (before any checkpoint
+        restore and before the step is traced)."""
+        variables = list(variables)
+        for variable in variables:
+            if variable.dtype != tf.float32:
+                raise ValueError(f"FusedLambUpdate updates float32 variables; {variable.name} "
+                                 f"is {variable.dtype.name}")
+        state = self.optimizer
+        with tf.init_scope():
+            state.iterations = tf.Variable(0, dtype=tf.int64, trainable=False, name="iterations")
+            for variable in variables:
+                with tf.device(variable.device):
+                    state.m.append(tf.Variable(tf.zeros(variable.shape, tf.float32),
+                                               trainable=False, name=_slot_name(variable, "m")))
+                    state.v.append(tf.Variable(tf.zeros(variable.shape, tf.float32),
+                                               trainable=False, name=_slot_name(variable, "v")))
+        self._flags = [not self._excluded(variable) for variable in variables]
+
+    def apply(self, grads, variables) -> None:
+        """One LAMB step on `variables` (the list given to `build`, in the same order).
+
+        Args:
+          grads: float32 gradients (Tensor or IndexedSlices, densified here), one per variable;
+            None skips the variable (its moments do not decay, as with Keras optimizers).
+          variables: the variables, in `build`'s order.
+        """
+        variables = list(variables)
+        if len(variables) != len(self._flags):
+            raise ValueError(f"FusedLambUpdate was built over {len(self._flags)} variables, "
+                             f"apply got {len(variables)}")
+        state = self.optimizer
+        config = self.config
+        lr = tf.cast(self.learning_rate(), tf.float32)
+        # tfa: local_step = iterations + 1, cast to the variable's dtype.
+        step = tf.cast(state.iterations + 1, tf.float32)
+        for grad, var, m, v, not_excluded in zip(grads, variables, state.m, state.v, self._flags):
+            if grad is None:
+                continue
+            if isinstance(grad, tf.IndexedSlices):
+                grad = tf.convert_to_tensor(grad)
+            grad = tf.cast(grad, tf.float32)
+            args = (lr, config.beta_1, config.beta_2, config.epsilon, config.weight_decay_rate,
+                    step)
+            if self.use_fused_op:
+                fused_lamb_update(var, m, v, grad, *args, use_layer_adaptation=not_excluded,
+                                  apply_weight_decay=not_excluded)
+            else:
+                new_var, new_m, new_v = lamb_update_reference(
+                    var, m, v, grad, *args, use_layer_adaptation=not_excluded,
+                    apply_weight_decay=not_excluded)
+                m.assign(new_m)
+                v.assign(new_v)
+                var.assign(new_var)
+        state.iterations.assign_add(1)
+
+    def checkpoint_items(self) -> dict:
+        return {"optimizer": self.optimizer}
