@@ -5,20 +5,13 @@
 // the dropout mask from the same counter-based generator (cuda/dropout_rng.h), so for a given
 // seed they drop the same elements.
 
-#if GOOGLE_CUDA
-#define EIGEN_USE_GPU
-#endif
+#include "kernel_common.h"  // first: it sets Eigen's device switches
 
-#include <algorithm>
 #include <cmath>
-#include <cstdint>
 #include <limits>
-#include <vector>
 
 #include "attention_softmax.h"
 #include "dropout_rng.h"
-#include "tensorflow/core/framework/op_kernel.h"
-#include "tensorflow/core/framework/tensor.h"
 #include "tensorflow/core/framework/tensor_shape.h"
 #include "tensorflow/core/framework/tensor_util.h"
 #include "tensorflow/core/util/work_sharder.h"
@@ -29,17 +22,8 @@
 
 namespace tfbert {
 
-using ::tensorflow::DEVICE_CPU;
-using ::tensorflow::OpKernel;
-using ::tensorflow::OpKernelConstruction;
-using ::tensorflow::OpKernelContext;
-using ::tensorflow::Status;
-using ::tensorflow::Tensor;
-using ::tensorflow::TensorShape;
 using ::tensorflow::TensorShapeUtils;
-namespace errors = ::tensorflow::errors;
 
-using CPUDevice = Eigen::ThreadPoolDevice;
 #if GOOGLE_CUDA
 using ::tensorflow::DEVICE_GPU;
 using GPUDevice = Eigen::GpuDevice;

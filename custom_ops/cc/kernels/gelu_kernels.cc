@@ -5,24 +5,13 @@
 // Legend: rows = the product of x's leading dimensions, cols = N = x's last dimension (2M for
 // GeGLU, whose y and dy are [rows, M]); see gelu.h.
 
-#define EIGEN_USE_THREADS
-#if GOOGLE_CUDA
-#define EIGEN_USE_GPU
-#endif
+#include "kernel_common.h"  // first: it sets Eigen's device switches
 
 #include "gelu.h"
 
-#include <algorithm>
-#include <cstdint>
 #include <limits>
-#include <vector>
 
-#include "tensorflow/core/framework/op_kernel.h"
-#include "tensorflow/core/framework/tensor.h"
-#include "tensorflow/core/framework/types.h"
-#include "tensorflow/core/platform/threadpool.h"
 #include "Eigen/Core"
-#include "unsupported/Eigen/CXX11/Tensor"
 #include "unsupported/Eigen/SpecialFunctions"
 
 #if GOOGLE_CUDA
@@ -30,17 +19,6 @@
 #endif
 
 namespace tfbert {
-
-using ::tensorflow::DEVICE_CPU;
-using ::tensorflow::OpKernel;
-using ::tensorflow::OpKernelConstruction;
-using ::tensorflow::OpKernelContext;
-using ::tensorflow::Status;
-using ::tensorflow::Tensor;
-using ::tensorflow::TensorShape;
-namespace errors = ::tensorflow::errors;
-
-using CPUDevice = Eigen::ThreadPoolDevice;
 
 namespace functor {
 

@@ -4,26 +4,15 @@
 //
 // Legend: n = the number of elements of the parameter (see lamb.h).
 
-#define EIGEN_USE_THREADS
-#if GOOGLE_CUDA
-#define EIGEN_USE_GPU
-#endif
+#include "kernel_common.h"  // first: it sets Eigen's device switches
 
 #include "lamb.h"
 
-#include <algorithm>
 #include <cmath>
-#include <cstdint>
-#include <vector>
 
-#include "tensorflow/core/framework/op_kernel.h"
 #include "tensorflow/core/framework/resource_mgr.h"
 #include "tensorflow/core/framework/resource_var.h"
-#include "tensorflow/core/framework/tensor.h"
-#include "tensorflow/core/framework/types.h"
 #include "tensorflow/core/kernels/training_op_helpers.h"
-#include "tensorflow/core/platform/threadpool.h"
-#include "unsupported/Eigen/CXX11/Tensor"
 
 #if GOOGLE_CUDA
 #include "lamb_launch.h"
@@ -31,17 +20,7 @@
 
 namespace tfbert {
 
-using ::tensorflow::DEVICE_CPU;
-using ::tensorflow::OpKernel;
-using ::tensorflow::OpKernelConstruction;
-using ::tensorflow::OpKernelContext;
-using ::tensorflow::Status;
-using ::tensorflow::Tensor;
-using ::tensorflow::TensorShape;
 using ::tensorflow::Var;
-namespace errors = ::tensorflow::errors;
-
-using CPUDevice = Eigen::ThreadPoolDevice;
 
 namespace functor {
 

@@ -4,41 +4,18 @@
 //
 // Legend: rows = the product of x's leading dimensions, cols = H (see layer_norm.h).
 
-#define EIGEN_USE_THREADS
-#if GOOGLE_CUDA
-#define EIGEN_USE_GPU
-#endif
+#include "kernel_common.h"  // first: it sets Eigen's device switches
 
 #include "layer_norm.h"
 
-#include <algorithm>
 #include <cmath>
-#include <cstdint>
 #include <limits>
-#include <vector>
-
-#include "tensorflow/core/framework/op_kernel.h"
-#include "tensorflow/core/framework/tensor.h"
-#include "tensorflow/core/framework/types.h"
-#include "tensorflow/core/platform/threadpool.h"
-#include "unsupported/Eigen/CXX11/Tensor"
 
 #if GOOGLE_CUDA
 #include "layer_norm_launch.h"
 #endif
 
 namespace tfbert {
-
-using ::tensorflow::DEVICE_CPU;
-using ::tensorflow::OpKernel;
-using ::tensorflow::OpKernelConstruction;
-using ::tensorflow::OpKernelContext;
-using ::tensorflow::Status;
-using ::tensorflow::Tensor;
-using ::tensorflow::TensorShape;
-namespace errors = ::tensorflow::errors;
-
-using CPUDevice = Eigen::ThreadPoolDevice;
 
 namespace functor {
 
