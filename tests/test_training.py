@@ -194,3 +194,17 @@ def test_accumulation_reads_k_batches_per_step_and_all_reduces_once(tmp_path):
     expected = list(synthetic_dataset().skip(9).take(1))[0]["input_ids"].numpy()
     np.testing.assert_array_equal(next(trainer.iterator)["input_ids"].numpy(), expected)
     assert all(float(tf.reduce_max(tf.abs(a))) == 0.0 for a in trainer.accumulators)
+
+
+def test_loss_scale_doubles_after_the_growth_interval(tmp_path):
+    config = run_config(tmp_path, precision="fp16", num_train_steps=2, initial_loss_scale=128.0,
+                        loss_scale_growth_interval=1)
+    summary = Pretrainer(config, synthetic_dataset(batch=4)).train()
+    assert summary["skipped_steps"] == 0 and summary["loss_scale"] == 512.0
+
+
+def test_schedule_end_rate_and_power():
+    schedule = WarmupPolynomialDecay(1e-3, num_train_steps=100, end=1e-4, power=2.0)
+    assert float(schedule(100)) == pytest.approx(1e-4)
+    # (1 - 50/100)^2 of the way from end to peak.
+    assert float(schedule(50)) == pytest.approx(1e-4 + (1e-3 - 1e-4) * 0.25)

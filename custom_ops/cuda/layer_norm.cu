@@ -17,6 +17,7 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include "half_bits.cuh"
 #include "layer_norm_launch.h"
 
 namespace {
@@ -233,17 +234,6 @@ cudaError_t LaunchBackward(const T* dy, const T* x, const float* mean, const flo
                                                 dgamma, dbeta);
   return cudaGetLastError();
 }
-
-// The C ABI's unsigned short buffers hold the bits of __half / __nv_bfloat16 values.
-const __half* AsHalf(const unsigned short* p) { return reinterpret_cast<const __half*>(p); }
-__half* AsHalf(unsigned short* p) { return reinterpret_cast<__half*>(p); }
-const __nv_bfloat16* AsBf16(const unsigned short* p) {
-  return reinterpret_cast<const __nv_bfloat16*>(p);
-}
-__nv_bfloat16* AsBf16(unsigned short* p) { return reinterpret_cast<__nv_bfloat16*>(p); }
-
-static_assert(sizeof(__half) == sizeof(unsigned short), "__half is 16 bits");
-static_assert(sizeof(__nv_bfloat16) == sizeof(unsigned short), "__nv_bfloat16 is 16 bits");
 
 }  // namespace
 
