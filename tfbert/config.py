@@ -17,6 +17,9 @@ from typing import Any
 
 PRECISIONS = ("fp32", "fp16", "bf16")
 XLA_MODES = ("off", "auto", "jit")
+# Grappler's memory optimizer modes (tfbert.training.grappler.MEMORY_OPTIMIZATIONS).
+MEMORY_OPTIMIZATIONS = ("default", "no", "manual", "heuristic", "recomputation", "scheduling",
+                        "swapping")
 OPTIMIZERS = ("lamb", "adamw", "fused_lamb")
 TOKENIZER_TYPES = ("sentencepiece", "wordpiece")
 HIDDEN_ACTS = ("gelu", "gelu_tanh", "relu", "geglu")
@@ -116,9 +119,13 @@ class ModelConfig:
         return {k: v for k, v in raw.items() if k in known}
 
 
+LN_DTYPES = ("float32", "float16", "bfloat16")
+
+
 @dataclasses.dataclass(frozen=True)
 class FusedOpsConfig:
-    """Which computations run as tfbert's fused custom ops (custom_ops/, built by `make ops`).
+    """How some computations are implemented: tfbert's fused custom ops (custom_ops/, built by
+    `make ops`) and the dtype of the LayerNorm statistics.
 
     Not part of the model's shape: a run may resume with other settings here.
     """
@@ -126,6 +133,16 @@ class FusedOpsConfig:
     ln_ytf_impl: bool = False  # fused LayerNorm forward/backward
     attn_softmax_ytf_impl: bool = False  # fused scale + mask + softmax + dropout
     ytf_gelu: bool = False  # fused bias + GELU / GeGLU in the feed-forward block
+    # dtype of the LayerNorm mean and variance. float32 by default: a float16 variance of
+    # activations in the hundreds overflows. A lower dtype saves the float32 copy of the input.
+    ln_dtype: str = "float32"
+
+    def __post_init__(self):
+        _require(self.ln_dtype in LN_DTYPES,
+                 f"--ln_dtype={self.ln_dtype!r} is not one of {LN_DTYPES}")
+        _require(not self.ln_ytf_impl or self.ln_dtype == "float32",
+                 f"--ln_ytf_impl keeps the LayerNorm statistics in float32; it cannot honour "
+                 f"--ln_dtype={self.ln_dtype} (drop one of the two)")
 
     @property
     def any(self) -> bool:
@@ -133,7 +150,8 @@ class FusedOpsConfig:
 
     def enabled_flags(self) -> list[str]:
         """The --flags that ask for fused ops (for error messages)."""
-        return [f"--{f.name}" for f in dataclasses.fields(self) if getattr(self, f.name)]
+        return [f"--{name}" for name in ("ln_ytf_impl", "attn_softmax_ytf_impl", "ytf_gelu")
+                if getattr(self, name)]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -204,6 +222,11 @@ class RuntimeConfig:
     num_train_steps: int = 300
     precision: str = "fp32"
     xla: str = "off"
+    # Grappler for the training step (tfbert.training.grappler).
+    memory_optimization: str = "default"
+    suppress_grappler: bool = False
+    # TF2 variables are always resource variables; False cannot be honoured (see __post_init__).
+    enable_resource_variables: bool = True
     seed: int = 12345
     deterministic: bool = False
     init_checkpoint: str = ""
@@ -222,6 +245,13 @@ class RuntimeConfig:
         _require(self.precision in PRECISIONS,
                  f"--precision={self.precision!r} is not one of {PRECISIONS}")
         _require(self.xla in XLA_MODES, f"--xla={self.xla!r} is not one of {XLA_MODES}")
+        _require(self.memory_optimization in MEMORY_OPTIMIZATIONS,
+                 f"--memory_optimization={self.memory_optimization!r} is not one of "
+                 f"{MEMORY_OPTIMIZATIONS}")
+        _require(self.enable_resource_variables,
+                 "--noenable_resource_variables asks for TF1 reference variables, which TF2 "
+                 "cannot create in eager mode or in a tf.function: every tfbert variable is a "
+                 "resource variable. Drop the flag")
         _require(self.save_checkpoints_steps > 0, "--save_checkpoints_steps must be positive")
         _require(self.keep_checkpoint_max > 0, "--keep_checkpoint_max must be positive")
         _require(self.log_every_n_steps > 0, "--log_every_n_steps must be positive")
@@ -248,6 +278,12 @@ class DistributionConfig:
     scale_learning_rate: bool = False  # peak learning rate x num_processes
     num_accumulation_steps: int = 1
     grad_accum_dtype: str = "float32"
+    # ZeRO-style sharding and tensor parallelism: the flags exist so that setups naming them
+    # fail clearly; the features themselves are not built yet.
+    custom_memory_optimization: bool = False  # ZeRO-1: optimizer state split across ranks
+    state_split_strategy: str = "naive"  # naive | greedy:N (how tensors are assigned to ranks)
+    split_grad_accum: bool = False  # ZeRO-2: accumulated gradients split across ranks too
+    tensor_parallel_size: int = 1
 
     def __post_init__(self):
         _require(0 <= self.rank < self.num_processes,
@@ -260,10 +296,32 @@ class DistributionConfig:
                  "--hvd_fusion_threshold_mb must be >= 0")
         _require(self.hvd_cycle_time_ms is None or self.hvd_cycle_time_ms > 0,
                  "--hvd_cycle_time_ms must be positive")
+        _require(self.tensor_parallel_size >= 1, "--tensor_parallel_size must be >= 1")
+        _require(_valid_split_strategy(self.state_split_strategy),
+                 f"--state_split_strategy={self.state_split_strategy!r} is not 'naive' or "
+                 f"'greedy:N' with N > 0")
+        _require(self.custom_memory_optimization or (
+            not self.split_grad_accum and self.state_split_strategy == "naive"),
+                 "--split_grad_accum and --state_split_strategy shape the sharding of "
+                 "--custom_memory_optimization, which is off")
+        _require(not self.custom_memory_optimization,
+                 "--custom_memory_optimization (ZeRO-style sharding of optimizer state"
+                 f"{' and accumulated gradients' if self.split_grad_accum else ''}) is not built "
+                 "in this version of tfbert")
+        _require(self.tensor_parallel_size == 1,
+                 f"--tensor_parallel_size={self.tensor_parallel_size}: tensor parallelism is not "
+                 f"built in this version of tfbert")
 
     @property
     def uses_accumulation(self) -> bool:
         return self.num_accumulation_steps > 1
+
+
+def _valid_split_strategy(strategy: str) -> bool:
+    if strategy == "naive":
+        return True
+    kind, _, number = strategy.partition(":")
+    return kind == "greedy" and number.isdigit() and int(number) > 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -288,6 +346,11 @@ class Config:
                  or self.runtime.precision == "fp16",
                  "--grad_accum_dtype=float16 needs --precision=fp16: float16 accumulators rely "
                  "on loss scaling to keep small gradients from flushing to zero")
+        ln_precision = {"float16": "fp16", "bfloat16": "bf16"}.get(self.ops.ln_dtype)
+        _require(ln_precision is None or self.runtime.precision == ln_precision,
+                 f"--ln_dtype={self.ops.ln_dtype} computes LayerNorm statistics below the "
+                 f"inputs' precision; it needs --precision={ln_precision}, not "
+                 f"{self.runtime.precision}")
         _require(self.data.max_seq_length <= self.model.max_position_embeddings,
                  f"--max_seq_length={self.data.max_seq_length} exceeds "
                  f"--max_position_embeddings={self.model.max_position_embeddings}")

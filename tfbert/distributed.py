@@ -27,6 +27,7 @@ class SingleProcess:
     rank = 0
     size = 1
     local_rank = 0
+    uses_horovod = False  # whether gradients pass through Horovod's all-reduce (even at size 1)
 
     @property
     def is_chief(self) -> bool:
@@ -68,6 +69,7 @@ class HorovodGroup(SingleProcess):
 
         hvd.init()
         self._hvd = hvd
+        self.uses_horovod = True
         self.rank, self.size, self.local_rank = hvd.rank(), hvd.size(), hvd.local_rank()
         self.compression = hvd.Compression.fp16 if fp16_compression else hvd.Compression.none
         self.sparse_as_dense = sparse_as_dense

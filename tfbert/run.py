@@ -70,6 +70,9 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
                                                          "regenerated, not stored).", **fv)
     flags.DEFINE_boolean("ytf_gelu", False, "Fused bias + GELU/GeGLU op in the feed-forward "
                                             "block.", **fv)
+    flags.DEFINE_enum("ln_dtype", "float32", ["float32", "float16", "bfloat16"],
+                      "dtype of the LayerNorm statistics; float16 needs --precision=fp16, "
+                      "bfloat16 --precision=bf16; the fused LayerNorm is float32 only.", **fv)
     flags.DEFINE_float("learning_rate", 1e-2, "Peak learning rate.", **fv)
     flags.DEFINE_integer("num_warmup_steps", 50, "Linear warm-up steps.", **fv)
     flags.DEFINE_float("end_learning_rate", 0.0, "Learning rate at --num_train_steps.", **fv)
@@ -91,6 +94,19 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
     flags.DEFINE_enum("xla", "off", ["off", "auto", "jit"],
                       "off; auto = auto-clustering (works with custom ops); jit = compile the "
                       "whole step (no custom ops).", **fv)
+    # Grappler (tfbert/training/grappler.py).
+    flags.DEFINE_enum("memory_optimization", "default",
+                      ["default", "no", "manual", "heuristic", "recomputation", "scheduling",
+                       "swapping"],
+                      "Grappler's memory optimizer for the training step (RewriterConfig."
+                      "MemOptType). manual recomputes the feed-forward activations in backward.",
+                      **fv)
+    flags.DEFINE_boolean("suppress_grappler", False, "Grappler off for the training step (a "
+                                                     "--memory_optimization other than default/"
+                                                     "no still runs, alone).", **fv)
+    flags.DEFINE_boolean("enable_resource_variables", True, "Resource variables (TF2 has no "
+                                                            "other kind: False is an error).",
+                         **fv)
     flags.DEFINE_integer("seed", 12345, "Seed for weights, data order and dropout.", **fv)
     flags.DEFINE_boolean("deterministic", False, "TensorFlow op determinism (slower).", **fv)
     flags.DEFINE_string("init_checkpoint", "", "Checkpoint or run directory to take initial "
@@ -116,12 +132,74 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
                                                       "(gradient accumulation).", **fv)
     flags.DEFINE_enum("grad_accum_dtype", "float32", ["float32", "float16"],
                       "Accumulator dtype; float16 needs --precision=fp16.", **fv)
+    # Not built yet: setups that name these fail at start-up with a message.
+    flags.DEFINE_boolean("custom_memory_optimization", False, "ZeRO-1: split the optimizer "
+                                                              "state across ranks (not built "
+                                                              "yet).", **fv)
+    flags.DEFINE_string("state_split_strategy", "naive", "How sharded tensors are assigned to "
+                                                         "ranks: naive | greedy:N (not built "
+                                                         "yet).", **fv)
+    flags.DEFINE_boolean("split_grad_accum", False, "ZeRO-2: split the accumulated gradients "
+                                                    "across ranks too (not built yet).", **fv)
+    flags.DEFINE_integer("tensor_parallel_size", 1, "Ranks per tensor-parallel group (not built "
+                                                    "yet).", **fv)
     flags.DEFINE_integer("debug_fail_at_step", 0, "Testing only: raise at this step on "
                                                   "--debug_fail_rank (0 = never).", **fv)
     flags.DEFINE_integer("debug_fail_rank", 0, "Testing only: the rank that fails.", **fv)
     flags.DEFINE_float("initial_loss_scale", 2.0 ** 15, "fp16: initial dynamic loss scale.", **fv)
     flags.DEFINE_integer("loss_scale_growth_interval", 2000, "fp16: finite steps before the loss "
                                                              "scale doubles.", **fv)
+
+
+def expand_flagfiles(argv: list[str]) -> list[str]:
+    """Replaces every --flagfile=PATH in argv by the flags in PATH, recursively.
+
+    As absl's own --flagfile, except for where a nested --flagfile points: relative to the file
+    that includes it (then, failing that, to the working directory, absl's rule). So
+    flags/optimal.cfg can say `--flagfile=basef.cfg` and work from any directory. Lines that are
+    blank or start with # or // are comments; a later flag overrides an earlier one.
+    """
+    expanded = argv[:1]
+    args = iter(argv[1:])
+    for arg in args:
+        name, has_value, value = arg.partition("=")
+        if name not in ("--flagfile", "-flagfile"):
+            expanded.append(arg)
+            continue
+        if not has_value:
+            value = next(args, "")
+        expanded.extend(_read_flagfile(value, including_file=None, chain=()))
+    return expanded
+
+
+def _read_flagfile(path: str, including_file: str | None, chain: tuple[str, ...]) -> list[str]:
+    candidates = [path]
+    if including_file and not os.path.isabs(path):
+        candidates.insert(0, os.path.join(os.path.dirname(including_file), path))
+    found = next((c for c in candidates if os.path.isfile(c)), None)
+    where = f" (included from {including_file})" if including_file else ""
+    if found is None:
+        raise app.UsageError(f"--flagfile={path}: no such file{where}")
+    found = os.path.abspath(found)
+    if found in chain:
+        raise app.UsageError(f"--flagfile={path} includes itself: {' -> '.join(chain + (found,))}")
+    result = []
+    with open(found, encoding="utf-8") as f:
+        for line in f:
+            line = line.strip()
+            if not line or line.startswith(("#", "//")):
+                continue
+            name, _, value = line.partition("=")
+            if name in ("--flagfile", "-flagfile"):
+                result.extend(_read_flagfile(value, found, chain + (found,)))
+            else:
+                result.append(line)
+    return result
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl's flag parsing after expand_flagfiles (app.run's flags_parser)."""
+    return app.parse_flags_with_usage(expand_flagfiles(argv))
 
 
 def _model_config(fv: flags.FlagValues, run_dir_config: str | None, vocab_size: int | None):
@@ -190,28 +268,35 @@ def build_config(fv: flags.FlagValues, group=None):
         beta_2=fv.beta_2, epsilon=fv.epsilon, clip_norm=fv.clip_norm)
     runtime = cfg.RuntimeConfig(
         output_dir=output_dir, num_train_steps=fv.num_train_steps, precision=fv.precision,
-        xla=fv.xla, seed=fv.seed, deterministic=fv.deterministic,
+        xla=fv.xla, memory_optimization=fv.memory_optimization,
+        suppress_grappler=fv.suppress_grappler,
+        enable_resource_variables=fv.enable_resource_variables, seed=fv.seed,
+        deterministic=fv.deterministic,
         init_checkpoint=fv.init_checkpoint, save_checkpoints_steps=fv.save_checkpoints_steps,
         keep_checkpoint_max=fv.keep_checkpoint_max, log_every_n_steps=fv.log_every_n_steps,
         initial_loss_scale=fv.initial_loss_scale,
         loss_scale_growth_interval=fv.loss_scale_growth_interval,
         debug_fail_at_step=fv.debug_fail_at_step, debug_fail_rank=fv.debug_fail_rank)
-    num_processes = group.size if group else 1
-    if num_processes == 1:
+    distribution = cfg.DistributionConfig(
+        num_processes=group.size if group else 1, rank=group.rank if group else 0,
+        hvd_fp16_compression=fv.hvd_fp16_compression, sparse_as_dense=fv.sparse_as_dense,
+        hvd_fusion_threshold_mb=fv.hvd_fusion_threshold_mb,
+        hvd_cycle_time_ms=fv.hvd_cycle_time_ms, scale_learning_rate=fv.scale_learning_rate,
+        num_accumulation_steps=fv.num_accumulation_steps, grad_accum_dtype=fv.grad_accum_dtype,
+        custom_memory_optimization=fv.custom_memory_optimization,
+        state_split_strategy=fv.state_split_strategy, split_grad_accum=fv.split_grad_accum,
+        tensor_parallel_size=fv.tensor_parallel_size)
+    if not (group and group.uses_horovod):
+        # Checked after the distribution config, whose errors (features not built) come first.
         for name in ("hvd_fp16_compression", "sparse_as_dense", "hvd_fusion_threshold_mb",
                      "hvd_cycle_time_ms"):
             if fv[name].present and fv[name].value not in (None, False):
                 raise cfg.ConfigError(
                     f"--{name} acts on the all-reduce between ranks, but this process runs "
                     f"alone; launch with horovodrun (-np 1 is fine) or drop the flag")
-    distribution = cfg.DistributionConfig(
-        num_processes=num_processes, rank=group.rank if group else 0,
-        hvd_fp16_compression=fv.hvd_fp16_compression, sparse_as_dense=fv.sparse_as_dense,
-        hvd_fusion_threshold_mb=fv.hvd_fusion_threshold_mb,
-        hvd_cycle_time_ms=fv.hvd_cycle_time_ms, scale_learning_rate=fv.scale_learning_rate,
-        num_accumulation_steps=fv.num_accumulation_steps, grad_accum_dtype=fv.grad_accum_dtype)
     ops = cfg.FusedOpsConfig(ln_ytf_impl=fv.ln_ytf_impl,
-                             attn_softmax_ytf_impl=fv.attn_softmax_ytf_impl, ytf_gelu=fv.ytf_gelu)
+                             attn_softmax_ytf_impl=fv.attn_softmax_ytf_impl, ytf_gelu=fv.ytf_gelu,
+                             ln_dtype=fv.ln_dtype)
     config = cfg.Config(model=model, data=data, optimizer=optimizer, runtime=runtime,
                         distribution=distribution, ops=ops)
     check_custom_ops(config)
@@ -337,7 +422,7 @@ def train(config, tokenizer, group) -> int:
 def run() -> None:
     """Console-script entry point."""
     define_flags()
-    app.run(lambda argv: sys.exit(main(argv)))
+    app.run(lambda argv: sys.exit(main(argv)), flags_parser=parse_flags)
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ from tfbert.modeling.layers.dropout import DropoutRng
 from tfbert.modeling.models.bert_pretrainer import BertPretrainer
 from tfbert.training.checkpointing import (CheckpointKeeper, checkpoint_step,
                                            init_from_checkpoint)
+from tfbert.training.grappler import StepGrapplerOptions
 from tfbert.training.memory import PeakMemory, peak_rss_bytes
 from tfbert.training.optimization import (KerasOptimizerUpdate, WarmupPolynomialDecay,
                                           build_optimizer)
@@ -47,6 +48,9 @@ class Pretrainer:
         self.group = group or SingleProcess()
         runtime = config.runtime
         self.jit_compile = configure_xla(runtime.xla)
+        # After configure_xla: the step's grappler config starts from the process's config,
+        # which carries the auto-clustering setting.
+        self.grappler = StepGrapplerOptions(runtime.memory_optimization, runtime.suppress_grappler)
         if runtime.deterministic:
             tf.config.experimental.enable_op_determinism()
         # Same initial weights on every rank; per-rank dropout masks.
@@ -210,10 +214,15 @@ class Pretrainer:
     def run_step(self) -> dict[str, tf.Tensor]:
         """One optimizer step: one batch, or `num_accumulation_steps` micro-batches."""
         if self.accumulation_steps == 1:
-            return self.train_step(self._next_batch())
+            batch = self._next_batch()
+            with self.grappler.scope():
+                return self.train_step(batch)
         for _ in range(self.accumulation_steps):
-            self.accumulate_step(self._next_batch())
-        return self.apply_accumulated_step()
+            batch = self._next_batch()
+            with self.grappler.scope():
+                self.accumulate_step(batch)
+        with self.grappler.scope():
+            return self.apply_accumulated_step()
 
     # ----------------------------------------------------------------------------------------
     def _next_batch(self):
@@ -266,12 +275,16 @@ class Pretrainer:
             if step % runtime.log_every_n_steps == 0 or checkpoint_now:
                 last_record = self._log(step, outputs, window, memory, examples_per_step,
                                         tokens_per_step, writer, log_path)
+            if step == end_step:
+                # Logging above synchronised; the final checkpoint is not part of the steps' time.
+                timed["end_time"] = time.perf_counter()
             if checkpoint_now:
                 self.rank_checkpoints.save(step)
                 if is_chief:
                     logging.info("Saved checkpoint %s", self.checkpoints.save(step))
 
-        elapsed = time.perf_counter() - (timed["start_time"] or time.perf_counter())
+        elapsed = (timed.get("end_time") or time.perf_counter()) - (
+            timed["start_time"] or time.perf_counter())
         steps_timed = timed["steps"]
         examples_per_sec = examples_per_step * steps_timed / elapsed if steps_timed else 0.0
         # Per-rank figures, gathered on every rank (all ranks must take part).

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import tensorflow as tf
 
+from tfbert.modeling.layers.recompute import recomputable
+
 
 class Dense(tf.keras.layers.Layer):
     """y = x @ kernel + bias over the last axis.
@@ -58,10 +60,12 @@ class Dense(tf.keras.layers.Layer):
         if self.fused_activation is not None:
             from tfbert.ops import gelu_ops
 
-            approximate = self.fused_activation == "gelu_tanh"
+            # The activation (not the matmul) may be recomputed in backward: see recompute.py.
             if self.fused_activation == "geglu":
-                return gelu_ops.fused_bias_geglu(outputs, self.bias, approximate=False)
-            return gelu_ops.fused_bias_gelu(outputs, self.bias, approximate=approximate)
+                return recomputable(gelu_ops.fused_bias_geglu, outputs, self.bias,
+                                    approximate=False)
+            return recomputable(gelu_ops.fused_bias_gelu, outputs, self.bias,
+                                approximate=self.fused_activation == "gelu_tanh")
         if self.bias is not None:
             outputs = outputs + self.bias
         return outputs

@@ -14,6 +14,8 @@ class Embeddings(tf.keras.layers.Layer):
       initializer_range: stddev of the truncated-normal initializer.
       dropout: dropout rate after the LayerNorm.
       layer_norm_eps: LayerNorm epsilon.
+      layer_norm_dtype: dtype of the LayerNorm statistics.
+      fused_layer_norm: use the fused LayerNorm op.
       rng: DropoutRng.
 
     Variables (google-research/bert names): word_embeddings [V, D], token_type_embeddings [T, D],
@@ -23,7 +25,7 @@ class Embeddings(tf.keras.layers.Layer):
     def __init__(self, vocab_size: int, hidden_size: int, max_position_embeddings: int,
                  type_vocab_size: int, initializer_range: float, dropout: float = 0.0,
                  layer_norm_eps: float = 1e-12, rng: DropoutRng | None = None,
-                 fused_layer_norm: bool = False, **kwargs):
+                 fused_layer_norm: bool = False, layer_norm_dtype: str = "float32", **kwargs):
         super().__init__(**kwargs)
         self.vocab_size = vocab_size
         self.hidden_size = hidden_size
@@ -31,7 +33,8 @@ class Embeddings(tf.keras.layers.Layer):
         self.type_vocab_size = type_vocab_size
         self.initializer_range = initializer_range
         self.dropout_rate = dropout
-        self.layer_norm = LayerNorm(layer_norm_eps, fused=fused_layer_norm, name="LayerNorm",
+        self.layer_norm = LayerNorm(layer_norm_eps, stats_dtype=layer_norm_dtype,
+                                    fused=fused_layer_norm, name="LayerNorm",
                                     dtype=self.dtype_policy)
         self.dropout = Dropout(dropout, rng, name="dropout", dtype=self.dtype_policy)
 

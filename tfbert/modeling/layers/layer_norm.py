@@ -44,7 +44,9 @@ class LayerNorm(tf.keras.layers.Layer):
             return fused_layer_norm(tf.cast(inputs, self.compute_dtype), self.gamma, self.beta,
                                     self.epsilon)
         x = tf.cast(inputs, self.stats_dtype)
-        mean, variance = tf.nn.moments(x, axes=[-1], keepdims=True)
+        # Not tf.nn.moments: it silently computes float16 statistics in float32.
+        mean = tf.reduce_mean(x, axis=-1, keepdims=True)
+        variance = tf.reduce_mean(tf.math.squared_difference(x, mean), axis=-1, keepdims=True)
         normed = (x - mean) * tf.math.rsqrt(variance + tf.cast(self.epsilon, self.stats_dtype))
         outputs = normed * tf.cast(self.gamma, self.stats_dtype) + tf.cast(self.beta, self.stats_dtype)
         return tf.cast(outputs, self.compute_dtype)

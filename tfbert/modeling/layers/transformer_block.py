@@ -10,6 +10,7 @@ from tfbert.modeling.layers.attention import SelfAttention
 from tfbert.modeling.layers.dense import DenseFactory
 from tfbert.modeling.layers.dropout import Dropout, DropoutRng
 from tfbert.modeling.layers.layer_norm import LayerNorm
+from tfbert.modeling.layers.recompute import recomputable
 
 
 class TransformerBlock(tf.keras.layers.Layer):
@@ -52,15 +53,16 @@ class TransformerBlock(tf.keras.layers.Layer):
                                        fused_softmax=ops.attn_softmax_ytf_impl,
                                        name="attention", dtype=policy)
         self.attention_dropout = Dropout(hidden_dropout, rng, name="dropout", dtype=policy)
-        self.attention_layer_norm = LayerNorm(layer_norm_eps, fused=ops.ln_ytf_impl,
-                                              name="LayerNorm", dtype=policy)
+        self.attention_layer_norm = LayerNorm(layer_norm_eps, stats_dtype=ops.ln_dtype,
+                                              fused=ops.ln_ytf_impl, name="LayerNorm",
+                                              dtype=policy)
         ffn_width = intermediate_size * (2 if hidden_act in GATED_ACTIVATIONS else 1)
         self.intermediate = dense_factory.column_parallel(ffn_width, name="dense",
                                                           fused_activation=fused_activation)
         self.ffn_output = dense_factory.row_parallel(hidden, name="dense")
         self.ffn_dropout = Dropout(hidden_dropout, rng, name="dropout", dtype=policy)
-        self.ffn_layer_norm = LayerNorm(layer_norm_eps, fused=ops.ln_ytf_impl, name="LayerNorm",
-                                        dtype=policy)
+        self.ffn_layer_norm = LayerNorm(layer_norm_eps, stats_dtype=ops.ln_dtype,
+                                        fused=ops.ln_ytf_impl, name="LayerNorm", dtype=policy)
 
     def call(self, hidden_states, mask_bias, training=False):
         """hidden_states: [B, S, D]; mask_bias: [B, 1, 1, S]. Returns [B, S, D]."""
@@ -69,7 +71,9 @@ class TransformerBlock(tf.keras.layers.Layer):
             attention_output = self.attention_dropout(attention_output, training=training)
             attention_output = self.attention_layer_norm(attention_output + hidden_states)
         with tf.name_scope("intermediate"):
-            intermediate = self.activation(self.intermediate(attention_output))  # (B, S, I)
+            # The activation's ops may be recomputed in backward (--memory_optimization=manual).
+            intermediate = recomputable(self.activation,
+                                        self.intermediate(attention_output))  # (B, S, I)
         with tf.name_scope("output"):
             output = self.ffn_dropout(self.ffn_output(intermediate), training=training)
             return self.ffn_layer_norm(output + attention_output)  # (B, S, D)

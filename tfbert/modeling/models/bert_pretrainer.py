@@ -30,7 +30,8 @@ class PretrainingHeads(tf.keras.layers.Layer):
     """
 
     def __init__(self, config: ModelConfig, word_embeddings: tf.Variable,
-                 dense_factory: DenseFactory, fused_layer_norm: bool = False, **kwargs):
+                 dense_factory: DenseFactory, fused_layer_norm: bool = False,
+                 layer_norm_dtype: str = "float32", **kwargs):
         super().__init__(**kwargs)
         self.config = config
         self._word_embeddings = word_embeddings
@@ -38,8 +39,9 @@ class PretrainingHeads(tf.keras.layers.Layer):
         act = "gelu" if config.hidden_act == "geglu" else config.hidden_act
         self.transform_activation = get_activation(act)
         self.transform = dense_factory.dense(config.hidden_size, name="dense")
-        self.transform_layer_norm = LayerNorm(config.layer_norm_eps, fused=fused_layer_norm,
-                                              name="LayerNorm", dtype=self.dtype_policy)
+        self.transform_layer_norm = LayerNorm(config.layer_norm_eps, stats_dtype=layer_norm_dtype,
+                                              fused=fused_layer_norm, name="LayerNorm",
+                                              dtype=self.dtype_policy)
 
     def build(self, input_shape):
         with tf.name_scope("predictions"):
@@ -109,7 +111,8 @@ class BertPretrainer(tf.Module):
         self.bert(ids, tf.ones_like(ids), ids)
         self.cls = PretrainingHeads(self.config, self.bert.embeddings.word_embeddings,
                                     self._factory, fused_layer_norm=self._ops.ln_ytf_impl,
-                                    name="cls", dtype=self._policy)
+                                    layer_norm_dtype=self._ops.ln_dtype, name="cls",
+                                    dtype=self._policy)
         self(dict(input_ids=ids, input_mask=tf.ones_like(ids), segment_ids=ids,
                   masked_lm_positions=tf.zeros([1, num_predictions], tf.int32)))
         self._built = True

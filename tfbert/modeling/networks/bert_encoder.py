@@ -39,7 +39,8 @@ class BertEncoder(tf.keras.Model):
             config.vocab_size, config.hidden_size, config.max_position_embeddings,
             config.type_vocab_size, config.initializer_range,
             dropout=config.hidden_dropout_prob, layer_norm_eps=config.layer_norm_eps, rng=rng,
-            fused_layer_norm=ops.ln_ytf_impl, name="embeddings", dtype=policy)
+            fused_layer_norm=ops.ln_ytf_impl, layer_norm_dtype=ops.ln_dtype, name="embeddings",
+            dtype=policy)
         self.blocks = [
             TransformerBlock(config.num_attention_heads, config.head_size,
                              config.intermediate_size, config.hidden_act, factory,
