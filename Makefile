@@ -33,7 +33,11 @@ run: setup
 test: setup
 	$(PY) -m pytest -q tests
 
+# The notes' ablation table (flags/ setups at a CPU size), tfbert vs tf-models-official, and the
+# precision/XLA and data-parallel tables. Results under runs/bench/.
 bench: setup
+	$(PY) benchmarks/ablation.py
+	$(PY) benchmarks/compare_reference.py
 	$(PY) benchmarks/throughput.py
 	$(PY) benchmarks/distributed.py
 

@@ -21,3 +21,38 @@ def test_throughput_benchmark_writes_a_row_per_setup(tmp_path, tfbert_cache):
     assert list(table["setup"]) == ["fp32+xla=off", "fp32+xla=jit"]
     assert (table["examples_per_sec"] > 0).all()
     assert "| setup" in result.stdout  # the printed Markdown table
+
+
+def test_ablation_writes_a_row_per_setup_a_table_and_a_chart(tmp_path, tfbert_cache):
+    out = tmp_path / "ablation"
+    result = subprocess.run(
+        [sys.executable, "benchmarks/ablation.py", "--setups=baseline,optimal,optimald",
+         "--steps=2", "--size=--model=tiny --train_batch_size=4 --max_seq_length=32 "
+                      "--max_predictions_per_seq=5", f"--out={out}"],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=900,
+        env=dict(os.environ, PYTHONPATH=REPO_ROOT))
+    assert result.returncode == 0, result.stderr[-3000:]
+    table = pd.read_csv(f"{out}.csv")
+    assert list(table["setup"]) == ["baseline", "optimal", "optimald"]
+    assert list(table["status"]) == ["ok", "ok", "does not run"]
+    assert (table["examples_per_sec"][:2] > 0).all()
+    assert "not built" in table["message"][2]
+    # The notes' own figures sit beside the measured ones.
+    assert table["notes_max_gb"].tolist() == [69.4, 30.8, 26.61]
+    assert (tmp_path / "ablation.png").stat().st_size > 0
+    assert "| optimal |" in (tmp_path / "ablation.md").read_text()
+
+
+def test_reference_comparison_runs_both_implementations(tmp_path, tfbert_cache):
+    csv = tmp_path / "reference.csv"
+    result = subprocess.run(
+        [sys.executable, "benchmarks/compare_reference.py", "--steps=2", "--batch=8", "--seq=32",
+         "--predictions=5", f"--csv={csv}"],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=600,
+        env=dict(os.environ, PYTHONPATH=REPO_ROOT))
+    assert result.returncode == 0, result.stderr[-3000:]
+    table = pd.read_csv(csv)
+    assert list(table["implementation"]) == ["tfbert", "tf-models-official BertPretrainer"]
+    assert (table["examples_per_sec"] > 0).all()
+    # Same model size and data: the untrained losses agree (ln V + ln 2 give or take).
+    assert abs(table["first_loss"][0] - table["first_loss"][1]) < 0.1
