@@ -11,7 +11,7 @@ import sys
 import pytest
 from absl import app
 
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, run_tfbert
 from tfbert import run
 
 FLAGS_DIR = os.path.join(REPO_ROOT, "flags")
@@ -122,3 +122,9 @@ def test_missing_and_cyclic_flagfiles_are_clear_errors(tmp_path):
     write(tmp_path / "c.cfg", "--flagfile=b.cfg\n")
     with pytest.raises(app.UsageError, match="includes itself"):
         run.expand_flagfiles(["prog", f"--flagfile={tmp_path / 'b.cfg'}"])
+
+
+def test_the_entry_point_reports_a_missing_flagfile_and_exits_2(tmp_path):
+    result = run_tfbert(f"--flagfile={tmp_path / 'absent.cfg'}", f"--output_dir={tmp_path}")
+    assert result.returncode == 2
+    assert "tfbert: error: --flagfile=" in result.stderr and "no such file" in result.stderr

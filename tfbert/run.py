@@ -199,7 +199,12 @@ def _read_flagfile(path: str, including_file: str | None, chain: tuple[str, ...]
 
 def parse_flags(argv: list[str]) -> list[str]:
     """absl's flag parsing after expand_flagfiles (app.run's flags_parser)."""
-    return app.parse_flags_with_usage(expand_flagfiles(argv))
+    try:
+        argv = expand_flagfiles(argv)
+    except app.UsageError as e:
+        print(f"tfbert: error: {e}", file=sys.stderr, flush=True)
+        sys.exit(2)
+    return app.parse_flags_with_usage(argv)
 
 
 def _model_config(fv: flags.FlagValues, run_dir_config: str | None, vocab_size: int | None):
