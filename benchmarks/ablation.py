@@ -26,6 +26,7 @@ import os
 import shlex
 import sys
 import tempfile
+import textwrap
 
 import pandas as pd
 
@@ -159,7 +160,7 @@ def chart(table: pd.DataFrame, path: str, title: str) -> None:
                     xytext=(3, 3), textcoords="offset points")
     ax.set_xlabel("peak memory, GB (TensorFlow allocator)")
     ax.set_ylabel("examples/s per rank")
-    ax.set_title(title)
+    ax.set_title("\n".join(textwrap.wrap(title, 90)), fontsize=9)
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
