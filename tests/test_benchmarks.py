@@ -9,14 +9,19 @@ import pandas as pd
 from conftest import REPO_ROOT
 
 
+def run_benchmark(script: str, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    """Runs benchmarks/SCRIPT ARGS from the repository root; asserts it succeeded."""
+    result = subprocess.run([sys.executable, f"benchmarks/{script}", *args], cwd=REPO_ROOT,
+                            capture_output=True, text=True, timeout=timeout,
+                            env=dict(os.environ, PYTHONPATH=REPO_ROOT))
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
 def test_throughput_benchmark_writes_a_row_per_setup(tmp_path, tfbert_cache):
     csv = tmp_path / "throughput.csv"
-    result = subprocess.run(
-        [sys.executable, "benchmarks/throughput.py", "--precisions=fp32", "--xla_modes=off,jit",
-         "--steps=3", "--batch=8", f"--csv={csv}"],
-        cwd=REPO_ROOT, capture_output=True, text=True, timeout=600,
-        env=dict(os.environ, PYTHONPATH=REPO_ROOT))
-    assert result.returncode == 0, result.stderr[-3000:]
+    result = run_benchmark("throughput.py", "--precisions=fp32", "--xla_modes=off,jit",
+                           "--steps=3", "--batch=8", f"--csv={csv}")
     table = pd.read_csv(csv)
     assert list(table["setup"]) == ["fp32+xla=off", "fp32+xla=jit"]
     assert (table["examples_per_sec"] > 0).all()
@@ -25,13 +30,9 @@ def test_throughput_benchmark_writes_a_row_per_setup(tmp_path, tfbert_cache):
 
 def test_ablation_writes_a_row_per_setup_a_table_and_a_chart(tmp_path, tfbert_cache):
     out = tmp_path / "ablation"
-    result = subprocess.run(
-        [sys.executable, "benchmarks/ablation.py", "--setups=baseline,optimal,optimald",
-         "--steps=2", "--size=--model=tiny --train_batch_size=4 --max_seq_length=32 "
-                      "--max_predictions_per_seq=5", f"--out={out}"],
-        cwd=REPO_ROOT, capture_output=True, text=True, timeout=900,
-        env=dict(os.environ, PYTHONPATH=REPO_ROOT))
-    assert result.returncode == 0, result.stderr[-3000:]
+    run_benchmark("ablation.py", "--setups=baseline,optimal,optimald", "--steps=2",
+                  "--size=--model=tiny --train_batch_size=4 --max_seq_length=32 "
+                  "--max_predictions_per_seq=5", f"--out={out}", timeout=900)
     table = pd.read_csv(f"{out}.csv")
     assert list(table["setup"]) == ["baseline", "optimal", "optimald"]
     assert list(table["status"]) == ["ok", "ok", "does not run"]
@@ -45,12 +46,8 @@ def test_ablation_writes_a_row_per_setup_a_table_and_a_chart(tmp_path, tfbert_ca
 
 def test_reference_comparison_runs_both_implementations(tmp_path, tfbert_cache):
     csv = tmp_path / "reference.csv"
-    result = subprocess.run(
-        [sys.executable, "benchmarks/compare_reference.py", "--steps=2", "--batch=8", "--seq=32",
-         "--predictions=5", f"--csv={csv}"],
-        cwd=REPO_ROOT, capture_output=True, text=True, timeout=600,
-        env=dict(os.environ, PYTHONPATH=REPO_ROOT))
-    assert result.returncode == 0, result.stderr[-3000:]
+    run_benchmark("compare_reference.py", "--steps=2", "--batch=8", "--seq=32",
+                  "--predictions=5", f"--csv={csv}")
     table = pd.read_csv(csv)
     assert list(table["implementation"]) == ["tfbert", "tf-models-official BertPretrainer"]
     assert (table["examples_per_sec"] > 0).all()
