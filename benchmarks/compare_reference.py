@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -111,6 +112,8 @@ def main() -> None:
     parser.add_argument("--predictions", type=int, default=20)
     parser.add_argument("--dropout", type=float, default=0.1)
     parser.add_argument("--learning_rate", type=float, default=1e-3)
+    parser.add_argument("--tfbert_flags", default="",
+                        help="extra flags for the tfbert run only, e.g. '--ln_ytf_impl'")
     parser.add_argument("--csv", default=os.path.join(REPO_ROOT, "runs", "bench",
                                                       "compare_reference.csv"))
     parser.add_argument("--worker_json", default=None, help=argparse.SUPPRESS)
@@ -130,8 +133,9 @@ def main() -> None:
             f"--hidden_dropout_prob={args.dropout}",
             f"--attention_probs_dropout_prob={args.dropout}",
             f"--learning_rate={args.learning_rate}", "--num_warmup_steps=0",
-            f"--num_train_steps={args.steps + 1}", f"--log_every_n_steps={args.steps + 1}"])
-        rows.append(dict(implementation="tfbert", examples_per_sec=summary["examples_per_sec"],
+            f"--num_train_steps={args.steps + 1}", f"--log_every_n_steps={args.steps + 1}",
+            *shlex.split(args.tfbert_flags)])
+        rows.append(dict(implementation=f"tfbert {args.tfbert_flags}".strip(), examples_per_sec=summary["examples_per_sec"],
                          max_gb=summary["peak_memory_bytes"] / 2 ** 30,
                          first_loss=summary["first_loss"], final_loss=summary["final_loss"]))
         print(f"tfbert: {rows[-1]['examples_per_sec']:.1f} examples/s", flush=True)
