@@ -95,3 +95,19 @@ def test_records_of_another_sequence_length_fail_at_start(tmp_path, sample):
                         f"--vocab_file={sample[1]}", "--max_seq_length=64", "--num_train_steps=1")
     assert result.returncode == 2
     assert "128" in result.stderr and "64" in result.stderr
+
+
+def test_deterministic_turns_on_op_determinism_and_repeats_the_run(tmp_path, sample):
+    checksums = []
+    for name in ("first", "second"):
+        out = tmp_path / name
+        result = run_tfbert(f"--output_dir={out}", "--deterministic", "--num_train_steps=3",
+                            *TINY_STEPS)
+        assert result.returncode == 0, result.stderr[-3000:]
+        summary = json.loads((out / "summary.json").read_text())
+        assert summary["op_determinism"] is True
+        checksums.append(summary["per_rank"]["weights_checksum"])
+    assert checksums[0] == checksums[1]
+    plain = run_tfbert(f"--output_dir={tmp_path / 'plain'}", "--num_train_steps=1", *TINY_STEPS)
+    assert plain.returncode == 0, plain.stderr[-3000:]
+    assert json.loads((tmp_path / "plain" / "summary.json").read_text())["op_determinism"] is False

@@ -11,6 +11,7 @@ from typing import Iterator
 
 import tensorflow as tf
 from absl import logging
+from tensorflow.python.framework import config as tf_config
 
 from tfbert.config import Config, atomic_write_text
 from tfbert.distributed import SingleProcess
@@ -315,7 +316,10 @@ class Pretrainer:
             train_batch_size=data.train_batch_size,
             num_accumulation_steps=self.accumulation_steps,
             global_batch_size=examples_per_step * self.group.size,
-            max_seq_length=data.max_seq_length, precision=runtime.precision, xla=runtime.xla)
+            max_seq_length=data.max_seq_length, precision=runtime.precision, xla=runtime.xla,
+            memory_optimization=runtime.memory_optimization,
+            # As TensorFlow reports it (--deterministic turns it on for the whole process).
+            op_determinism=tf_config.is_op_determinism_enabled())
         if is_chief:
             atomic_write_text(os.path.join(runtime.output_dir, "summary.json"),
                               json.dumps(summary, indent=2) + "\n")
