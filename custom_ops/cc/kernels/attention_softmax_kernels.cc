@@ -32,12 +32,28 @@ using GPUDevice = Eigen::GpuDevice;
 namespace functor {
 namespace {
 
+using FloatRow = Eigen::Map<Eigen::ArrayXf>;
+template <typename T>
+using ConstRow = Eigen::Map<const Eigen::Array<T, Eigen::Dynamic, 1>>;
+template <typename T>
+using Row = Eigen::Map<Eigen::Array<T, Eigen::Dynamic, 1>>;
+
 // Splits `rows` rows of `cols` elements each over the intra-op thread pool.
 template <typename Fn>
 void ParallelRows(OpKernelContext* context, int64_t rows, int64_t cols, const Fn& fn) {
   auto* workers = context->device()->tensorflow_cpu_worker_threads()->workers;
   // About 20 cycles per element (an exp, a hash and a few loads and stores).
   workers->ParallelFor(rows, /*cost_per_unit=*/20 * cols, fn);
+}
+
+// keep[k] = keep_scale if element base + k survives dropout, else 0: the row's mask as
+// multipliers, drawn from the shared generator (dropout_rng.h). The hash is the one scalar loop
+// of these kernels; everything around it is Eigen's vectorised array math.
+void DropoutMultipliers(uint64_t key, uint64_t base, int64_t cols, float rate, float keep_scale,
+                        float* keep) {
+  for (int64_t k = 0; k < cols; ++k) {
+    keep[k] = tfbert_dropout_keep(key, base + k, rate) ? keep_scale : 0.0f;
+  }
 }
 
 }  // namespace
@@ -51,44 +67,34 @@ struct FusedAttentionSoftmaxForward<CPUDevice, T> {
     const uint64_t key = tfbert_dropout_key(seed0, seed1);
     const float keep_scale = 1.0f / (1.0f - dropout_rate);  // inverted dropout
     ParallelRows(context, dims.rows, cols, [&](int64_t begin, int64_t end) {
-      std::vector<float> x(cols);  // the row's float32 logits, then its exponentials
+      std::vector<float> x_buffer(cols), keep_buffer(dropout_rate > 0.0f ? cols : 0);
+      FloatRow x(x_buffer.data(), cols);  // the row's float32 logits, then its exponentials
       for (int64_t r = begin; r < end; ++r) {
-        const T* s = scores + r * cols;
         const int64_t mask_row = (r / dims.heads_queries) * dims.mask_rows +
                                  (dims.mask_rows == 1 ? 0 : r % dims.queries);
-        const T* m = mask_bias + mask_row * cols;
         // The reference's order: float32(score) * scale, then + float32(mask).
-        float row_max = -std::numeric_limits<float>::infinity();
-        for (int64_t k = 0; k < cols; ++k) {
-          x[k] = static_cast<float>(s[k]) * scale + static_cast<float>(m[k]);
-          row_max = std::max(row_max, x[k]);
-        }
+        x = ConstRow<T>(scores + r * cols, cols).template cast<float>() * scale +
+            ConstRow<T>(mask_bias + mask_row * cols, cols).template cast<float>();
+        const float row_max = x.maxCoeff();
         float inv_sum;
         if (row_max == -std::numeric_limits<float>::infinity()) {
           // Every key masked with -inf: a uniform row rather than 0/0 = NaN. (The usual
           // -10000 bias never gets here: equal biases cancel in the softmax.)
-          std::fill(x.begin(), x.end(), 1.0f);
+          x.setOnes();
           inv_sum = 1.0f / static_cast<float>(cols);
         } else {
-          float sum = 0.0f;
-          for (int64_t k = 0; k < cols; ++k) {
-            x[k] = std::exp(x[k] - row_max);  // max subtracted: every exponent <= 0
-            sum += x[k];
-          }
-          inv_sum = 1.0f / sum;  // sum >= 1: the maximum contributes exp(0)
+          x = (x - row_max).exp();  // max subtracted: every exponent <= 0
+          inv_sum = 1.0f / x.sum();  // sum >= 1: the maximum contributes exp(0)
         }
-        T* out = probs + r * cols;
-        T* out_softmax = softmax + r * cols;
+        x *= inv_sum;  // the softmax
+        Row<T> out(probs + r * cols, cols);
         if (dropout_rate > 0.0f) {
-          const uint64_t base = static_cast<uint64_t>(r * cols);
-          for (int64_t k = 0; k < cols; ++k) {
-            const float p = x[k] * inv_sum;
-            out_softmax[k] = static_cast<T>(p);
-            const bool keep = tfbert_dropout_keep(key, base + k, dropout_rate);
-            out[k] = static_cast<T>(keep ? p * keep_scale : 0.0f);
-          }
+          Row<T>(softmax + r * cols, cols) = x.template cast<T>();
+          DropoutMultipliers(key, static_cast<uint64_t>(r * cols), cols, dropout_rate,
+                             keep_scale, keep_buffer.data());
+          out = (x * FloatRow(keep_buffer.data(), cols)).template cast<T>();
         } else {
-          for (int64_t k = 0; k < cols; ++k) out[k] = static_cast<T>(x[k] * inv_sum);
+          out = x.template cast<T>();
         }
       }
     });
@@ -104,24 +110,20 @@ struct FusedAttentionSoftmaxBackward<CPUDevice, T> {
     const uint64_t key = tfbert_dropout_key(seed0, seed1);
     const float keep_scale = 1.0f / (1.0f - dropout_rate);
     ParallelRows(context, rows, cols, [&](int64_t begin, int64_t end) {
-      std::vector<float> d(cols);  // the gradient of the pre-dropout softmax
+      std::vector<float> d_buffer(cols), p_buffer(cols);
+      FloatRow d(d_buffer.data(), cols);  // the gradient of the pre-dropout softmax
+      FloatRow p(p_buffer.data(), cols);
       for (int64_t r = begin; r < end; ++r) {
-        const T* dp = dprobs + r * cols;
-        const T* p = softmax + r * cols;
-        const uint64_t base = static_cast<uint64_t>(r * cols);
-        float dot = 0.0f;  // sum_k d_k * p_k, in float32
-        for (int64_t k = 0; k < cols; ++k) {
-          float g = static_cast<float>(dp[k]);
-          if (dropout_rate > 0.0f) {
-            g = tfbert_dropout_keep(key, base + k, dropout_rate) ? g * keep_scale : 0.0f;
-          }
-          d[k] = g;
-          dot += g * static_cast<float>(p[k]);
+        if (dropout_rate > 0.0f) {
+          DropoutMultipliers(key, static_cast<uint64_t>(r * cols), cols, dropout_rate,
+                             keep_scale, d_buffer.data());
+          d *= ConstRow<T>(dprobs + r * cols, cols).template cast<float>();
+        } else {
+          d = ConstRow<T>(dprobs + r * cols, cols).template cast<float>();
         }
-        T* out = dscores + r * cols;
-        for (int64_t k = 0; k < cols; ++k) {
-          out[k] = static_cast<T>(scale * static_cast<float>(p[k]) * (d[k] - dot));
-        }
+        p = ConstRow<T>(softmax + r * cols, cols).template cast<float>();
+        const float dot = (d * p).sum();  // sum_k d_k * p_k, in float32
+        Row<T>(dscores + r * cols, cols) = (scale * p * (d - dot)).template cast<T>();
       }
     });
     return ::tensorflow::OkStatus();

@@ -35,7 +35,7 @@ constexpr float kTanhCubic = 0.044715f;
 //   approximate: gelu(u) = 0.5 u (1 + tanh(k (u + c u^3))), k = sqrt(2 / pi), c = 0.044715;
 //                gelu'(u) = 0.5 (1 + t) + 0.5 u (1 - t^2) k (1 + 3 c u^2).
 // erfc(-u / sqrt 2), not 1 + erf(u / sqrt 2): for u << 0 the latter is 1 - 0.99999... and
-// cancels to zero long before gelu(u) underflows (the same form as tf.nn.gelu).
+// cancels to zero long before gelu(u) underflows (tf.nn.gelu uses 1 + erf and does).
 inline float Gelu(float u, bool approximate) {
   if (approximate) {
     const float t = std::tanh(kSqrt2OverPi * (u + kTanhCubic * u * u * u));
