@@ -12,6 +12,7 @@
 
 #include "attention_softmax.h"
 #include "dropout_rng.h"
+#include "Eigen/Core"
 #include "tensorflow/core/framework/tensor_shape.h"
 #include "tensorflow/core/framework/tensor_util.h"
 #include "tensorflow/core/util/work_sharder.h"
@@ -32,28 +33,133 @@ using GPUDevice = Eigen::GpuDevice;
 namespace functor {
 namespace {
 
-using FloatRow = Eigen::Map<Eigen::ArrayXf>;
-template <typename T>
-using ConstRow = Eigen::Map<const Eigen::Array<T, Eigen::Dynamic, 1>>;
-template <typename T>
-using Row = Eigen::Map<Eigen::Array<T, Eigen::Dynamic, 1>>;
+using cpu_math::ExpNonPositive;
+using cpu_math::Load;
+using cpu_math::Select;
+using cpu_math::Store;
 
 // Splits `rows` rows of `cols` elements each over the intra-op thread pool.
 template <typename Fn>
 void ParallelRows(OpKernelContext* context, int64_t rows, int64_t cols, const Fn& fn) {
   auto* workers = context->device()->tensorflow_cpu_worker_threads()->workers;
-  // About 20 cycles per element (an exp, a hash and a few loads and stores).
-  workers->ParallelFor(rows, /*cost_per_unit=*/20 * cols, fn);
+  // About 10 cycles per element (an exp or a hash, a few loads and stores).
+  workers->ParallelFor(rows, /*cost_per_unit=*/10 * cols, fn);
 }
 
-// keep[k] = keep_scale if element base + k survives dropout, else 0: the row's mask as
-// multipliers, drawn from the shared generator (dropout_rng.h). The hash is the one scalar loop
-// of these kernels; everything around it is Eigen's vectorised array math.
-void DropoutMultipliers(uint64_t key, uint64_t base, int64_t cols, float rate, float keep_scale,
-                        float* keep) {
-  for (int64_t k = 0; k < cols; ++k) {
-    keep[k] = tfbert_dropout_keep(key, base + k, rate) ? keep_scale : 0.0f;
+// ---- The row loops, vectorised (see TFBERT_CPU_CLONES in kernel_common.h), on float32 rows ----
+//
+// A row has three passes: logits, exp and sum, normalisation (and dropout). The row's sum (and
+// the backward's dot product) is kept in kLanes independent partial sums added in lane order at
+// the end: that vectorises for every ISA without reassociating anything, so the result does not
+// depend on which clone runs.
+constexpr int kLanes = 16;
+
+// The dropout keep decision of cuda/dropout_rng.h, tfbert_dropout_keep(key, index, rate) =
+// (bits(index) >> 40) * 2^-24 >= rate, as an integer comparison, which vectorises:
+// (bits >> 40) is an integer k < 2^24 and k * 2^-24 >= rate exactly when k >= rate * 2^24 (exact
+// in float: a power-of-two scaling), i.e. when k >= ceil(rate * 2^24). The same bits, the same
+// decisions, on the CPU and the GPU, forward and backward.
+uint64_t KeepThreshold(float rate) {
+  return static_cast<uint64_t>(std::ceil(static_cast<double>(rate) * 16777216.0));
+}
+
+TFBERT_INLINE bool Keep(uint64_t key, uint64_t index, uint64_t threshold) {
+  return (tfbert_dropout_mix64(key + (index + 1) * TFBERT_DROPOUT_RNG_GAMMA) >> 40) >= threshold;
+}
+
+// x = s * scale + m (the reference's order) over one row, in float32.
+template <typename T>
+TFBERT_CPU_CLONES void ScaleAndMask(const T* __restrict s, const T* __restrict m, int64_t n,
+                                    float scale, float* __restrict x) {
+  for (int64_t k = 0; k < n; ++k) x[k] = Load(s, k) * scale + Load(m, k);
+}
+
+// max(x) over one row, ignoring NaN as std::max does (-inf if there is nothing else; NaN if
+// all are NaN). Eigen's vectorised reduction: GCC does not vectorise a float max without
+// -ffast-math. A maximum does not depend on the order of the comparisons.
+float RowMax(const float* x, int64_t n) {
+  return Eigen::Map<const Eigen::ArrayXf>(x, n).maxCoeff<Eigen::PropagateNumbers>();
+}
+
+// x = exp(x - row_max) in place; returns sum(x). Every exponent is <= 0.
+TFBERT_CPU_CLONES float ExpAndSum(float* __restrict x, int64_t n, float row_max) {
+  float lane_sum[kLanes] = {};
+  int64_t k = 0;
+  for (; k + kLanes <= n; k += kLanes) {
+    for (int l = 0; l < kLanes; ++l) {
+      x[k + l] = ExpNonPositive(x[k + l] - row_max);
+      lane_sum[l] += x[k + l];
+    }
   }
+  for (; k < n; ++k) {
+    x[k] = ExpNonPositive(x[k] - row_max);
+    lane_sum[0] += x[k];
+  }
+  float sum = lane_sum[0];
+  for (int l = 1; l < kLanes; ++l) sum += lane_sum[l];
+  return sum;
+}
+
+// probs = e * inv_sum.
+template <typename T>
+TFBERT_CPU_CLONES void Normalize(const float* __restrict e, int64_t n, float inv_sum,
+                                 T* __restrict probs) {
+  for (int64_t k = 0; k < n; ++k) Store(probs, k, e[k] * inv_sum);
+}
+
+// softmax = e * inv_sum and probs = its dropout: softmax * keep_scale where kept, else 0. The
+// row's elements have flat indices base + k.
+template <typename T>
+TFBERT_CPU_CLONES void NormalizeAndDrop(const float* __restrict e, int64_t n, float inv_sum,
+                                        uint64_t key, uint64_t base, uint64_t threshold,
+                                        float keep_scale, T* __restrict softmax,
+                                        T* __restrict probs) {
+  for (int64_t k = 0; k < n; ++k) {
+    const float p = e[k] * inv_sum;
+    Store(softmax, k, p);
+    Store(probs, k, Select(Keep(key, base + k, threshold), p * keep_scale, 0.0f));
+  }
+}
+
+// The softmax gradient of one row without dropout: dscores = scale * p * (d - sum(d * p)),
+// d = dprobs, p = softmax.
+template <typename T>
+TFBERT_CPU_CLONES void SoftmaxGrad(const T* __restrict dprobs, const T* __restrict p, int64_t n,
+                                   float scale, T* __restrict dscores) {
+  float lane_sum[kLanes] = {};  // sum(d * p) in lanes
+  int64_t k = 0;
+  for (; k + kLanes <= n; k += kLanes) {
+    for (int l = 0; l < kLanes; ++l) lane_sum[l] += Load(dprobs, k + l) * Load(p, k + l);
+  }
+  for (; k < n; ++k) lane_sum[0] += Load(dprobs, k) * Load(p, k);
+  float dot = lane_sum[0];
+  for (int l = 1; l < kLanes; ++l) dot += lane_sum[l];
+  for (k = 0; k < n; ++k) Store(dscores, k, scale * Load(p, k) * (Load(dprobs, k) - dot));
+}
+
+// The same with dropout: d, the gradient of the pre-dropout softmax, is dprobs * keep_scale
+// where kept and 0 elsewhere (the forward's mask, regenerated); it goes through d_buffer.
+template <typename T>
+TFBERT_CPU_CLONES void DropoutSoftmaxGrad(const T* __restrict dprobs, const T* __restrict p,
+                                          int64_t n, float scale, uint64_t key, uint64_t base,
+                                          uint64_t threshold, float keep_scale,
+                                          float* __restrict d, T* __restrict dscores) {
+  float lane_sum[kLanes] = {};  // sum(d * p) in lanes
+  int64_t k = 0;
+  for (; k + kLanes <= n; k += kLanes) {
+    for (int l = 0; l < kLanes; ++l) {
+      d[k + l] = Select(Keep(key, base + k + l, threshold), Load(dprobs, k + l) * keep_scale,
+                        0.0f);
+      lane_sum[l] += d[k + l] * Load(p, k + l);
+    }
+  }
+  for (; k < n; ++k) {
+    d[k] = Select(Keep(key, base + k, threshold), Load(dprobs, k) * keep_scale, 0.0f);
+    lane_sum[0] += d[k] * Load(p, k);
+  }
+  float dot = lane_sum[0];
+  for (int l = 1; l < kLanes; ++l) dot += lane_sum[l];
+  for (k = 0; k < n; ++k) Store(dscores, k, scale * Load(p, k) * (d[k] - dot));
 }
 
 }  // namespace
@@ -65,36 +171,29 @@ struct FusedAttentionSoftmaxForward<CPUDevice, T> {
                     int64_t seed0, int64_t seed1, T* probs, T* softmax) {
     const int64_t cols = dims.cols;
     const uint64_t key = tfbert_dropout_key(seed0, seed1);
+    const uint64_t threshold = KeepThreshold(dropout_rate);
     const float keep_scale = 1.0f / (1.0f - dropout_rate);  // inverted dropout
     ParallelRows(context, dims.rows, cols, [&](int64_t begin, int64_t end) {
-      std::vector<float> x_buffer(cols), keep_buffer(dropout_rate > 0.0f ? cols : 0);
-      FloatRow x(x_buffer.data(), cols);  // the row's float32 logits, then its exponentials
+      std::vector<float> x(cols);  // the row's float32 logits, then its exponentials
       for (int64_t r = begin; r < end; ++r) {
         const int64_t mask_row = (r / dims.heads_queries) * dims.mask_rows +
                                  (dims.mask_rows == 1 ? 0 : r % dims.queries);
-        // The reference's order: float32(score) * scale, then + float32(mask).
-        x = ConstRow<T>(scores + r * cols, cols).template cast<float>() * scale +
-            ConstRow<T>(mask_bias + mask_row * cols, cols).template cast<float>();
-        const float row_max = x.maxCoeff();
+        ScaleAndMask(scores + r * cols, mask_bias + mask_row * cols, cols, scale, x.data());
+        const float row_max = RowMax(x.data(), cols);
         float inv_sum;
-        if (row_max == -std::numeric_limits<float>::infinity()) {
-          // Every key masked with -inf: a uniform row rather than 0/0 = NaN. (The usual
-          // -10000 bias never gets here: equal biases cancel in the softmax.)
-          x.setOnes();
+        if (!(row_max > -std::numeric_limits<float>::infinity())) {
+          // Every key masked with -inf (or NaN): a uniform row rather than 0/0 = NaN. (The
+          // usual -10000 bias never gets here: equal biases cancel in the softmax.)
+          std::fill(x.begin(), x.end(), 1.0f);
           inv_sum = 1.0f / static_cast<float>(cols);
         } else {
-          x = (x - row_max).exp();  // max subtracted: every exponent <= 0
-          inv_sum = 1.0f / x.sum();  // sum >= 1: the maximum contributes exp(0)
+          inv_sum = 1.0f / ExpAndSum(x.data(), cols, row_max);  // sum >= 1: exp(max - max)
         }
-        x *= inv_sum;  // the softmax
-        Row<T> out(probs + r * cols, cols);
         if (dropout_rate > 0.0f) {
-          Row<T>(softmax + r * cols, cols) = x.template cast<T>();
-          DropoutMultipliers(key, static_cast<uint64_t>(r * cols), cols, dropout_rate,
-                             keep_scale, keep_buffer.data());
-          out = (x * FloatRow(keep_buffer.data(), cols)).template cast<T>();
+          NormalizeAndDrop(x.data(), cols, inv_sum, key, static_cast<uint64_t>(r * cols),
+                           threshold, keep_scale, softmax + r * cols, probs + r * cols);
         } else {
-          out = x.template cast<T>();
+          Normalize(x.data(), cols, inv_sum, probs + r * cols);
         }
       }
     });
@@ -108,22 +207,19 @@ struct FusedAttentionSoftmaxBackward<CPUDevice, T> {
                     int64_t cols, float scale, float dropout_rate, int64_t seed0, int64_t seed1,
                     T* dscores) {
     const uint64_t key = tfbert_dropout_key(seed0, seed1);
+    const uint64_t threshold = KeepThreshold(dropout_rate);
     const float keep_scale = 1.0f / (1.0f - dropout_rate);
     ParallelRows(context, rows, cols, [&](int64_t begin, int64_t end) {
-      std::vector<float> d_buffer(cols), p_buffer(cols);
-      FloatRow d(d_buffer.data(), cols);  // the gradient of the pre-dropout softmax
-      FloatRow p(p_buffer.data(), cols);
+      std::vector<float> d(dropout_rate > 0.0f ? cols : 0);
       for (int64_t r = begin; r < end; ++r) {
+        const int64_t offset = r * cols;
         if (dropout_rate > 0.0f) {
-          DropoutMultipliers(key, static_cast<uint64_t>(r * cols), cols, dropout_rate,
-                             keep_scale, d_buffer.data());
-          d *= ConstRow<T>(dprobs + r * cols, cols).template cast<float>();
+          DropoutSoftmaxGrad(dprobs + offset, softmax + offset, cols, scale, key,
+                             static_cast<uint64_t>(offset), threshold, keep_scale, d.data(),
+                             dscores + offset);
         } else {
-          d = ConstRow<T>(dprobs + r * cols, cols).template cast<float>();
+          SoftmaxGrad(dprobs + offset, softmax + offset, cols, scale, dscores + offset);
         }
-        p = ConstRow<T>(softmax + r * cols, cols).template cast<float>();
-        const float dot = (d * p).sum();  // sum_k d_k * p_k, in float32
-        Row<T>(dscores + r * cols, cols) = (scale * p * (d - dot)).template cast<T>();
       }
     });
     return ::tensorflow::OkStatus();

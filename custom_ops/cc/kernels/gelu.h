@@ -22,7 +22,8 @@
 namespace tfbert {
 namespace functor {
 
-// The scalar math of the CPU kernels (cuda/gelu.cu holds the same formulas for the GPU).
+// The scalar formulas, the readable reference: the CPU kernels vectorise them (with libm-free
+// erfc and tanh, gelu_kernels.cc) and cuda/gelu.cu holds the same for the GPU.
 namespace gelu_math {
 
 constexpr float kSqrtHalf = 0.70710678118654752f;     // 1 / sqrt(2)

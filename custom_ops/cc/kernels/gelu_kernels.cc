@@ -4,15 +4,17 @@
 //
 // Legend: rows = the product of x's leading dimensions, cols = N = x's last dimension (2M for
 // GeGLU, whose y and dy are [rows, M]); see gelu.h.
+//
+// CPU: rows are split over TensorFlow's intra-op thread pool, and each row goes through one
+// vectorised loop (see TFBERT_CPU_CLONES in kernel_common.h) that reads x (float, half or
+// bfloat16) and the bias, computes in float32 and writes y, or dx and the row's dbias share,
+// with no temporaries.
 
 #include "kernel_common.h"  // first: it sets Eigen's device switches
 
 #include "gelu.h"
 
 #include <limits>
-
-#include "Eigen/Core"
-#include "unsupported/Eigen/SpecialFunctions"
 
 #if GOOGLE_CUDA
 #include "gelu_launch.h"
@@ -24,15 +26,214 @@ namespace functor {
 
 namespace {
 
+using cpu_math::ExpNonPositive;
+using cpu_math::Load;
+using cpu_math::Select;
+using cpu_math::Store;
+using gelu_math::kInvSqrt2Pi;
+using gelu_math::kSqrt2OverPi;
+using gelu_math::kSqrtHalf;
+using gelu_math::kTanhCubic;
+
 // The rows are cut into a fixed number of blocks for the dbias partial sums (independent of the
 // number of threads), and the partials are added in block order, so dbias is bit-identical from
 // run to run and from machine to machine. 128 blocks keep a large host busy while the partials
 // stay small (128 * N floats).
 constexpr int64_t kMaxGradRowBlocks = 128;
 
-// Rough cycles per element (erfc/tanh dominate), for the thread pool's sharding.
-constexpr int64_t kForwardCostPerElement = 40;
-constexpr int64_t kBackwardCostPerElement = 60;
+// Rough cycles per element, for the thread pool's sharding.
+constexpr int64_t kForwardCostPerElement = 10;
+constexpr int64_t kBackwardCostPerElement = 20;
+
+// ---- Scalar GELU math that GCC vectorises (the formulas of gelu_math in gelu.h) ----
+
+// Phi(u), the standard normal CDF, = 0.5 erfc(-u / sqrt 2). libm's erfcf (the scalar reference
+// in gelu.h, and what Eigen's erfc calls lane by lane) does not vectorise, and 1 + erf(u / sqrt
+// 2), which does, cancels for u << 0 (tf.nn.gelu's form: its GELU is 0 below u = -5.5). So erfc
+// is Numerical Recipes' Chebyshev fit (Press et al., 2nd ed., section 6.2, erfcc): for z >= 0
+//   erfc(z) = t exp(-z^2 + P(t)),  t = 1 / (1 + z / 2),  P of degree 9,
+// with a fractional error below 1.2e-7 for every z, so the tail keeps its relative precision.
+// Then Phi(-|u|) = 0.5 erfc(|u| / sqrt 2), Phi(|u|) = 1 - Phi(-|u|). Measured in float32 against
+// erfc in double, the relative error is within 2x of libm's erfcf(-u / sqrt 2) for every u (both
+// ~1e-5 at u = -12, where rounding u / sqrt 2 alone costs that much).
+constexpr float kErfcP[] = {-1.26551223f, 1.00002368f,  0.37409196f,  0.09678418f,
+                            -0.18628806f, 0.27886807f,  -1.13520398f, 1.48851587f,
+                            -0.82215223f, 0.17087277f};  // P's coefficients from t^0 up
+
+TFBERT_INLINE float NormalCdf(float u) {
+  const float t = 1.0f / (1.0f + (0.5f * kSqrtHalf) * std::fabs(u));
+  float p = kErfcP[9];
+  for (int i = 8; i >= 0; --i) p = p * t + kErfcP[i];
+  // -z^2 = -u^2 / 2: one rounding, not two as (|u| / sqrt 2)^2.
+  const float lower_tail = 0.5f * t * ExpNonPositive(p - 0.5f * u * u);  // Phi(-|u|)
+  return Select(u <= 0.0f, lower_tail, 1.0f - lower_tail);
+}
+
+// tanh(x) as Eigen computes it for float (generic_fast_tanh_float without FMA: the input clamped
+// to +-7.905, where tanh rounds to +-1, then a 13/6 odd/even rational function; x itself below
+// 4e-4), so the approximate GELU gives what the Eigen version of this kernel gave.
+TFBERT_INLINE float Tanh(float x) {
+  constexpr float kClamp = 7.90531110763549805f;
+  const float c = Select(x > kClamp, kClamp, Select(x < -kClamp, -kClamp, x));
+  const float c2 = c * c;
+  float p = c2 * -2.76076847742355e-16f + 2.00018790482477e-13f;
+  p = c2 * p + -8.60467152213735e-11f;
+  p = c2 * p + 5.12229709037114e-08f;
+  p = c2 * p + 1.48572235717979e-05f;
+  p = c2 * p + 6.37261928875436e-04f;
+  p = c2 * p + 4.89352455891786e-03f;
+  p = c * p;
+  float q = c2 * 1.19825839466702e-06f + 1.18534705686654e-04f;
+  q = c2 * q + 2.26843463243900e-03f;
+  q = c2 * q + 4.89352518554385e-03f;
+  return Select(std::fabs(x) < 0.0004f, c, p / q);
+}
+
+// The two GELU forms: gelu(u), and gelu(u) with gelu'(u) for the gradients.
+struct ExactGelu {
+  static TFBERT_INLINE float Value(float u) { return u * NormalCdf(u); }
+  static TFBERT_INLINE float ValueAndDerivative(float u, float* derivative) {
+    const float cdf = NormalCdf(u);
+    *derivative = cdf + u * kInvSqrt2Pi * ExpNonPositive(-0.5f * u * u);
+    return u * cdf;
+  }
+};
+
+struct TanhGelu {
+  static TFBERT_INLINE float Value(float u) {
+    return 0.5f * u * (1.0f + Tanh(kSqrt2OverPi * (u + kTanhCubic * (u * u * u))));
+  }
+  static TFBERT_INLINE float ValueAndDerivative(float u, float* derivative) {
+    const float u2 = u * u;
+    const float t = Tanh(kSqrt2OverPi * (u + kTanhCubic * (u2 * u)));
+    *derivative = 0.5f * (1.0f + t) +
+                  0.5f * u * (1.0f - t * t) * kSqrt2OverPi * (1.0f + 3.0f * kTanhCubic * u2);
+    return 0.5f * u * (1.0f + t);
+  }
+};
+
+// ---- The row loops: one vectorised function per kernel and storage type T ----
+//
+// Each loop reads its row in T, computes in float32 and writes T (cpu_math::Load / Store); the
+// bias is float32. Outputs never alias inputs (__restrict lets GCC vectorise without run-time
+// overlap checks).
+
+template <typename Form, typename T>
+TFBERT_INLINE void BiasGeluLoop(const T* x, const float* bias, int64_t n, T* y) {
+  for (int64_t j = 0; j < n; ++j) Store(y, j, Form::Value(Load(x, j) + bias[j]));
+}
+
+// y = gelu(x + bias) over one row of n elements.
+template <typename T>
+TFBERT_CPU_CLONES void BiasGeluRow(const T* __restrict x, const float* __restrict bias,
+                                   int64_t n, bool approximate, T* __restrict y) {
+  if (approximate) {
+    BiasGeluLoop<TanhGelu>(x, bias, n, y);
+  } else {
+    BiasGeluLoop<ExactGelu>(x, bias, n, y);
+  }
+}
+
+template <typename Form, typename T>
+TFBERT_INLINE void BiasGeluGradLoop(const T* dy, const T* x, const float* bias, int64_t n, T* dx,
+                                    float* dbias) {
+  for (int64_t j = 0; j < n; ++j) {
+    float derivative;
+    Form::ValueAndDerivative(Load(x, j) + bias[j], &derivative);
+    const float grad = Load(dy, j) * derivative;
+    Store(dx, j, grad);
+    dbias[j] += grad;  // dbias from the float32 gradient, not from dx rounded to T
+  }
+}
+
+// dx = dy * gelu'(x + bias) over one row of n elements, and dbias += dx.
+template <typename T>
+TFBERT_CPU_CLONES void BiasGeluGradRow(const T* __restrict dy, const T* __restrict x,
+                                       const float* __restrict bias, int64_t n, bool approximate,
+                                       T* __restrict dx, float* __restrict dbias) {
+  if (approximate) {
+    BiasGeluGradLoop<TanhGelu>(dy, x, bias, n, dx, dbias);
+  } else {
+    BiasGeluGradLoop<ExactGelu>(dy, x, bias, n, dx, dbias);
+  }
+}
+
+template <typename Form, typename T>
+TFBERT_INLINE void BiasGegluLoop(const T* gate, const T* value, const float* bias, int64_t m,
+                                 T* y) {
+  for (int64_t j = 0; j < m; ++j) {
+    Store(y, j, Form::Value(Load(gate, j) + bias[j]) * (Load(value, j) + bias[m + j]));
+  }
+}
+
+// y = gelu(gate + bias[:m]) * (value + bias[m:]) over one row of m outputs.
+template <typename T>
+TFBERT_CPU_CLONES void BiasGegluRow(const T* __restrict gate, const T* __restrict value,
+                                    const float* __restrict bias, int64_t m, bool approximate,
+                                    T* __restrict y) {
+  if (approximate) {
+    BiasGegluLoop<TanhGelu>(gate, value, bias, m, y);
+  } else {
+    BiasGegluLoop<ExactGelu>(gate, value, bias, m, y);
+  }
+}
+
+template <typename Form, typename T>
+TFBERT_INLINE void BiasGegluGradLoop(const T* dy, const T* gate, const T* value,
+                                     const float* bias, int64_t m, T* dgate, T* dvalue,
+                                     float* dbias) {
+  for (int64_t j = 0; j < m; ++j) {
+    float derivative;
+    const float gelu_g = Form::ValueAndDerivative(Load(gate, j) + bias[j], &derivative);
+    const float v = Load(value, j) + bias[m + j];
+    const float dgate_j = Load(dy, j) * v * derivative;
+    const float dvalue_j = Load(dy, j) * gelu_g;
+    Store(dgate, j, dgate_j);
+    Store(dvalue, j, dvalue_j);
+    dbias[j] += dgate_j;
+    dbias[m + j] += dvalue_j;
+  }
+}
+
+// [dgate | dvalue] = [dy * v * gelu'(g) | dy * gelu(g)] over one row of m outputs (g and v the
+// biased gate and value), and dbias += [dgate | dvalue].
+template <typename T>
+TFBERT_CPU_CLONES void BiasGegluGradRow(const T* __restrict dy, const T* __restrict gate,
+                                        const T* __restrict value, const float* __restrict bias,
+                                        int64_t m, bool approximate, T* __restrict dgate,
+                                        T* __restrict dvalue, float* __restrict dbias) {
+  if (approximate) {
+    BiasGegluGradLoop<TanhGelu>(dy, gate, value, bias, m, dgate, dvalue, dbias);
+  } else {
+    BiasGegluGradLoop<ExactGelu>(dy, gate, value, bias, m, dgate, dvalue, dbias);
+  }
+}
+
+// ---- Row drivers ----
+
+// Runs block_fn(row_begin, row_end, partial) over a fixed partition of the rows into blocks,
+// partial being the block's float32 [cols] accumulator (zeros on entry), then writes dbias =
+// the partials summed in block order (zeros if no rows).
+template <typename T, typename BlockFn>
+void ForRowBlocksWithBiasGrad(OpKernelContext* context, int64_t rows, int64_t cols,
+                              int64_t cost_per_row, const BlockFn& block_fn, T* dbias) {
+  auto* workers = context->device()->tensorflow_cpu_worker_threads()->workers;
+  const int64_t blocks = std::max<int64_t>(1, std::min(rows, kMaxGradRowBlocks));
+  std::vector<float> partials(blocks * cols, 0.0f);  // [blocks, cols]
+  const int64_t cost_per_block = (rows / blocks + 1) * cost_per_row;
+  workers->ParallelFor(blocks, cost_per_block, [&](int64_t block_begin, int64_t block_end) {
+    for (int64_t b = block_begin; b < block_end; ++b) {
+      block_fn(b * rows / blocks, (b + 1) * rows / blocks, partials.data() + b * cols);
+    }
+  });
+  // The second reduction, in block order: blocks * cols additions, small next to the rows.
+  float* sum = partials.data();
+  for (int64_t b = 1; b < blocks; ++b) {
+    const float* partial = partials.data() + b * cols;
+    for (int64_t j = 0; j < cols; ++j) sum[j] += partial[j];
+  }
+  for (int64_t j = 0; j < cols; ++j) dbias[j] = static_cast<T>(sum[j]);
+}
 
 template <typename T>
 std::vector<float> ToFloatVector(const T* values, int64_t size) {
@@ -41,79 +242,7 @@ std::vector<float> ToFloatVector(const T* values, int64_t size) {
   return out;
 }
 
-// Below this pre-activation the exact GELU takes erfc instead of 1 + erf (see GeluRow).
-constexpr float kErfcBelow = -2.0f;
-
-// GELU over one row of float32 pre-activations u[0:n] with Eigen's vectorised erf/tanh/exp
-// (the packet math TensorFlow's own GELU uses): scalar libm calls per element made the fused
-// op several times slower than TF's composite. Writes gelu(u) to out and, when derivative is
-// not null, gelu'(u) to derivative; out is also the scratch space, so nothing is allocated.
-// Same formulas as gelu_math (gelu.h).
-void GeluRow(const float* u, int64_t n, bool approximate, float* out, float* derivative) {
-  using gelu_math::kInvSqrt2Pi;
-  using gelu_math::kSqrt2OverPi;
-  using gelu_math::kSqrtHalf;
-  using gelu_math::kTanhCubic;
-  Eigen::Map<const Eigen::ArrayXf> x(u, n);
-  Eigen::Map<Eigen::ArrayXf> y(out, n);
-  if (approximate) {
-    y = (kSqrt2OverPi * (x + kTanhCubic * x.cube())).tanh();  // t
-    if (derivative != nullptr) {
-      Eigen::Map<Eigen::ArrayXf>(derivative, n) =
-          0.5f * (1.0f + y) +
-          0.5f * x * (1.0f - y.square()) * kSqrt2OverPi * (1.0f + 3.0f * kTanhCubic * x.square());
-    }
-    y = 0.5f * x * (1.0f + y);
-    return;
-  }
-  // Phi(u) = (1 + erf(u / sqrt 2)) / 2 first, in out. Eigen's erf is vectorised, its erfc is
-  // scalar (20x slower here, as TensorFlow's Erfc op). For u << 0, 1 + erf cancels (at u = -2
-  // it keeps ~5 significant digits of Phi), so the few elements below kErfcBelow take the
-  // scalar erfc, which keeps full precision in the tail as gelu_math::Gelu does.
-  y = 0.5f * (1.0f + (kSqrtHalf * x).erf());
-  for (int64_t j = 0; j < n; ++j) {
-    if (u[j] < kErfcBelow) out[j] = 0.5f * std::erfc(-kSqrtHalf * u[j]);
-  }
-  if (derivative != nullptr) {
-    Eigen::Map<Eigen::ArrayXf>(derivative, n) = y + x * kInvSqrt2Pi * (-0.5f * x.square()).exp();
-  }
-  y = x * y;
-}
-
-// Runs row_fn(row, partial) for every row, where partial is the float32 [cols] accumulator of
-// the row's block, then writes dbias = the partials summed in block order (zeros if no rows).
-template <typename T, typename RowFn>
-void ForRowsWithBiasGrad(OpKernelContext* context, int64_t rows, int64_t cols,
-                         int64_t cost_per_row, RowFn row_fn, T* dbias) {
-  auto* workers = context->device()->tensorflow_cpu_worker_threads()->workers;
-  const int64_t blocks = std::max<int64_t>(1, std::min(rows, kMaxGradRowBlocks));
-  std::vector<float> partials(blocks * cols, 0.0f);  // [blocks, cols]
-  const int64_t cost_per_block = (rows / blocks + 1) * cost_per_row;
-  workers->ParallelFor(blocks, cost_per_block, [&](int64_t block_begin, int64_t block_end) {
-    for (int64_t b = block_begin; b < block_end; ++b) {
-      float* partial = partials.data() + b * cols;
-      const int64_t row_end = (b + 1) * rows / blocks;
-      for (int64_t r = b * rows / blocks; r < row_end; ++r) row_fn(r, partial);
-    }
-  });
-  // The second reduction, in block order: blocks * cols additions, small next to the rows.
-  for (int64_t j = 0; j < cols; ++j) {
-    float sum = 0.0f;
-    for (int64_t b = 0; b < blocks; ++b) sum += partials[b * cols + j];
-    dbias[j] = static_cast<T>(sum);
-  }
-}
-
 }  // namespace
-
-// Rows of T and float32 as Eigen arrays: the casts, bias adds and products around GeluRow are
-// vectorised too.
-using FloatRow = Eigen::Map<Eigen::ArrayXf>;
-using ConstFloatRow = Eigen::Map<const Eigen::ArrayXf>;
-template <typename T>
-using ConstRow = Eigen::Map<const Eigen::Array<T, Eigen::Dynamic, 1>>;
-template <typename T>
-using Row = Eigen::Map<Eigen::Array<T, Eigen::Dynamic, 1>>;
 
 template <typename T>
 struct FusedBiasGeluForward<CPUDevice, T> {
@@ -122,12 +251,8 @@ struct FusedBiasGeluForward<CPUDevice, T> {
     auto* workers = context->device()->tensorflow_cpu_worker_threads()->workers;
     const std::vector<float> b = ToFloatVector(bias, cols);
     workers->ParallelFor(rows, cols * kForwardCostPerElement, [&](int64_t begin, int64_t end) {
-      std::vector<float> u(cols), out(cols);
       for (int64_t r = begin; r < end; ++r) {
-        FloatRow(u.data(), cols) =
-            ConstRow<T>(x + r * cols, cols).template cast<float>() + ConstFloatRow(b.data(), cols);
-        GeluRow(u.data(), cols, approximate, out.data(), nullptr);
-        Row<T>(y + r * cols, cols) = FloatRow(out.data(), cols).template cast<T>();
+        BiasGeluRow(x + r * cols, b.data(), cols, approximate, y + r * cols);
       }
     });
     return ::tensorflow::OkStatus();
@@ -139,20 +264,14 @@ struct FusedBiasGeluBackward<CPUDevice, T> {
   Status operator()(OpKernelContext* context, const T* dy, const T* x, const T* bias,
                     int64_t rows, int64_t cols, bool approximate, T* dx, T* dbias) {
     const std::vector<float> b = ToFloatVector(bias, cols);
-    auto row_fn = [&](int64_t r, float* partial) {
-      thread_local std::vector<float> u, out, derivative;
-      u.resize(cols);
-      out.resize(cols);
-      derivative.resize(cols);
-      FloatRow(u.data(), cols) =
-          ConstRow<T>(x + r * cols, cols).template cast<float>() + ConstFloatRow(b.data(), cols);
-      GeluRow(u.data(), cols, approximate, out.data(), derivative.data());
-      FloatRow grad(derivative.data(), cols);
-      grad *= ConstRow<T>(dy + r * cols, cols).template cast<float>();
-      Row<T>(dx + r * cols, cols) = grad.template cast<T>();
-      FloatRow(partial, cols) += grad;  // dbias from the float32 gradient, not the rounded dx
+    auto block_fn = [&](int64_t row_begin, int64_t row_end, float* partial) {
+      for (int64_t r = row_begin; r < row_end; ++r) {
+        BiasGeluGradRow(dy + r * cols, x + r * cols, b.data(), cols, approximate, dx + r * cols,
+                        partial);
+      }
     };
-    ForRowsWithBiasGrad(context, rows, cols, cols * kBackwardCostPerElement, row_fn, dbias);
+    ForRowBlocksWithBiasGrad(context, rows, cols, cols * kBackwardCostPerElement, block_fn,
+                             dbias);
     return ::tensorflow::OkStatus();
   }
 };
@@ -164,19 +283,12 @@ struct FusedBiasGegluForward<CPUDevice, T> {
     auto* workers = context->device()->tensorflow_cpu_worker_threads()->workers;
     const int64_t cols = 2 * half_cols;
     const std::vector<float> b = ToFloatVector(bias, cols);
-    const ConstFloatRow gate_bias(b.data(), half_cols), value_bias(b.data() + half_cols, half_cols);
     workers->ParallelFor(
         rows, half_cols * kForwardCostPerElement, [&](int64_t begin, int64_t end) {
-          std::vector<float> g(half_cols), gelu_g(half_cols);
           for (int64_t r = begin; r < end; ++r) {
             const T* gate = x + r * cols;
-            FloatRow(g.data(), half_cols) =
-                ConstRow<T>(gate, half_cols).template cast<float>() + gate_bias;
-            GeluRow(g.data(), half_cols, approximate, gelu_g.data(), nullptr);
-            Row<T>(y + r * half_cols, half_cols) =
-                (FloatRow(gelu_g.data(), half_cols) *
-                 (ConstRow<T>(gate + half_cols, half_cols).template cast<float>() + value_bias))
-                    .template cast<T>();
+            BiasGegluRow(gate, gate + half_cols, b.data(), half_cols, approximate,
+                         y + r * half_cols);
           }
         });
     return ::tensorflow::OkStatus();
@@ -189,28 +301,16 @@ struct FusedBiasGegluBackward<CPUDevice, T> {
                     int64_t rows, int64_t half_cols, bool approximate, T* dx, T* dbias) {
     const int64_t cols = 2 * half_cols;
     const std::vector<float> b = ToFloatVector(bias, cols);
-    const ConstFloatRow gate_bias(b.data(), half_cols), value_bias(b.data() + half_cols, half_cols);
-    auto row_fn = [&](int64_t r, float* partial) {
-      const T* gate = x + r * cols;
-      thread_local std::vector<float> g, gelu_g, derivative;
-      g.resize(half_cols);
-      gelu_g.resize(half_cols);
-      derivative.resize(half_cols);
-      FloatRow(g.data(), half_cols) =
-          ConstRow<T>(gate, half_cols).template cast<float>() + gate_bias;
-      GeluRow(g.data(), half_cols, approximate, gelu_g.data(), derivative.data());
-      const auto dy_row = ConstRow<T>(dy + r * half_cols, half_cols).template cast<float>();
-      // d gate = dy * value * gelu'(gate), d value = dy * gelu(gate).
-      FloatRow dgate(derivative.data(), half_cols), dvalue(gelu_g.data(), half_cols);
-      dgate *= dy_row *
-               (ConstRow<T>(gate + half_cols, half_cols).template cast<float>() + value_bias);
-      dvalue *= dy_row;
-      Row<T>(dx + r * cols, half_cols) = dgate.template cast<T>();
-      Row<T>(dx + r * cols + half_cols, half_cols) = dvalue.template cast<T>();
-      FloatRow(partial, half_cols) += dgate;
-      FloatRow(partial + half_cols, half_cols) += dvalue;
+    auto block_fn = [&](int64_t row_begin, int64_t row_end, float* partial) {
+      for (int64_t r = row_begin; r < row_end; ++r) {
+        const T* gate = x + r * cols;
+        T* dgate = dx + r * cols;
+        BiasGegluGradRow(dy + r * half_cols, gate, gate + half_cols, b.data(), half_cols,
+                         approximate, dgate, dgate + half_cols, partial);
+      }
     };
-    ForRowsWithBiasGrad(context, rows, cols, cols * kBackwardCostPerElement, row_fn, dbias);
+    ForRowBlocksWithBiasGrad(context, rows, cols, cols * kBackwardCostPerElement, block_fn,
+                             dbias);
     return ::tensorflow::OkStatus();
   }
 };
