@@ -35,21 +35,6 @@ constexpr float kInvSqrt2Pi = 0.39894228040143268f;   // 1 / sqrt(2 pi)
 constexpr float kSqrt2OverPi = 0.79788456080286536f;  // sqrt(2 / pi)
 constexpr float kTanhCubic = 0.044715f;
 
-__device__ __forceinline__ float ToFloat(float v) { return v; }
-__device__ __forceinline__ float ToFloat(__half v) { return __half2float(v); }
-__device__ __forceinline__ float ToFloat(__nv_bfloat16 v) { return __bfloat162float(v); }
-
-template <typename T>
-__device__ __forceinline__ T FromFloat(float v);
-template <>
-__device__ __forceinline__ float FromFloat<float>(float v) { return v; }
-template <>
-__device__ __forceinline__ __half FromFloat<__half>(float v) { return __float2half_rn(v); }
-template <>
-__device__ __forceinline__ __nv_bfloat16 FromFloat<__nv_bfloat16>(float v) {
-  return __float2bfloat16_rn(v);
-}
-
 // The same formulas as the CPU kernels (cc/kernels/gelu.h). Exact: gelu(u) = 0.5 u erfc(-u/√2)
 // (erfc, not 1 + erf, which cancels for u << 0); gelu'(u) = Phi(u) + u phi(u).
 // Approximate: 0.5 u (1 + tanh(k (u + c u^3))); gelu' = 0.5 (1 + t) + 0.5 u (1 - t^2) k (1 + 3c u^2).

@@ -1,5 +1,6 @@
 // The C ABIs pass float16 and bfloat16 buffers as unsigned short (the raw bits), so that no
 // caller needs CUDA's half types; these views turn them back into __half / __nv_bfloat16.
+// Also the conversions to and from float32 that the kernels share.
 
 #ifndef TFBERT_CUDA_HALF_BITS_CUH_
 #define TFBERT_CUDA_HALF_BITS_CUH_
@@ -16,5 +17,22 @@ inline const __nv_bfloat16* AsBf16(const unsigned short* p) {
   return reinterpret_cast<const __nv_bfloat16*>(p);
 }
 inline __nv_bfloat16* AsBf16(unsigned short* p) { return reinterpret_cast<__nv_bfloat16*>(p); }
+
+// float32 <-> the kernels' storage types, rounding to nearest even: the kernels compute in
+// float32 whatever they read or write.
+__device__ __forceinline__ float ToFloat(float v) { return v; }
+__device__ __forceinline__ float ToFloat(__half v) { return __half2float(v); }
+__device__ __forceinline__ float ToFloat(__nv_bfloat16 v) { return __bfloat162float(v); }
+
+template <typename T>
+__device__ __forceinline__ T FromFloat(float v);
+template <>
+__device__ __forceinline__ float FromFloat<float>(float v) { return v; }
+template <>
+__device__ __forceinline__ __half FromFloat<__half>(float v) { return __float2half_rn(v); }
+template <>
+__device__ __forceinline__ __nv_bfloat16 FromFloat<__nv_bfloat16>(float v) {
+  return __float2bfloat16_rn(v);
+}
 
 #endif  // TFBERT_CUDA_HALF_BITS_CUH_
