@@ -14,7 +14,6 @@
 #ifndef TFBERT_CUSTOM_OPS_CC_KERNELS_GELU_H_
 #define TFBERT_CUSTOM_OPS_CC_KERNELS_GELU_H_
 
-#include <cmath>
 #include <cstdint>
 
 #include "tensorflow/core/framework/op_kernel.h"
@@ -22,8 +21,8 @@
 namespace tfbert {
 namespace functor {
 
-// The scalar formulas, the readable reference: the CPU kernels vectorise them (with libm-free
-// erfc and tanh, gelu_kernels.cc) and cuda/gelu.cu holds the same for the GPU.
+// The formulas and their constants: gelu_kernels.cc computes them on the CPU (ExactGelu and
+// TanhGelu, with libm-free erfc and tanh that vectorise) and cuda/gelu.cu on the GPU.
 namespace gelu_math {
 
 constexpr float kSqrtHalf = 0.70710678118654752f;     // 1 / sqrt(2)
@@ -31,32 +30,12 @@ constexpr float kInvSqrt2Pi = 0.39894228040143268f;   // 1 / sqrt(2 pi)
 constexpr float kSqrt2OverPi = 0.79788456080286536f;  // sqrt(2 / pi)
 constexpr float kTanhCubic = 0.044715f;
 
-// gelu(u) and, when wanted, gelu'(u), in float32.
+// gelu(u) and gelu'(u), in float32:
 //   exact:       gelu(u) = u * Phi(u) = 0.5 u erfc(-u / sqrt 2); gelu'(u) = Phi(u) + u phi(u).
 //   approximate: gelu(u) = 0.5 u (1 + tanh(k (u + c u^3))), k = sqrt(2 / pi), c = 0.044715;
 //                gelu'(u) = 0.5 (1 + t) + 0.5 u (1 - t^2) k (1 + 3 c u^2).
 // erfc(-u / sqrt 2), not 1 + erf(u / sqrt 2): for u << 0 the latter is 1 - 0.99999... and
 // cancels to zero long before gelu(u) underflows (tf.nn.gelu uses 1 + erf and does).
-inline float Gelu(float u, bool approximate) {
-  if (approximate) {
-    const float t = std::tanh(kSqrt2OverPi * (u + kTanhCubic * u * u * u));
-    return 0.5f * u * (1.0f + t);
-  }
-  return 0.5f * u * std::erfc(-u * kSqrtHalf);
-}
-
-inline float GeluAndDerivative(float u, bool approximate, float* derivative) {
-  if (approximate) {
-    const float u2 = u * u;
-    const float t = std::tanh(kSqrt2OverPi * (u + kTanhCubic * u2 * u));
-    *derivative = 0.5f * (1.0f + t) +
-                  0.5f * u * (1.0f - t * t) * kSqrt2OverPi * (1.0f + 3.0f * kTanhCubic * u2);
-    return 0.5f * u * (1.0f + t);
-  }
-  const float cdf = 0.5f * std::erfc(-u * kSqrtHalf);
-  *derivative = cdf + u * kInvSqrt2Pi * std::exp(-0.5f * u * u);
-  return u * cdf;
-}
 
 }  // namespace gelu_math
 

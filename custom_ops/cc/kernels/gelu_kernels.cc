@@ -35,17 +35,11 @@ using gelu_math::kSqrt2OverPi;
 using gelu_math::kSqrtHalf;
 using gelu_math::kTanhCubic;
 
-// The rows are cut into a fixed number of blocks for the dbias partial sums (independent of the
-// number of threads), and the partials are added in block order, so dbias is bit-identical from
-// run to run and from machine to machine. 128 blocks keep a large host busy while the partials
-// stay small (128 * N floats).
-constexpr int64_t kMaxGradRowBlocks = 128;
-
 // Rough cycles per element, for the thread pool's sharding.
 constexpr int64_t kForwardCostPerElement = 10;
 constexpr int64_t kBackwardCostPerElement = 20;
 
-// ---- Scalar GELU math that GCC vectorises (the formulas of gelu_math in gelu.h) ----
+// ---- Scalar GELU math that GCC vectorises (the formulas in gelu.h) ----
 
 // Phi(u), the standard normal CDF, = 0.5 erfc(-u / sqrt 2). libm's erfcf (the scalar reference
 // in gelu.h, and what Eigen's erfc calls lane by lane) does not vectorise, and 1 + erf(u / sqrt
@@ -211,27 +205,11 @@ TFBERT_CPU_CLONES void BiasGegluGradRow(const T* __restrict dy, const T* __restr
 
 // ---- Row drivers ----
 
-// Runs block_fn(row_begin, row_end, partial) over a fixed partition of the rows into blocks,
-// partial being the block's float32 [cols] accumulator (zeros on entry), then writes dbias =
-// the partials summed in block order (zeros if no rows).
+// dbias = block_fn's partials summed over all rows (SumOverRowBlocks), stored as T.
 template <typename T, typename BlockFn>
 void ForRowBlocksWithBiasGrad(OpKernelContext* context, int64_t rows, int64_t cols,
                               int64_t cost_per_row, const BlockFn& block_fn, T* dbias) {
-  auto* workers = context->device()->tensorflow_cpu_worker_threads()->workers;
-  const int64_t blocks = std::max<int64_t>(1, std::min(rows, kMaxGradRowBlocks));
-  std::vector<float> partials(blocks * cols, 0.0f);  // [blocks, cols]
-  const int64_t cost_per_block = (rows / blocks + 1) * cost_per_row;
-  workers->ParallelFor(blocks, cost_per_block, [&](int64_t block_begin, int64_t block_end) {
-    for (int64_t b = block_begin; b < block_end; ++b) {
-      block_fn(b * rows / blocks, (b + 1) * rows / blocks, partials.data() + b * cols);
-    }
-  });
-  // The second reduction, in block order: blocks * cols additions, small next to the rows.
-  float* sum = partials.data();
-  for (int64_t b = 1; b < blocks; ++b) {
-    const float* partial = partials.data() + b * cols;
-    for (int64_t j = 0; j < cols; ++j) sum[j] += partial[j];
-  }
+  const std::vector<float> sum = SumOverRowBlocks(context, rows, cols, cost_per_row, block_fn);
   for (int64_t j = 0; j < cols; ++j) dbias[j] = static_cast<T>(sum[j]);
 }
 

@@ -34,6 +34,36 @@ namespace errors = ::tensorflow::errors;
 
 using CPUDevice = Eigen::ThreadPoolDevice;
 
+// The CPU kernels' deterministic column sums over rows (dbias, dgamma, dbeta): the rows are cut
+// into a fixed number of blocks, independent of the number of threads, and the blocks' partial
+// sums are added in block order, so the result is bit-identical from run to run and from machine
+// to machine. 128 blocks keep a large host busy while the partials stay small (128 * width).
+constexpr int64_t kMaxSumRowBlocks = 128;
+
+// Runs block_fn(row_begin, row_end, partial) over that partition of `rows` on the intra-op thread
+// pool, partial being the block's float32 [width] accumulator (zeros on entry), and returns the
+// partials summed in block order (zeros if no rows).
+template <typename BlockFn>
+std::vector<float> SumOverRowBlocks(OpKernelContext* context, int64_t rows, int64_t width,
+                                    int64_t cost_per_row, const BlockFn& block_fn) {
+  auto* workers = context->device()->tensorflow_cpu_worker_threads()->workers;
+  const int64_t blocks = std::max<int64_t>(1, std::min(rows, kMaxSumRowBlocks));
+  std::vector<float> partials(blocks * width, 0.0f);  // [blocks, width]
+  const int64_t cost_per_block = (rows / blocks + 1) * cost_per_row;
+  workers->ParallelFor(blocks, cost_per_block, [&](int64_t block_begin, int64_t block_end) {
+    for (int64_t b = block_begin; b < block_end; ++b) {
+      block_fn(b * rows / blocks, (b + 1) * rows / blocks, partials.data() + b * width);
+    }
+  });
+  // The second reduction, in block order: blocks * width additions, small next to the rows.
+  for (int64_t b = 1; b < blocks; ++b) {
+    const float* partial = partials.data() + b * width;
+    for (int64_t j = 0; j < width; ++j) partials[j] += partial[j];
+  }
+  partials.resize(width);
+  return partials;
+}
+
 // ---------------------------------------------------------------------------------------------
 // Vectorisable float32 math for the CPU kernels' hot loops.
 //

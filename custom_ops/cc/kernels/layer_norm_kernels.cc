@@ -21,12 +21,6 @@ namespace functor {
 
 namespace {
 
-// The CPU partition of the rows for the dgamma/dbeta partial sums is fixed (it does not depend
-// on the number of threads), and the partials are added in block order, so the sums are
-// bit-identical from run to run and from machine to machine. 128 blocks keep every core of a
-// large host busy while the partials stay small (128 * 2 * H floats).
-constexpr int64_t kMaxGradRowBlocks = 128;
-
 // Rough cycles per element, for the thread pool's sharding.
 constexpr int64_t kForwardCostPerElement = 12;
 constexpr int64_t kBackwardCostPerElement = 20;
@@ -82,52 +76,39 @@ struct FusedLayerNormBackward<CPUDevice, T> {
   Status operator()(OpKernelContext* context, const T* dy, const T* x, const float* mean,
                     const float* rstd, const float* gamma, int64_t rows, int64_t cols, T* dx,
                     float* dgamma, float* dbeta) {
-    auto* workers = context->device()->tensorflow_cpu_worker_threads()->workers;
     const float inv_cols = 1.0f / static_cast<float>(cols);
-    const int64_t blocks = std::max<int64_t>(1, std::min(rows, kMaxGradRowBlocks));
-    // partials[b] = [dgamma partial (cols), dbeta partial (cols)] of row block b.
-    std::vector<float> partials(2 * blocks * cols, 0.0f);
-    const int64_t cost_per_block = (rows / blocks + 1) * cols * kBackwardCostPerElement;
-    workers->ParallelFor(blocks, cost_per_block, [&](int64_t block_begin, int64_t block_end) {
+    // partial = [dgamma partial (cols), dbeta partial (cols)] of a block of rows.
+    auto block_fn = [&](int64_t row_begin, int64_t row_end, float* partial) {
       std::vector<float> xhat(cols), g(cols);  // the row's xhat and gamma * dy, in float32
-      for (int64_t b = block_begin; b < block_end; ++b) {
-        float* dgamma_partial = partials.data() + 2 * b * cols;
-        float* dbeta_partial = dgamma_partial + cols;
-        const int64_t row_end = (b + 1) * rows / blocks;
-        for (int64_t r = b * rows / blocks; r < row_end; ++r) {
-          const T* x_row = x + r * cols;
-          const T* dy_row = dy + r * cols;
-          const float row_mean = mean[r];
-          const float row_rstd = rstd[r];
-          float sum_g = 0.0f, sum_g_xhat = 0.0f;
-          for (int64_t j = 0; j < cols; ++j) {
-            const float dy_j = static_cast<float>(dy_row[j]);
-            xhat[j] = (static_cast<float>(x_row[j]) - row_mean) * row_rstd;
-            g[j] = gamma[j] * dy_j;
-            sum_g += g[j];
-            sum_g_xhat += g[j] * xhat[j];
-            dgamma_partial[j] += dy_j * xhat[j];
-            dbeta_partial[j] += dy_j;
-          }
-          const float mean_g = sum_g * inv_cols;
-          const float mean_g_xhat = sum_g_xhat * inv_cols;
-          T* dx_row = dx + r * cols;
-          for (int64_t j = 0; j < cols; ++j) {
-            dx_row[j] = static_cast<T>(row_rstd * (g[j] - mean_g - xhat[j] * mean_g_xhat));
-          }
+      float* dgamma_partial = partial;
+      float* dbeta_partial = partial + cols;
+      for (int64_t r = row_begin; r < row_end; ++r) {
+        const T* x_row = x + r * cols;
+        const T* dy_row = dy + r * cols;
+        const float row_mean = mean[r];
+        const float row_rstd = rstd[r];
+        float sum_g = 0.0f, sum_g_xhat = 0.0f;
+        for (int64_t j = 0; j < cols; ++j) {
+          const float dy_j = static_cast<float>(dy_row[j]);
+          xhat[j] = (static_cast<float>(x_row[j]) - row_mean) * row_rstd;
+          g[j] = gamma[j] * dy_j;
+          sum_g += g[j];
+          sum_g_xhat += g[j] * xhat[j];
+          dgamma_partial[j] += dy_j * xhat[j];
+          dbeta_partial[j] += dy_j;
+        }
+        const float mean_g = sum_g * inv_cols;
+        const float mean_g_xhat = sum_g_xhat * inv_cols;
+        T* dx_row = dx + r * cols;
+        for (int64_t j = 0; j < cols; ++j) {
+          dx_row[j] = static_cast<T>(row_rstd * (g[j] - mean_g - xhat[j] * mean_g_xhat));
         }
       }
-    });
-    // The second reduction, in block order. blocks * cols additions: small next to the rows.
-    for (int64_t j = 0; j < cols; ++j) {
-      float dgamma_j = 0.0f, dbeta_j = 0.0f;
-      for (int64_t b = 0; b < blocks; ++b) {
-        dgamma_j += partials[2 * b * cols + j];
-        dbeta_j += partials[(2 * b + 1) * cols + j];
-      }
-      dgamma[j] = dgamma_j;
-      dbeta[j] = dbeta_j;
-    }
+    };
+    const std::vector<float> sums =
+        SumOverRowBlocks(context, rows, 2 * cols, cols * kBackwardCostPerElement, block_fn);
+    std::copy(sums.begin(), sums.begin() + cols, dgamma);
+    std::copy(sums.begin() + cols, sums.end(), dbeta);
     return ::tensorflow::OkStatus();
   }
 };
