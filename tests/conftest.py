@@ -11,6 +11,7 @@ import pytest
 # Quiet TensorFlow's C++ INFO lines in test output (tests that need them set their own env).
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
 
+import tfbert  # noqa: E402,F401  (before TensorFlow: it sets TensorFlow's environment)
 import tensorflow as tf  # noqa: E402
 
 from tfbert import config as cfg  # noqa: E402

@@ -5,6 +5,9 @@
 oneDNN on (TensorFlow's default), allocations under 256 KiB go to a small-object allocator that
 keeps no statistics, so only tensors of 256 KiB and more are counted. At the sizes that matter for
 memory (activations of a real batch) that is what dominates; for a toy model the peak can read 0.
+Without oneDNN the CPU allocator keeps no statistics at all; `tfbert/__init__.py` therefore turns
+oneDNN on for CPUs where TensorFlow would leave it off (those without AVX-512), and where the
+statistics are still missing the peak reads 0 and `device` says so.
 """
 
 from __future__ import annotations
@@ -25,13 +28,20 @@ class PeakMemory:
     def __init__(self, device: str | None = None):
         self.device = device or training_device()
         self.run_peak_bytes = 0
-        self.reset()
+        try:
+            self.reset()
+            self.measured = True
+        except ValueError:  # "Cannot reset memory stats": this allocator keeps none
+            self.measured = False
+            self.device += " (no allocator statistics)"
 
     def reset(self) -> None:
         tf.config.experimental.reset_memory_stats(self.device)
 
     def window_peak(self) -> int:
         """Allocator peak bytes since the last call; starts a new window."""
+        if not self.measured:
+            return 0
         peak = int(tf.config.experimental.get_memory_info(self.device)["peak"])
         self.run_peak_bytes = max(self.run_peak_bytes, peak)
         self.reset()
