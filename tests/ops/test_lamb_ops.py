@@ -167,8 +167,8 @@ def test_update_matches_tfa_lamb_over_20_steps(use_fused_op, in_function):
         np.testing.assert_allclose(got.numpy(), expected.numpy(), rtol=1e-5, atol=1e-6,
                                    err_msg=got.name)
     for slot in ("m", "v"):
-        got_slots = update.optimizer.m if slot == "m" else update.optimizer.v
-        for got, var in zip(got_slots, want):
+        for mine, var in zip(variables, want):
+            got = update.optimizer.get_slot(mine, slot)
             np.testing.assert_allclose(got.numpy(), tfa_optimizer.get_slot(var, slot).numpy(),
                                        rtol=1e-5, atol=1e-7, err_msg=f"{var.name} {slot}")
 
@@ -180,7 +180,8 @@ def test_slots_and_variables_interface():
     state = update.optimizer
     assert len(state.variables()) == 1 + 2 * len(variables)
     assert state.iterations.dtype == tf.int64
-    for var, m, v in zip(variables, state.m, state.v):
+    for var in variables:
+        m, v = state.get_slot(var, "m"), state.get_slot(var, "v")
         assert m.shape == var.shape and v.shape == var.shape
         assert m.dtype == tf.float32 and not m.trainable
         assert m.name.startswith(var.name.split(":")[0] + "/m")
@@ -211,3 +212,29 @@ def test_checkpoint_round_trip(tmp_path):
     train(gradient_step(restored.apply), restored_variables, loss, 2)
     for got, want in zip(restored_variables, variables):
         np.testing.assert_array_equal(got.numpy(), want.numpy())
+
+
+def test_checkpoint_restores_slots_by_variable_name_not_position(tmp_path):
+    # Two variables of one shape: restored by position, their moments would silently swap.
+    def two(seed):
+        g = tf.random.Generator.from_seed(seed)
+        return [tf.Variable(g.normal([3, 4]), name=name) for name in ("layer_a/kernel",
+                                                                       "layer_b/kernel")]
+
+    variables = two(0)
+    update = FusedLambUpdate(CONFIG, lambda: CONFIG.learning_rate)
+    update.build(variables)
+    update.apply([tf.ones([3, 4]), 3.0 * tf.ones([3, 4])], variables)
+    path = tf.train.Checkpoint(**update.checkpoint_items()).save(str(tmp_path / "ckpt"))
+
+    reordered = list(reversed(two(1)))
+    restored = FusedLambUpdate(CONFIG, lambda: CONFIG.learning_rate)
+    restored.build(reordered)
+    tf.train.Checkpoint(**restored.checkpoint_items()).restore(path).assert_consumed()
+    for var in variables:
+        twin = next(v for v in reordered if v.name == var.name)
+        for slot in ("m", "v"):
+            np.testing.assert_array_equal(restored.optimizer.get_slot(twin, slot).numpy(),
+                                          update.optimizer.get_slot(var, slot).numpy())
+    assert not np.array_equal(update.optimizer.get_slot(variables[0], "m").numpy(),
+                              update.optimizer.get_slot(variables[1], "m").numpy())

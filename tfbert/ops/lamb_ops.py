@@ -83,30 +83,34 @@ def lamb_update_reference(var, m, v, grad, lr, beta1, beta2, epsilon, weight_dec
     return new_var, new_m, new_v
 
 
-def _slot_name(variable, slot: str) -> str:
-    # "dense/kernel:0" -> "dense/kernel/m"
-    return re.sub(r":\d+$", "", variable.name) + "/" + slot
-
-
 class LambState(tf.Module):
     """The optimizer state of `FusedLambUpdate`: the step counter and the m and v slots.
 
-    Slots are tracked as lists in the order of the variables passed to `build`, so a checkpoint
-    restores into an update built over the same variables in the same order (the trainer's
-    order is the model's, which is stable).
+    Slots are keyed by their variable's name (`m["bert/pooler/dense/kernel"]`), so a checkpoint
+    restores each slot to its own variable whatever order the variables are built in.
     """
 
     def __init__(self, name: str = "FusedLAMB"):
         super().__init__(name=name)
         self.iterations = None  # int64 scalar tf.Variable, the number of steps taken
-        self.m = []
-        self.v = []
+        self.m = {}
+        self.v = {}
+
+    def get_slot(self, variable, slot_name: str) -> tf.Variable:
+        """The "m" or "v" slot of `variable`, as Keras optimizers' `get_slot`."""
+        return {"m": self.m, "v": self.v}[slot_name][_variable_key(variable)]
 
     # The trainer broadcasts `optimizer.variables()` (a method on Keras optimizers), so this
     # replaces tf.Module's `variables` property.
     def variables(self):
-        """[iterations] + m slots + v slots."""
-        return [self.iterations] + list(self.m) + list(self.v)
+        """[iterations] + m slots + v slots, in sorted name order (the same on every rank)."""
+        return ([self.iterations] + [self.m[k] for k in sorted(self.m)]
+                + [self.v[k] for k in sorted(self.v)])
+
+
+def _variable_key(variable) -> str:
+    # "bert/pooler/dense/kernel:0" -> "bert/pooler/dense/kernel"
+    return re.sub(r":\d+$", "", variable.name)
 
 
 class FusedLambUpdate:
@@ -137,7 +141,8 @@ class FusedLambUpdate:
         self.use_fused_op = use_fused_op
         self.optimizer = LambState()
         self._exclude = [re.compile(p) for p in config.exclude_from_weight_decay]
-        self._flags = []  # per variable: (use_layer_adaptation, apply_weight_decay)
+        self._keys = []  # per variable: its name, the key of its slots
+        self._flags = []  # per variable: use_layer_adaptation and apply_weight_decay
 
     def _excluded(self, variable) -> bool:
         return any(p.search(variable.name) for p in self._exclude)
@@ -150,15 +155,20 @@ class FusedLambUpdate:
             if variable.dtype != tf.float32:
                 raise ValueError(f"FusedLambUpdate updates float32 variables; {variable.name} "
                                  f"is {variable.dtype.name}")
+        keys = [_variable_key(variable) for variable in variables]
+        if len(set(keys)) != len(keys):
+            raise ValueError(f"FusedLambUpdate keys its slots by variable name, but some names "
+                             f"repeat: {sorted(k for k in keys if keys.count(k) > 1)}")
         state = self.optimizer
         with tf.init_scope():
             state.iterations = tf.Variable(0, dtype=tf.int64, trainable=False, name="iterations")
-            for variable in variables:
+            for key, variable in zip(keys, variables):
                 with tf.device(variable.device):
-                    state.m.append(tf.Variable(tf.zeros(variable.shape, tf.float32),
-                                               trainable=False, name=_slot_name(variable, "m")))
-                    state.v.append(tf.Variable(tf.zeros(variable.shape, tf.float32),
-                                               trainable=False, name=_slot_name(variable, "v")))
+                    state.m[key] = tf.Variable(tf.zeros(variable.shape, tf.float32),
+                                               trainable=False, name=key + "/m")
+                    state.v[key] = tf.Variable(tf.zeros(variable.shape, tf.float32),
+                                               trainable=False, name=key + "/v")
+        self._keys = keys
         self._flags = [not self._excluded(variable) for variable in variables]
 
     def apply(self, grads, variables) -> None:
@@ -178,7 +188,8 @@ class FusedLambUpdate:
         lr = tf.cast(self.learning_rate(), tf.float32)
         # tfa: local_step = iterations + 1, cast to the variable's dtype.
         step = tf.cast(state.iterations + 1, tf.float32)
-        for grad, var, m, v, not_excluded in zip(grads, variables, state.m, state.v, self._flags):
+        for grad, var, key, not_excluded in zip(grads, variables, self._keys, self._flags):
+            m, v = state.m[key], state.v[key]
             if grad is None:
                 continue
             if isinstance(grad, tf.IndexedSlices):
