@@ -13,7 +13,9 @@ built yet) gets a row with the reason.
 
 On a CPU, --fp16_as=bf16 (the default when TensorFlow sees no GPU) runs the fp16 setups in
 bfloat16: CPUs have no float16 arithmetic and TensorFlow emulates it about 80x slower, which
-would measure the emulation, not the setups.
+would measure the emulation, not the setups. Such a setup also loses --hvd_fp16_compression:
+without fp16's loss scale, float16 compression flushes small gradients to zero (tfbert.run
+refuses it). The "substituted" column lists what a row runs differently from its flagfile.
 
 Writes a CSV (pandas), a Markdown table in the notes' format beside the notes' own figures
 (read from flags/README.md), and a PNG chart of peak memory against throughput.
@@ -59,8 +61,12 @@ def notes_figures() -> pd.DataFrame:
     return pd.DataFrame(rows).set_index("setup")
 
 
-def setup_precision(setup: str, extra: list[str]) -> str:
-    """The --precision a setup ends up with (its flagfiles, then the overrides)."""
+def setup_flags(setup: str, extra: list[str]):
+    """The tfbert.run flags a setup ends up with (its flagfiles, then the overrides).
+
+    Parsed as tfbert.run parses them: nested --flagfile relative to the including file, a later
+    flag overriding an earlier one. Returns absl FlagValues (e.g. `.precision`).
+    """
     from absl import flags
 
     sys.path.insert(0, REPO_ROOT)
@@ -69,7 +75,21 @@ def setup_precision(setup: str, extra: list[str]) -> str:
     flag_values = flags.FlagValues()
     run.define_flags(flag_values)
     flag_values(run.expand_flagfiles(["tfbert.run", f"--flagfile={flagfile(setup)}", *extra]))
-    return flag_values.precision
+    return flag_values
+
+
+def substitutions(setup_values, fp16_as: str) -> tuple[list[str], list[str]]:
+    """What an fp16 setup runs differently as --fp16_as: (flags to append, what they change)."""
+    if setup_values.precision != "fp16" or fp16_as == "fp16":
+        return [], []
+    appended = [f"--precision={fp16_as}"]
+    changes = [f"precision fp16->{fp16_as}"]
+    if setup_values.hvd_fp16_compression:
+        # float16 compression without fp16's loss scale flushes small gradients to zero, and
+        # tfbert.run refuses it outside --precision=fp16.
+        appended.append("--nohvd_fp16_compression")
+        changes.append("hvd_fp16_compression off")
+    return appended, changes
 
 
 def flagfile(setup: str) -> str:
@@ -92,13 +112,15 @@ def run_setups(setups: list[str], size: list[str], steps: int, ranks: int, fp16_
     rows = []
     for setup in setups:
         extra = list(size)
-        precision = setup_precision(setup, extra)
-        if precision == "fp16" and fp16_as != "fp16":
-            extra.append(f"--precision={fp16_as}")
+        setup_values = setup_flags(setup, extra)
+        substituted_flags, changes = substitutions(setup_values, fp16_as)
+        extra += substituted_flags
         flags = [f"--flagfile={flagfile(setup)}", *extra, f"--num_train_steps={steps + 1}",
                  f"--log_every_n_steps={steps + 1}", f"--save_checkpoints_steps={steps + 1}"]
+        precision = setup_values.precision
         row = dict(setup=setup, precision=fp16_as if precision == "fp16" else precision,
-                   ranks=ranks, steps=steps, flags=" ".join(extra))
+                   substituted="; ".join(changes), ranks=ranks, steps=steps,
+                   flags=" ".join(extra))
         try:
             summary = run_job(os.path.join(work_dir, setup), flags, ranks=ranks, horovodrun=True)
         except JobFailed as e:
@@ -133,8 +155,9 @@ def with_change(value: float, base: float, digits: int) -> str:
 
 def markdown_table(table: pd.DataFrame, base: str) -> str:
     ours = table.set_index("setup")
-    lines = [f"| setup | max gb | examples/sec | notes: max gb | notes: examples/sec | comment |",
-             "|---|---|---|---|---|---|"]
+    lines = ["| setup | max gb | examples/sec | notes: max gb | notes: examples/sec | substituted "
+             "| comment |",
+             "|---|---|---|---|---|---|---|"]
     for setup, row in ours.iterrows():
         comment = row["message"] if row["status"] != "ok" else ""
         lines.append(
@@ -142,7 +165,7 @@ def markdown_table(table: pd.DataFrame, base: str) -> str:
             f"{with_change(row.get('examples_per_sec'), ours.at[base, 'examples_per_sec'], 1)} | "
             f"{with_change(row['notes_max_gb'], ours.at[base, 'notes_max_gb'], 1)} | "
             f"{with_change(row['notes_examples_per_sec'], ours.at[base, 'notes_examples_per_sec'], 1)}"
-            f" | {comment} |")
+            f" | {row['substituted']} | {comment} |")
     return "\n".join(lines)
 
 

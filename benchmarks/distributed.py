@@ -1,4 +1,5 @@
-"""Data-parallel throughput: 1 and 2 ranks, with and without Horovod's fp16 compression.
+"""Data-parallel throughput: 1 and 2 ranks, and 2 fp16 ranks with and without Horovod's fp16
+compression (which needs --precision=fp16's loss scale).
 
     python benchmarks/distributed.py                     # tiny model, CPU defaults
     python benchmarks/distributed.py --model=mini --steps=60
@@ -23,7 +24,8 @@ from jobs import REPO_ROOT, run_job
 SETUPS = [  # (ranks, extra flags)
     (1, []),
     (2, []),
-    (2, ["--hvd_fp16_compression"]),
+    (2, ["--precision=fp16"]),
+    (2, ["--precision=fp16", "--hvd_fp16_compression"]),
 ]
 
 

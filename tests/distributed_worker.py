@@ -33,7 +33,7 @@ def main():
     parser.add_argument("--accum_dtype", default="float32")
     parser.add_argument("--precision", default="fp32")
     parser.add_argument("--fp16_compression", action="store_true")
-    parser.add_argument("--sparse_as_dense", action="store_true")
+    parser.add_argument("--nosparse_as_dense", dest="sparse_as_dense", action="store_false")
     args = parser.parse_args()
 
     group = create_group(args.fp16_compression, args.sparse_as_dense)

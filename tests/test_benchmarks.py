@@ -32,10 +32,16 @@ def test_ablation_writes_a_row_per_setup_a_table_and_a_chart(tmp_path, tfbert_ca
     out = tmp_path / "ablation"
     run_benchmark("ablation.py", "--setups=baseline,optimal,optimald", "--steps=2",
                   "--size=--model=tiny --train_batch_size=4 --max_seq_length=32 "
-                  "--max_predictions_per_seq=5", f"--out={out}", timeout=900)
+                  "--max_predictions_per_seq=5", "--fp16_as=bf16", f"--out={out}", timeout=900)
     table = pd.read_csv(f"{out}.csv")
     assert list(table["setup"]) == ["baseline", "optimal", "optimald"]
     assert list(table["status"]) == ["ok", "ok", "does not run"]
+    # optimal is fp16 with Horovod's fp16 compression (from base.cfg): run as bf16, it drops the
+    # compression too, and says so; baseline (fp32) runs as its flagfile says.
+    assert list(table["substituted"].fillna("")) == [
+        "", "precision fp16->bf16; hvd_fp16_compression off",
+        "precision fp16->bf16; hvd_fp16_compression off"]
+    assert "--nohvd_fp16_compression" in table["flags"][1]
     assert (table["examples_per_sec"][:2] > 0).all()
     assert "not built" in table["message"][2]
     # The notes' own figures sit beside the measured ones.

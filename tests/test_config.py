@@ -73,7 +73,13 @@ def test_precedence_preset_then_bert_config_then_flags(tmp_path):
     (["--vocab_size=100", "--dynamic_masking"], "--dynamic_masking needs --vocab_file"),
     ([], "vocabulary size is unknown"),
     (["--vocab_size=100", "--hvd_fp16_compression"], "--hvd_fp16_compression acts on the all-reduce"),
-    (["--vocab_size=100", "--sparse_as_dense"], "--sparse_as_dense acts on the all-reduce"),
+    (["--vocab_size=100", "--hvd_stall_shutdown_secs=5"],
+     "--hvd_stall_shutdown_secs acts on the all-reduce"),
+    (["--vocab_size=100", "--max_consecutive_nonfinite_steps=0"],
+     "--max_consecutive_nonfinite_steps must be positive"),
+    (["--vocab_size=100", "--step_timeout_secs=-1"],
+     "--step_timeout_secs and --first_step_timeout_secs must be >= 0"),
+    (["--vocab_size=100", "--save_checkpoints_secs=-1"], "--save_checkpoints_secs must be >= 0"),
     (["--vocab_size=100", "--grad_accum_dtype=float16"], "--grad_accum_dtype=float16 needs --precision=fp16"),
     (["--vocab_size=100", "--num_accumulation_steps=0"], "--num_accumulation_steps must be >= 1"),
     (["--vocab_size=100", "--ln_ytf_impl", "--xla=jit"], "--xla=jit compiles the whole step"),
@@ -83,6 +89,19 @@ def test_precedence_preset_then_bert_config_then_flags(tmp_path):
 def test_invalid_settings_fail_at_start_naming_the_flag(argv, message):
     with pytest.raises(cfg.ConfigError, match=message.replace("(", r"\(")):
         build("--output_dir=x", *argv)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_float16_compression_needs_the_fp16_loss_scale(precision):
+    # Without a loss scale, float16 flushes small fp32/bf16 gradients to zero on the wire.
+    config = build("--vocab_size=100", "--output_dir=x")
+    with pytest.raises(cfg.ConfigError, match=f"--hvd_fp16_compression .* --precision={precision}"):
+        dataclasses.replace(
+            config, runtime=dataclasses.replace(config.runtime, precision=precision),
+            distribution=dataclasses.replace(config.distribution, hvd_fp16_compression=True))
+    dataclasses.replace(config, runtime=dataclasses.replace(config.runtime, precision="fp16"),
+                        distribution=dataclasses.replace(config.distribution,
+                                                         hvd_fp16_compression=True))
 
 
 def test_bert_config_with_unknown_computation_is_refused(tmp_path):

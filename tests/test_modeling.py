@@ -126,3 +126,28 @@ def test_padding_does_not_change_real_positions():
     a = model.bert(batch["input_ids"], batch["input_mask"], batch["segment_ids"])[0]
     b = model.bert(noisy["input_ids"], noisy["input_mask"], noisy["segment_ids"])[0]
     np.testing.assert_allclose(a[:, :-2].numpy(), b[:, :-2].numpy(), atol=1e-5)
+
+
+def test_one_hot_token_type_lookup_equals_the_gather():
+    # Three token types with distinct rows, so a wrong row would show.
+    config = odd_model_config(type_vocab_size=3, hidden_dropout_prob=0.0,
+                              attention_probs_dropout_prob=0.0)
+    batch = synthetic_batch()
+    batch["segment_ids"] = tf.random.Generator.from_seed(3).uniform(
+        batch["segment_ids"].shape, 0, 3, tf.int32)
+    results = []
+    for one_hot in (True, False):
+        tf.keras.utils.set_random_seed(1)
+        model = BertPretrainer(config, one_hot_token_types=one_hot)
+        model.build(ODD["seq"], ODD["predictions"])
+        table = model.bert.embeddings.token_type_embeddings
+        with tf.GradientTape() as tape:
+            loss = model.compute_losses(batch)["loss"]
+        grad = tape.gradient(loss, table)
+        results.append((float(loss), tf.convert_to_tensor(grad).numpy(), type(grad)))
+    (loss_a, grad_a, kind_a), (loss_b, grad_b, kind_b) = results
+    assert loss_a == loss_b
+    np.testing.assert_allclose(grad_a, grad_b, rtol=1e-5, atol=1e-7)
+    assert np.abs(grad_a).min(axis=1).max() > 0  # every type row has a gradient
+    # What crosses ranks: a dense table for the one-hot lookup, sparse rows for the gather.
+    assert kind_a is not tf.IndexedSlices and kind_b is tf.IndexedSlices

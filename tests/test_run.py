@@ -35,6 +35,30 @@ def test_default_run_trains_and_the_loss_falls(tmp_path, sample):
     config = json.loads((out / "config.json").read_text())
     assert config["model"]["vocab_size"] == 4000 and config["model"]["num_hidden_layers"] == 2
 
+    # The same command again: nothing left to train, said plainly, exit 0, nothing rewritten.
+    summary_text, config_text = (out / "summary.json").read_text(), (out / "config.json").read_text()
+    again = run_tfbert(f"--output_dir={out}", "--num_train_steps=80", "--log_every_n_steps=20")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "nothing to train" in again.stdout
+    assert (out / "summary.json").read_text() == summary_text
+
+    # A resume that cannot restore (an fp32 checkpoint has no fp16 loss scale) fails at start
+    # and leaves the run directory's files as they were.
+    failed = run_tfbert(f"--output_dir={out}", "--num_train_steps=90", "--precision=fp16")
+    assert failed.returncode == 2 and "tfbert: error:" in failed.stderr
+    assert "lacks part of this run's state" in failed.stderr
+    assert (out / "config.json").read_text() == config_text
+
+
+def test_divergence_stops_the_run_with_exit_status_3(tmp_path, sample):
+    # A loss scale of 1e38 makes every scaled gradient infinite: every step is skipped.
+    result = run_tfbert(f"--output_dir={tmp_path}", "--precision=fp16", "--initial_loss_scale=1e38",
+                        "--max_consecutive_nonfinite_steps=2", "--num_train_steps=5",
+                        *TINY_STEPS)
+    assert result.returncode == 3, result.stderr[-3000:]
+    assert "training diverged: 2 steps in a row" in result.stderr
+    assert not (tmp_path / "checkpoint").exists()
+
 
 @pytest.mark.parametrize("mode", ["off", "auto", "jit"])
 def test_each_xla_mode_runs_and_compiles_only_when_asked(tmp_path, sample, mode):

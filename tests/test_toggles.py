@@ -27,7 +27,7 @@ def step_call_configs(trainer: Pretrainer) -> list[config_pb2.ConfigProto]:
 
     @tf.function
     def outer(batch):
-        return trainer.train_step(batch)
+        return trainer.train_step(batch, tf.zeros([2]))
 
     with trainer.grappler.scope():
         graph = outer.get_concrete_function(batch).graph
@@ -75,7 +75,8 @@ def test_suppress_grappler_keeps_an_explicit_memory_optimization_alone():
 
 def recomputed_nodes(trainer: Pretrainer, target_scope: str | None = None) -> list[str]:
     """Runs grappler with the step's config over the step's graph; names of recomputed nodes."""
-    graph = trainer.train_step.get_concrete_function(synthetic_batch(**BATCH)).graph
+    graph = trainer.train_step.get_concrete_function(synthetic_batch(**BATCH),
+                                                     tf.zeros([2])).graph
     meta = tf.compat.v1.train.export_meta_graph(graph_def=graph.as_graph_def(), graph=graph)
     meta.collection_def["train_op"].node_list.value.extend(
         [t.op.name for t in graph.outputs])

@@ -1,5 +1,6 @@
 """The training loop: resume exactness, mixed precision, loss scaling, checkpoints."""
 
+import dataclasses
 import json
 import os
 
@@ -208,3 +209,110 @@ def test_schedule_end_rate_and_power():
     assert float(schedule(100)) == pytest.approx(1e-4)
     # (1 - 50/100)^2 of the way from end to peak.
     assert float(schedule(50)) == pytest.approx(1e-4 + (1e-3 - 1e-4) * 0.25)
+
+
+def poisoned_dataset(nan_batches: int, batch=4):
+    """`nan_batches` batches whose MLM weights are NaN (so are the loss and every gradient),
+    then the ordinary synthetic stream."""
+    bad = synthetic_dataset(batch=batch).take(nan_batches).map(
+        lambda f: dict(f, masked_lm_weights=f["masked_lm_weights"] * float("nan")))
+    return bad.concatenate(synthetic_dataset(batch=batch))
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16"])
+def test_a_step_with_non_finite_gradients_is_skipped_in_every_precision(tmp_path, precision):
+    config = run_config(tmp_path, precision=precision, num_train_steps=1,
+                        initial_loss_scale=128.0)
+    trainer = Pretrainer(config, poisoned_dataset(1))
+    before = [v.numpy().copy() for v in trainer.variables]
+    summary = trainer.train()
+    assert summary["skipped_steps"] == 1 and summary["steps"] == 1
+    for old, var in zip(before, trainer.variables):
+        np.testing.assert_array_equal(old, var.numpy(), err_msg=var.name)
+    assert int(trainer.update.optimizer.iterations) == 0
+    # The next, finite steps train again; the skipped step's NaN is not in the logged loss.
+    summary = Pretrainer(dataclasses.replace(
+        config, runtime=dataclasses.replace(config.runtime, num_train_steps=3)),
+        poisoned_dataset(1)).train()
+    assert summary["skipped_steps"] == 1 and np.isfinite(summary["final_loss"])
+
+
+def test_consecutive_non_finite_steps_stop_the_run_without_a_checkpoint(tmp_path):
+    from tfbert.training.trainer import TrainingDiverged
+
+    config = run_config(tmp_path, num_train_steps=10, save_checkpoints_steps=2,
+                        max_consecutive_nonfinite_steps=2)
+    # Two good steps (checkpoint at 2), then NaN for ever: the run stops at step 4, before the
+    # checkpoint of step 4.
+    good = synthetic_dataset(batch=4).take(2)
+    trainer = Pretrainer(config, good.concatenate(poisoned_dataset(1000)))
+    with pytest.raises(TrainingDiverged, match="2 steps in a row .to step 4."):
+        trainer.train()
+    assert tf.train.latest_checkpoint(str(tmp_path)).endswith("ckpt-2")
+    assert all(np.isfinite(v.numpy()).all() for v in trainer.variables)
+    assert not (tmp_path / "summary.json").exists()
+
+
+def test_the_log_averages_over_ranks_and_reports_the_memory_range(tmp_path):
+    from tfbert.distributed import SingleProcess
+
+    class TwoRanks(SingleProcess):
+        """Rank 0 of two, whose partner reports 3x every figure."""
+
+        def allgather_values(self, values):
+            values = np.asarray(values, np.float64)
+            return np.stack([values, 3 * values])
+
+    trainer = Pretrainer(run_config(tmp_path, num_train_steps=1), synthetic_dataset(), TwoRanks())
+    trainer.train()
+    record = read_log(tmp_path)[1]
+    # The logged loss is the mean of 1x and 3x this rank's: twice this rank's own (the first
+    # step's, which the summary keeps unaveraged).
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert record["loss"] == pytest.approx(2 * summary["first_loss"])
+    assert record["peak_memory_bytes_max"] == 3 * record["peak_memory_bytes_min"]
+    assert record["peak_memory_bytes"] == record["peak_memory_bytes_min"]
+
+
+def test_a_finished_run_says_so_and_rewrites_nothing(tmp_path):
+    config = run_config(tmp_path, num_train_steps=2)
+    Pretrainer(config, synthetic_dataset()).train()
+    summary_before = (tmp_path / "summary.json").read_text()
+    again = Pretrainer(config, synthetic_dataset()).train()
+    assert again["steps"] == 2 and again["steps_this_run"] == 0
+    assert (tmp_path / "summary.json").read_text() == summary_before
+    fewer = dataclasses.replace(config, runtime=dataclasses.replace(config.runtime,
+                                                                   num_train_steps=1))
+    assert Pretrainer(fewer, synthetic_dataset()).train()["steps_this_run"] == 0
+
+
+def test_a_job_killed_between_the_rank_and_shared_saves_resumes_exactly(tmp_path):
+    # keep_checkpoint_max=1: the rank state of the last shared checkpoint must survive the
+    # rank-state save of the next one.
+    model = odd_model_config(hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1)
+    straight = tmp_path / "straight"
+    Pretrainer(run_config(straight, model, num_train_steps=6, save_checkpoints_steps=2,
+                          keep_checkpoint_max=1), synthetic_dataset()).train()
+
+    killed = tmp_path / "killed"
+    config = run_config(killed, model, num_train_steps=6, save_checkpoints_steps=2,
+                        keep_checkpoint_max=1)
+    trainer = Pretrainer(config, synthetic_dataset())
+
+    def killed_before_the_shared_save(step):
+        if step == 4:
+            raise KeyboardInterrupt("killed")
+        return shared_save(step)
+
+    shared_save = trainer.checkpoints.save
+    trainer.checkpoints.save = killed_before_the_shared_save
+    with pytest.raises(KeyboardInterrupt):
+        trainer.train()
+    assert tf.train.latest_checkpoint(str(killed)).endswith("ckpt-2")
+    tf.keras.backend.clear_session()
+    resumed = Pretrainer(config, synthetic_dataset())
+    assert resumed.restore_or_initialize() == 2
+    resumed.train()
+    a, b = read_log(straight), read_log(killed)
+    for step in (5, 6):
+        assert a[step]["loss"] == b[step]["loss"], step

@@ -231,13 +231,22 @@ class RuntimeConfig:
     deterministic: bool = False
     init_checkpoint: str = ""
     save_checkpoints_steps: int = 1000
+    # Also checkpoint when this many seconds passed since the last one (rank 0's clock; 0: off).
+    save_checkpoints_secs: float = 0.0
     keep_checkpoint_max: int = 5
     log_every_n_steps: int = 50
     initial_loss_scale: float = 2.0 ** 15
     loss_scale_growth_interval: int = 2000
-    # Fault injection for tests: rank `debug_fail_rank` raises at step `debug_fail_at_step`.
+    # Steps with non-finite gradients are skipped; this many in a row stop the run.
+    max_consecutive_nonfinite_steps: int = 10
+    # A rank whose step (or checkpoint save) takes longer ends itself (0: never); the first
+    # step, which traces and compiles, has its own limit.
+    step_timeout_secs: float = 1800.0
+    first_step_timeout_secs: float = 3600.0
+    # Fault injection for tests: rank `debug_fail_rank` raises (or hangs) at `debug_fail_at_step`.
     debug_fail_at_step: int = 0
     debug_fail_rank: int = 0
+    debug_fail_mode: str = "raise"
 
     def __post_init__(self):
         _require(bool(self.output_dir), "--output_dir is empty")
@@ -253,10 +262,19 @@ class RuntimeConfig:
                  "cannot create in eager mode or in a tf.function: every tfbert variable is a "
                  "resource variable. Drop the flag")
         _require(self.save_checkpoints_steps > 0, "--save_checkpoints_steps must be positive")
+        _require(self.save_checkpoints_secs >= 0, "--save_checkpoints_secs must be >= 0 (0 turns "
+                                                  "time-based checkpoints off)")
         _require(self.keep_checkpoint_max > 0, "--keep_checkpoint_max must be positive")
         _require(self.log_every_n_steps > 0, "--log_every_n_steps must be positive")
         _require(self.initial_loss_scale >= 1, "--initial_loss_scale must be >= 1")
         _require(self.loss_scale_growth_interval > 0, "--loss_scale_growth_interval must be positive")
+        _require(self.max_consecutive_nonfinite_steps > 0,
+                 "--max_consecutive_nonfinite_steps must be positive")
+        _require(self.step_timeout_secs >= 0 and self.first_step_timeout_secs >= 0,
+                 "--step_timeout_secs and --first_step_timeout_secs must be >= 0 (0 turns the "
+                 "watchdog off)")
+        _require(self.debug_fail_mode in ("raise", "hang"),
+                 f"--debug_fail_mode={self.debug_fail_mode!r} is not 'raise' or 'hang'")
 
 
 GRAD_ACCUM_DTYPES = ("float32", "float16")
@@ -272,9 +290,14 @@ class DistributionConfig:
     num_processes: int = 1
     rank: int = 0
     hvd_fp16_compression: bool = False
-    sparse_as_dense: bool = False
+    # Dense embedding-table gradients: the token-type lookup is a one-hot matmul and any sparse
+    # gradient is densified before the all-reduce (tfbert.distributed.HorovodGroup).
+    sparse_as_dense: bool = True
     hvd_fusion_threshold_mb: int | None = None
     hvd_cycle_time_ms: float | None = None
+    # Horovod's stall inspector: warn after the first, shut down after the second (0: never).
+    hvd_stall_check_secs: int = 60
+    hvd_stall_shutdown_secs: int = 600
     scale_learning_rate: bool = False  # peak learning rate x num_processes
     num_accumulation_steps: int = 1
     grad_accum_dtype: str = "float32"
@@ -296,6 +319,11 @@ class DistributionConfig:
                  "--hvd_fusion_threshold_mb must be >= 0")
         _require(self.hvd_cycle_time_ms is None or self.hvd_cycle_time_ms > 0,
                  "--hvd_cycle_time_ms must be positive")
+        _require(self.hvd_stall_check_secs >= 0 and self.hvd_stall_shutdown_secs >= 0,
+                 "--hvd_stall_check_secs and --hvd_stall_shutdown_secs must be >= 0")
+        _require(self.hvd_stall_shutdown_secs == 0 or self.hvd_stall_check_secs > 0,
+                 "--hvd_stall_shutdown_secs needs the stall check: --hvd_stall_check_secs=0 "
+                 "turns it off")
         _require(self.tensor_parallel_size >= 1, "--tensor_parallel_size must be >= 1")
         _require(_valid_split_strategy(self.state_split_strategy),
                  f"--state_split_strategy={self.state_split_strategy!r} is not 'naive' or "
@@ -342,6 +370,10 @@ class Config:
                  f"them) or drop those flags")
         _require(not self.ops.ytf_gelu or self.model.hidden_act in ("gelu", "gelu_tanh", "geglu"),
                  f"--ytf_gelu fuses GELU/GeGLU, but --hidden_act={self.model.hidden_act}")
+        _require(not self.distribution.hvd_fp16_compression or self.runtime.precision == "fp16",
+                 f"--hvd_fp16_compression sends gradients as float16, which only the loss scale "
+                 f"of --precision=fp16 keeps from flushing to zero; with "
+                 f"--precision={self.runtime.precision} drop it (or use --precision=fp16)")
         _require(self.distribution.grad_accum_dtype != "float16"
                  or self.runtime.precision == "fp16",
                  "--grad_accum_dtype=float16 needs --precision=fp16: float16 accumulators rely "

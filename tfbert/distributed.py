@@ -38,33 +38,61 @@ class SingleProcess:
         """Averages gradients over the group."""
         return grads
 
+    def sum_over_ranks(self, tensor: tf.Tensor) -> tf.Tensor:
+        """The element-wise sum of a small float32 Tensor over the group (inside a step: it
+        travels in the same Horovod cycle as the gradients)."""
+        return tensor
+
     def broadcast_variables(self, variables) -> None:
         """Makes every rank's variables equal to rank 0's."""
         del variables
 
+    def broadcast_object(self, value):
+        """Rank 0's `value` (any picklable object), on every rank."""
+        return value
+
     def allgather_values(self, values: list[float]) -> np.ndarray:
         """Every rank's `values`, as a [size, len(values)] float64 array (same on all ranks)."""
         return np.asarray([values], dtype=np.float64)
+
+    def barrier(self) -> None:
+        """Returns once every rank has reached it."""
 
 
 class HorovodGroup(SingleProcess):
     """Data parallelism over Horovod.
 
     Args:
-      fp16_compression: all-reduce gradients as float16 (half the bytes on the wire).
-      sparse_as_dense: densify sparse (IndexedSlices) gradients, i.e. the word-embedding
-        gradient, before the all-reduce. Without it they are all-gathered as slices.
+      fp16_compression: all-reduce dense gradients as float16 (half the bytes on the wire).
+        Each rank's gradient is divided by the number of ranks before the float16 sum
+        (Horovod's prescale_factor): summing first, as `op=Average` does, would overflow float16
+        N times sooner at N ranks and drive the dynamic loss scale N times lower.
+      sparse_as_dense: densify any sparse (IndexedSlices) gradient before the all-reduce.
+        Without it such a gradient is all-gathered as slices: its rows from every rank reach
+        every rank, so the bytes grow with the batch and with the number of ranks.
       fusion_threshold_mb, cycle_time_ms: Horovod's tensor-fusion buffer size and cycle time;
         None keeps Horovod's defaults (64 MB, 1 ms) or the HOROVOD_* environment.
+      stall_check_secs: after this long with some ranks waiting in a collective that others
+        have not joined, Horovod names the missing ranks in a warning (0 turns the check off).
+      stall_shutdown_secs: after this long, Horovod shuts down and the waiting ranks fail, so a
+        hung rank ends the job instead of holding every GPU forever (0: wait forever).
     """
 
-    def __init__(self, fp16_compression: bool = False, sparse_as_dense: bool = False,
-                 fusion_threshold_mb: int | None = None, cycle_time_ms: float | None = None):
+    def __init__(self, fp16_compression: bool = False, sparse_as_dense: bool = True,
+                 fusion_threshold_mb: int | None = None, cycle_time_ms: float | None = None,
+                 stall_check_secs: int | None = None, stall_shutdown_secs: int | None = None):
         # Read by Horovod's background thread at init.
         if fusion_threshold_mb is not None:
             os.environ["HOROVOD_FUSION_THRESHOLD"] = str(int(fusion_threshold_mb * 1024 * 1024))
         if cycle_time_ms is not None:
             os.environ["HOROVOD_CYCLE_TIME"] = str(cycle_time_ms)
+        if stall_check_secs is not None:
+            if stall_check_secs == 0:
+                os.environ["HOROVOD_STALL_CHECK_DISABLE"] = "1"
+            else:
+                os.environ["HOROVOD_STALL_CHECK_TIME_SECONDS"] = str(int(stall_check_secs))
+        if stall_shutdown_secs is not None:
+            os.environ["HOROVOD_STALL_SHUTDOWN_TIME_SECONDS"] = str(int(stall_shutdown_secs))
         import horovod.tensorflow as hvd
 
         hvd.init()
@@ -81,25 +109,44 @@ class HorovodGroup(SingleProcess):
             tf.config.set_visible_devices(gpu, "GPU")
 
     def allreduce_gradients(self, grads: list) -> list:
+        hvd = self._hvd
         reduced = []
         for grad in grads:
             if isinstance(grad, tf.IndexedSlices) and self.sparse_as_dense:
                 grad = tf.convert_to_tensor(grad)
-            reduced.append(self._hvd.allreduce(grad, op=self._hvd.Average,
-                                               compression=self.compression))
+            if isinstance(grad, tf.IndexedSlices):
+                # All-gathered (values and indices of every rank), then divided: no sum here.
+                reduced.append(hvd.allreduce(grad, op=hvd.Average))
+            else:
+                # Divide, then sum: the float16 sum stays in the range of one rank's gradient.
+                reduced.append(hvd.allreduce(grad, op=hvd.Sum, prescale_factor=1.0 / self.size,
+                                             compression=self.compression))
         return reduced
+
+    def sum_over_ranks(self, tensor: tf.Tensor) -> tf.Tensor:
+        return self._hvd.allreduce(tensor, op=self._hvd.Sum, name="sum_over_ranks")
 
     def broadcast_variables(self, variables) -> None:
         self._hvd.broadcast_variables(list(variables), root_rank=0)
+
+    def broadcast_object(self, value):
+        return self._hvd.broadcast_object(value, root_rank=0)
 
     def allgather_values(self, values: list[float]) -> np.ndarray:
         gathered = self._hvd.allgather(tf.constant([values], tf.float64))
         return gathered.numpy()
 
+    def barrier(self) -> None:
+        # A tiny all-reduce rather than hvd.barrier(): elastic Horovod treats a failed
+        # all-reduce (not a failed barrier) as a worker failure.
+        self._hvd.allreduce(tf.zeros([1]), op=self._hvd.Sum, name="barrier").numpy()
 
-def create_group(fp16_compression: bool = False, sparse_as_dense: bool = False,
-                 fusion_threshold_mb: int | None = None, cycle_time_ms: float | None = None):
+
+def create_group(fp16_compression: bool = False, sparse_as_dense: bool = True,
+                 fusion_threshold_mb: int | None = None, cycle_time_ms: float | None = None,
+                 stall_check_secs: int | None = None, stall_shutdown_secs: int | None = None):
     """HorovodGroup when started by a Horovod/MPI launcher, else SingleProcess."""
     if not launched_by_horovod():
         return SingleProcess()
-    return HorovodGroup(fp16_compression, sparse_as_dense, fusion_threshold_mb, cycle_time_ms)
+    return HorovodGroup(fp16_compression, sparse_as_dense, fusion_threshold_mb, cycle_time_ms,
+                        stall_check_secs, stall_shutdown_secs)

@@ -71,7 +71,8 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
     flags.DEFINE_boolean("ytf_gelu", False, "Fused bias + GELU/GeGLU op in the feed-forward "
                                             "block.", **fv)
     flags.DEFINE_enum("ln_dtype", "float32", ["float32", "float16", "bfloat16"],
-                      "dtype of the LayerNorm statistics; float16 needs --precision=fp16, "
+                      "dtype of the LayerNorm's elementwise arithmetic (the mean and variance "
+                      "are summed in float32 whatever it is); float16 needs --precision=fp16, "
                       "bfloat16 --precision=bf16; the fused LayerNorm is float32 only.", **fv)
     flags.DEFINE_float("learning_rate", 1e-2, "Peak learning rate.", **fv)
     flags.DEFINE_integer("num_warmup_steps", 50, "Linear warm-up steps.", **fv)
@@ -114,18 +115,50 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
                                                "config and tokenizer) from.", **fv)
     flags.DEFINE_integer("save_checkpoints_steps", 1000, "Checkpoint every N steps (and at the "
                                                          "end).", **fv)
+    flags.DEFINE_float("save_checkpoints_secs", 0, "Also checkpoint when this many seconds have "
+                                                   "passed since the last checkpoint (rank 0's "
+                                                   "clock decides for all ranks; 0: off).", **fv)
     flags.DEFINE_integer("keep_checkpoint_max", 5, "Checkpoints kept.", **fv)
     flags.DEFINE_integer("log_every_n_steps", 50, "Log metrics every N steps.", **fv)
     # Distribution and gradient accumulation.
     flags.DEFINE_boolean("hvd_fp16_compression", False, "All-reduce gradients in float16 "
-                                                        "(Horovod's fp16 compression).", **fv)
-    flags.DEFINE_boolean("sparse_as_dense", False, "Densify the sparse word-embedding gradient "
-                                                   "before the all-reduce (else all-gathered as "
-                                                   "slices).", **fv)
+                                                        "(Horovod's fp16 compression), each "
+                                                        "divided by the number of ranks before "
+                                                        "the sum. Needs --precision=fp16, whose "
+                                                        "loss scale keeps small gradients "
+                                                        "representable.", **fv)
+    flags.DEFINE_boolean("sparse_as_dense", True, "Embedding-table gradients cross ranks dense: "
+                                                  "the token-type table is looked up by a one-hot "
+                                                  "matmul and any sparse gradient is densified "
+                                                  "before the all-reduce. --nosparse_as_dense "
+                                                  "looks it up with a gather, whose gradient (one "
+                                                  "row per token) Horovod all-gathers from every "
+                                                  "rank; under gradient accumulation it is summed "
+                                                  "into a dense accumulator, so only the lookup "
+                                                  "changes. (The word embeddings are tied to the "
+                                                  "MLM head: their gradient is always dense.)",
+                         **fv)
     flags.DEFINE_integer("hvd_fusion_threshold_mb", None, "Horovod tensor-fusion buffer in MB "
                                                           "(default: Horovod's, 64).", **fv)
     flags.DEFINE_float("hvd_cycle_time_ms", None, "Horovod cycle time in ms (default: "
                                                   "Horovod's, 1).", **fv)
+    flags.DEFINE_integer("hvd_stall_check_secs", 60, "Horovod warns, naming the ranks, when some "
+                                                     "ranks wait this long in a collective that "
+                                                     "others have not joined (0: no check).", **fv)
+    flags.DEFINE_integer("hvd_stall_shutdown_secs", 600, "... and shuts down after this long "
+                                                         "(0: never). Must exceed the longest "
+                                                         "checkpoint save. See also "
+                                                         "--step_timeout_secs.", **fv)
+    flags.DEFINE_float("step_timeout_secs", 1800, "A rank whose step or checkpoint save takes "
+                                                  "longer prints its threads' stacks and exits "
+                                                  "with status 1, so a hung rank ends the job "
+                                                  "(0: never).", **fv)
+    flags.DEFINE_float("first_step_timeout_secs", 3600, "The same for the first step, which "
+                                                        "traces and compiles (0: never).", **fv)
+    flags.DEFINE_integer("max_consecutive_nonfinite_steps", 10, "Steps with NaN/inf gradients are "
+                                                                "skipped (and counted); this many "
+                                                                "in a row stop the run with exit "
+                                                                "status 3.", **fv)
     flags.DEFINE_boolean("scale_learning_rate", False, "Multiply the peak learning rate by the "
                                                        "number of ranks.", **fv)
     flags.DEFINE_integer("num_accumulation_steps", 1, "Micro-batches per optimizer step "
@@ -146,6 +179,8 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
     flags.DEFINE_integer("debug_fail_at_step", 0, "Testing only: raise at this step on "
                                                   "--debug_fail_rank (0 = never).", **fv)
     flags.DEFINE_integer("debug_fail_rank", 0, "Testing only: the rank that fails.", **fv)
+    flags.DEFINE_enum("debug_fail_mode", "raise", ["raise", "hang"], "Testing only: how it fails.",
+                      **fv)
     flags.DEFINE_float("initial_loss_scale", 2.0 ** 15, "fp16: initial dynamic loss scale.", **fv)
     flags.DEFINE_integer("loss_scale_growth_interval", 2000, "fp16: finite steps before the loss "
                                                              "scale doubles.", **fv)
@@ -257,8 +292,7 @@ def build_config(fv: flags.FlagValues, group=None):
             max_seq_length=fv.max_seq_length, max_predictions_per_seq=fv.max_predictions_per_seq)
     tokenizer = load_tokenizer(tokenizer_type, vocab_file) if vocab_file else None
 
-    output_dir = fv.output_dir or os.path.join(
-        "runs", "tfbert-" + datetime.datetime.now().strftime("%Y%m%d-%H%M%S"))
+    output_dir = fv.output_dir or default_output_dir(group)
     model = _model_config(fv, run_dir_config, tokenizer.vocab_size if tokenizer else None)
     data = cfg.DataConfig(
         input_files=tuple(input_files), max_seq_length=fv.max_seq_length,
@@ -278,24 +312,31 @@ def build_config(fv: flags.FlagValues, group=None):
         enable_resource_variables=fv.enable_resource_variables, seed=fv.seed,
         deterministic=fv.deterministic,
         init_checkpoint=fv.init_checkpoint, save_checkpoints_steps=fv.save_checkpoints_steps,
+        save_checkpoints_secs=fv.save_checkpoints_secs,
         keep_checkpoint_max=fv.keep_checkpoint_max, log_every_n_steps=fv.log_every_n_steps,
         initial_loss_scale=fv.initial_loss_scale,
         loss_scale_growth_interval=fv.loss_scale_growth_interval,
-        debug_fail_at_step=fv.debug_fail_at_step, debug_fail_rank=fv.debug_fail_rank)
+        max_consecutive_nonfinite_steps=fv.max_consecutive_nonfinite_steps,
+        step_timeout_secs=fv.step_timeout_secs,
+        first_step_timeout_secs=fv.first_step_timeout_secs,
+        debug_fail_at_step=fv.debug_fail_at_step, debug_fail_rank=fv.debug_fail_rank,
+        debug_fail_mode=fv.debug_fail_mode)
     distribution = cfg.DistributionConfig(
         num_processes=group.size if group else 1, rank=group.rank if group else 0,
         hvd_fp16_compression=fv.hvd_fp16_compression, sparse_as_dense=fv.sparse_as_dense,
         hvd_fusion_threshold_mb=fv.hvd_fusion_threshold_mb,
-        hvd_cycle_time_ms=fv.hvd_cycle_time_ms, scale_learning_rate=fv.scale_learning_rate,
+        hvd_cycle_time_ms=fv.hvd_cycle_time_ms, hvd_stall_check_secs=fv.hvd_stall_check_secs,
+        hvd_stall_shutdown_secs=fv.hvd_stall_shutdown_secs,
+        scale_learning_rate=fv.scale_learning_rate,
         num_accumulation_steps=fv.num_accumulation_steps, grad_accum_dtype=fv.grad_accum_dtype,
         custom_memory_optimization=fv.custom_memory_optimization,
         state_split_strategy=fv.state_split_strategy, split_grad_accum=fv.split_grad_accum,
         tensor_parallel_size=fv.tensor_parallel_size)
     if not (group and group.uses_horovod):
         # Checked after the distribution config, whose errors (features not built) come first.
-        for name in ("hvd_fp16_compression", "sparse_as_dense", "hvd_fusion_threshold_mb",
-                     "hvd_cycle_time_ms"):
-            if fv[name].present and fv[name].value not in (None, False):
+        for name in ("hvd_fp16_compression", "hvd_fusion_threshold_mb", "hvd_cycle_time_ms",
+                     "hvd_stall_check_secs", "hvd_stall_shutdown_secs"):
+            if fv[name].present and fv[name].value != fv[name].default:
                 raise cfg.ConfigError(
                     f"--{name} acts on the all-reduce between ranks, but this process runs "
                     f"alone; launch with horovodrun (-np 1 is fine) or drop the flag")
@@ -306,6 +347,12 @@ def build_config(fv: flags.FlagValues, group=None):
                         distribution=distribution, ops=ops)
     check_custom_ops(config)
     return config, tokenizer
+
+
+def default_output_dir(group=None) -> str:
+    """runs/tfbert-<time> by rank 0's clock, the same on every rank."""
+    path = os.path.join("runs", "tfbert-" + datetime.datetime.now().strftime("%Y%m%d-%H%M%S"))
+    return group.broadcast_object(path) if group is not None else path
 
 
 def check_custom_ops(config) -> None:
@@ -339,6 +386,11 @@ def check_custom_ops(config) -> None:
 
 def print_summary(config, summary: dict) -> None:
     gb = 2 ** 30
+    if summary["steps_this_run"] == 0:
+        print(f"\ntfbert: nothing to train: {config.runtime.output_dir} is at step "
+              f"{summary['steps']} and --num_train_steps={config.runtime.num_train_steps}\n"
+              f"  checkpoint:   {summary['checkpoint']}", flush=True)
+        return
     print(
         f"\ntfbert: {summary['steps_this_run']} steps of the {config.model.num_hidden_layers}x"
         f"{config.model.hidden_size} model (now at step {summary['steps']})\n"
@@ -350,10 +402,19 @@ def print_summary(config, summary: dict) -> None:
         f"{summary['examples_per_sec_total']:.1f} examples/s over {summary['num_processes']} "
         f"rank(s)\n"
         f"  peak memory:  {summary['peak_memory_bytes'] / gb:.3f} GB TensorFlow allocator "
-        f"({summary['memory_device']}), {summary['peak_rss_bytes'] / gb:.2f} GB process RSS\n"
+        f"({summary['memory_device']}; {summary['peak_memory_bytes_min'] / gb:.3f}-"
+        f"{summary['peak_memory_bytes_max'] / gb:.3f} GB over ranks), "
+        f"{summary['peak_rss_bytes'] / gb:.2f} GB process RSS\n"
+        f"  skipped:      {summary['skipped_steps']} steps with non-finite gradients\n"
         f"  checkpoint:   {summary['checkpoint']}\n"
         f"  summary:      {os.path.join(config.runtime.output_dir, 'summary.json')}",
         flush=True)
+
+
+# Exit statuses: 0 trained (or nothing left to train), 1 crashed, 2 bad configuration or input,
+# 3 diverged, 128 + N stopped by signal N after saving a checkpoint (resume with the same command).
+EXIT_BAD_INPUT = 2
+EXIT_DIVERGED = 3
 
 
 def main(argv):
@@ -369,22 +430,32 @@ def main(argv):
     from tfbert.data.pretraining_dataset import DataError
     from tfbert.tokenization import TokenizerError
     from tfbert.training.checkpointing import CheckpointError
+    from tfbert.training.trainer import Preempted, TrainingDiverged
 
     from tfbert.distributed import create_group
 
     fv = flags.FLAGS
     # Horovod is initialised before anything else touches TensorFlow's devices.
     group = create_group(fv.hvd_fp16_compression, fv.sparse_as_dense,
-                         fv.hvd_fusion_threshold_mb, fv.hvd_cycle_time_ms)
+                         fv.hvd_fusion_threshold_mb, fv.hvd_cycle_time_ms,
+                         fv.hvd_stall_check_secs, fv.hvd_stall_shutdown_secs)
     if not group.is_chief:
         logging.set_verbosity(logging.WARNING)  # the console log comes from rank 0
     try:
         config, tokenizer = build_config(fv, group)
         return train(config, tokenizer, group)
     except (ConfigError, DataError, TokenizerError, CheckpointError) as e:
-        logging.error("%s: %s", type(e).__name__, e)
-        print(f"tfbert: error: {e}", file=sys.stderr, flush=True)
-        return 2
+        return _fail(f"{type(e).__name__}: {e}", EXIT_BAD_INPUT)
+    except TrainingDiverged as e:
+        return _fail(f"training diverged: {e}", EXIT_DIVERGED)
+    except Preempted as e:
+        return _fail(str(e), 128 + e.signal_number)
+
+
+def _fail(message: str, status: int) -> int:
+    logging.error("%s", message)
+    print(f"tfbert: error: {message}", file=sys.stderr, flush=True)
+    return status
 
 
 def train(config, tokenizer, group) -> int:
@@ -392,7 +463,7 @@ def train(config, tokenizer, group) -> int:
 
     from tfbert.data.pretraining_dataset import (MaskingSpec, check_records, check_token_ids,
                                                  pretraining_dataset, resolve_input_files)
-    from tfbert.training.run_dir import prepare_output_dir
+    from tfbert.training.run_dir import check_output_dir, write_run_files
     from tfbert.training.trainer import Pretrainer
 
     logging.info("Configuration:\n%s", config.to_json())
@@ -402,8 +473,7 @@ def train(config, tokenizer, group) -> int:
     files = resolve_input_files(list(data.input_files))
     check_records(files, data.max_seq_length, data.max_predictions_per_seq)
     check_token_ids(files, config.model.vocab_size)
-    if group.is_chief:
-        prepare_output_dir(config, tokenizer)
+    check_output_dir(config)
     masking = None
     if data.dynamic_masking:
         special = tokenizer.special_ids
@@ -418,6 +488,10 @@ def train(config, tokenizer, group) -> int:
         seed=config.runtime.seed + group.rank, input_pipeline_id=group.rank,
         num_input_pipelines=group.size, dynamic_masking=masking)
     trainer = Pretrainer(config, dataset, group)
+    trainer.restore_or_initialize()
+    # Only now, with the checkpoint restored: a failed resume leaves the run directory as it was.
+    if group.is_chief:
+        write_run_files(config, tokenizer)
     summary = trainer.train()
     if group.is_chief:
         print_summary(config, summary)

@@ -22,25 +22,28 @@ from tfbert.config import Config, ConfigError, atomic_write_text
 from tfbert.tokenization import default_filename
 
 
-def prepare_output_dir(config: Config, tokenizer=None) -> None:
-    """Creates the run directory and writes the config, model config and tokenizer files.
+def check_output_dir(config: Config) -> None:
+    """Refuses to resume into a directory written by a different model shape: its checkpoints
+    could not be restored, and its config would be overwritten."""
+    config_path = os.path.join(config.runtime.output_dir, "config.json")
+    if not os.path.exists(config_path):
+        return
+    previous = Config.load(config_path).model
+    if previous != config.model:
+        before, after = dataclasses.asdict(previous), dataclasses.asdict(config.model)
+        changed = {k: (before[k], after[k]) for k in before if before[k] != after[k]}
+        raise ConfigError(
+            f"--output_dir={config.runtime.output_dir} holds a run of a different model "
+            f"(field: (saved, requested) = {changed}); use a new --output_dir, or "
+            f"--init_checkpoint={config.runtime.output_dir} to start a new run from its weights")
 
-    Resuming into a directory written by a different model shape is refused: its checkpoints
-    could not be restored, and its config would be overwritten.
-    """
+
+def write_run_files(config: Config, tokenizer=None) -> None:
+    """Writes the config, model config and tokenizer files (after `check_output_dir`, and
+    after the run's checkpoint was restored, so a failed resume overwrites nothing)."""
     output_dir = config.runtime.output_dir
     os.makedirs(output_dir, exist_ok=True)
-    config_path = os.path.join(output_dir, "config.json")
-    if os.path.exists(config_path):
-        previous = Config.load(config_path).model
-        if previous != config.model:
-            before, after = dataclasses.asdict(previous), dataclasses.asdict(config.model)
-            changed = {k: (before[k], after[k]) for k in before if before[k] != after[k]}
-            raise ConfigError(
-                f"--output_dir={output_dir} holds a run of a different model "
-                f"(field: (saved, requested) = {changed}); use a new --output_dir, or "
-                f"--init_checkpoint={output_dir} to start a new run from its weights")
-    config.save(config_path)
+    config.save(os.path.join(output_dir, "config.json"))
     atomic_write_text(os.path.join(output_dir, "bert_config.json"),
                       json.dumps(config.model.to_bert_config(), indent=2) + "\n")
     if tokenizer is not None:
@@ -49,4 +52,12 @@ def prepare_output_dir(config: Config, tokenizer=None) -> None:
         source = tokenizer.files[0]
         target = os.path.join(output_dir, default_filename(tokenizer.tokenizer_type))
         if os.path.abspath(source) != os.path.abspath(target):
-            shutil.copyfile(source, target)
+            tmp = f"{target}.tmp-{os.getpid()}"
+            shutil.copyfile(source, tmp)
+            os.replace(tmp, target)
+
+
+def prepare_output_dir(config: Config, tokenizer=None) -> None:
+    """`check_output_dir`, then `write_run_files`: for a run that restores nothing."""
+    check_output_dir(config)
+    write_run_files(config, tokenizer)

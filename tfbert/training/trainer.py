@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
+import signal
 import time
 from typing import Iterator
 
+import numpy as np
 import tensorflow as tf
 from absl import logging
 from tensorflow.python.framework import config as tf_config
@@ -20,6 +21,7 @@ from tfbert.modeling.models.bert_pretrainer import BertPretrainer
 from tfbert.training.checkpointing import (CheckpointKeeper, checkpoint_step,
                                            init_from_checkpoint)
 from tfbert.training.grappler import StepGrapplerOptions
+from tfbert.training.interruption import StepWatchdog, StopRequests
 from tfbert.training.memory import PeakMemory, peak_rss_bytes
 from tfbert.training.optimization import (KerasOptimizerUpdate, WarmupPolynomialDecay,
                                           build_optimizer)
@@ -30,7 +32,25 @@ METRIC_NAMES = ("loss", "mlm_loss", "nsp_loss", "mlm_accuracy", "nsp_accuracy", 
 
 
 class TrainingDiverged(RuntimeError):
-    """The loss became NaN or infinite; no checkpoint is written from such weights."""
+    """Too many consecutive steps had non-finite gradients. Those steps were skipped, so the
+    weights are still finite, but no checkpoint is written after them."""
+
+
+class Preempted(RuntimeError):
+    """A SIGTERM/SIGINT stopped the run after a checkpoint was saved; run the same command
+    again to resume.
+
+    Attributes:
+      signal_number: the signal that arrived first (on any rank).
+    """
+
+    def __init__(self, message: str, signal_number: int):
+        super().__init__(message)
+        self.signal_number = signal_number
+
+
+# The stop requests summed over ranks in every step: [signal received, chief's save timer due].
+_STOP, _SAVE_DUE = 0, 1
 
 
 class Pretrainer:
@@ -58,14 +78,18 @@ class Pretrainer:
         tf.keras.utils.set_random_seed(runtime.seed)
         self.rng = DropoutRng(runtime.seed + 1_000_003 * self.group.rank)
 
-        self.model = BertPretrainer(config.model, self.rng, precision=runtime.precision,
-                                    ops=config.ops)
+        self.model = BertPretrainer(
+            config.model, self.rng, precision=runtime.precision, ops=config.ops,
+            one_hot_token_types=config.distribution.sparse_as_dense)
         self.model.build(config.data.max_seq_length, config.data.max_predictions_per_seq)
         self.variables = self.model.trainable_variables
 
-        # Counts training steps, including float16 steps skipped for overflow.
+        # Counts training steps, including steps skipped for non-finite gradients.
         self.global_step = tf.Variable(0, dtype=tf.int64, trainable=False, name="global_step")
         self.skipped_steps = tf.Variable(0, dtype=tf.int64, trainable=False, name="skipped_steps")
+        # Skipped steps in a row; --max_consecutive_nonfinite_steps of them stop the run.
+        self.nonfinite_streak = tf.Variable(0, dtype=tf.int64, trainable=False,
+                                            name="nonfinite_streak")
         distribution = config.distribution
         peak_learning_rate = config.optimizer.learning_rate * (
             self.group.size if distribution.scale_learning_rate else 1)
@@ -85,24 +109,32 @@ class Pretrainer:
                                             runtime.loss_scale_growth_interval)
                            if runtime.precision == "fp16" else None)
 
+        self._batch_spec = dataset.element_spec
         self.iterator: Iterator = iter(dataset)
         self.metrics = {name: tf.keras.metrics.Mean(name) for name in METRIC_NAMES}
         # The state every rank shares (written by rank 0) ...
         shared = dict(model=self.model, global_step=self.global_step,
-                      skipped_steps=self.skipped_steps, **self.update.checkpoint_items())
+                      skipped_steps=self.skipped_steps, nonfinite_streak=self.nonfinite_streak,
+                      **self.update.checkpoint_items())
         if self.loss_scale is not None:
             shared["loss_scale"] = self.loss_scale
         self.checkpoints = CheckpointKeeper(runtime.output_dir, runtime.keep_checkpoint_max,
                                             **shared)
         # ... and the state of each rank: its position in its data shard and its dropout RNG.
+        # One more is kept than of the shared state: each rank writes its state before rank 0
+        # commits the shared checkpoint, so a job killed in between still finds the rank state
+        # that matches the newest shared checkpoint.
         rank_dir = os.path.join(runtime.output_dir, "rank_state", f"rank-{self.group.rank}")
         os.makedirs(rank_dir, exist_ok=True)
         self.rank_checkpoints = CheckpointKeeper(
-            rank_dir,
-            runtime.keep_checkpoint_max, dropout_rng=self.rng.generator,
+            rank_dir, runtime.keep_checkpoint_max + 1, dropout_rng=self.rng.generator,
             data_iterator=self.iterator)
 
         self.accumulation_steps = distribution.num_accumulation_steps
+        # XLA cannot compile Horovod's collectives on every device (not at all on a CPU): under
+        # Horovod, --xla=jit compiles the forward and backward pass, and the all-reduce and the
+        # update run beside the compiled part.
+        jit_collectives = self.jit_compile and not self.group.uses_horovod
         if distribution.uses_accumulation:
             dtype = tf.as_dtype(distribution.grad_accum_dtype)
             self.accumulators = [
@@ -110,9 +142,15 @@ class Pretrainer:
                             name="accumulated/" + v.name.split(":")[0]) for v in self.variables]
             self.accumulate_step = tf.function(self._accumulate, jit_compile=self.jit_compile)
             self.apply_accumulated_step = tf.function(self._apply_accumulated,
-                                                      jit_compile=self.jit_compile)
+                                                      jit_compile=jit_collectives)
+        elif self.jit_compile and not jit_collectives:
+            self.gradients_step = tf.function(self._gradients_and_metrics, jit_compile=True)
+            self.finish_step = tf.function(self._finish_step)
+            self.train_step = lambda batch, requests: self._join(
+                self.gradients_step(batch), self.finish_step, requests)
         else:
             self.train_step = tf.function(self._train_step, jit_compile=self.jit_compile)
+        self._start_step = None
 
     # ----------------------------------------------------------------------------------------
     def restore_or_initialize(self) -> int:
@@ -134,12 +172,13 @@ class Pretrainer:
         # Every rank starts from rank 0's weights, optimizer state and counters (also when only
         # rank 0 can read the checkpoint). Slots exist already, so no first step is needed.
         self.group.broadcast_variables(self.shared_variables())
-        return int(self.global_step)
+        self._start_step = int(self.global_step)
+        return self._start_step
 
     def shared_variables(self) -> list[tf.Variable]:
         """Everything that must be equal on all ranks."""
         variables = list(self.model.variables) + list(self.update.optimizer.variables())
-        variables += [self.global_step, self.skipped_steps]
+        variables += [self.global_step, self.skipped_steps, self.nonfinite_streak]
         if self.loss_scale is not None:
             variables += [self.loss_scale.scale, self.loss_scale.good_steps]
         return variables
@@ -158,91 +197,175 @@ class Pretrainer:
         return outputs, tape.gradient(loss, self.variables)
 
     def _update_loss_metrics(self, outputs):
+        """Adds the step's figures to the window's means; a non-finite figure is left out (its
+        step is skipped and counted instead)."""
         for name, metric in self.metrics.items():
             if name in outputs:
-                metric.update_state(outputs[name])
+                finite = tf.math.is_finite(outputs[name])
+                metric.update_state(tf.where(finite, outputs[name], 0.0),
+                                    sample_weight=tf.cast(finite, tf.float32))
 
-    def _finish_step(self, grads) -> dict[str, tf.Tensor]:
-        """Averages over ranks, unscales, clips and applies (or, on fp16 overflow, skips) one
-        optimizer step. Returns grad_norm and learning_rate."""
+    def _finish_step(self, grads, requests: tf.Tensor) -> dict[str, tf.Tensor]:
+        """Averages over ranks, unscales, clips and applies one optimizer step, or skips it when
+        any gradient is not finite (in every precision: such a step would write NaN into the
+        weights). Returns grad_norm, learning_rate, nonfinite_streak and the stop requests
+        summed over ranks."""
         grads = self.group.allreduce_gradients(grads)
+        requests = self.group.sum_over_ranks(requests)
         grads = [deduplicate_indexed_slices(g) for g in grads]
         if self.loss_scale is not None:
             grads = self.loss_scale.unscale(grads)
         grad_norm = tf.linalg.global_norm(grads)
+        # The same on every rank: the gradients were all-reduced first.
         grads_are_finite = tf.math.is_finite(grad_norm)
         clip_norm = self.config.optimizer.clip_norm
         if clip_norm > 0:
             grads, _ = tf.clip_by_global_norm(grads, clip_norm, use_norm=grad_norm)
         learning_rate = self.schedule(self.global_step)
+        tf.cond(grads_are_finite, lambda: self._apply(grads), lambda: tf.constant(False))
         if self.loss_scale is not None:
-            # float16: an overflowed step is skipped and the scale lowered, not applied.
-            tf.cond(grads_are_finite, lambda: self._apply(grads), lambda: tf.constant(False))
             self.loss_scale.update(grads_are_finite)
-            self.skipped_steps.assign_add(tf.cast(tf.logical_not(grads_are_finite), tf.int64))
-        else:
-            self._apply(grads)
+        skipped = tf.cast(tf.logical_not(grads_are_finite), tf.int64)
+        self.skipped_steps.assign_add(skipped)
+        self.nonfinite_streak.assign((self.nonfinite_streak + 1) * skipped)
         self.global_step.assign_add(1)
-        self.metrics["grad_norm"].update_state(grad_norm)
-        return dict(grad_norm=grad_norm, learning_rate=learning_rate)
+        self._update_loss_metrics(dict(grad_norm=grad_norm))
+        return dict(grad_norm=grad_norm, learning_rate=learning_rate, requests=requests,
+                    nonfinite_streak=self.nonfinite_streak.read_value())
 
-    def _train_step(self, batch: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
-        """One optimizer step on one batch."""
+    def _gradients_and_metrics(self, batch: dict[str, tf.Tensor]):
         outputs, grads = self._compute_gradients(batch)
         self._update_loss_metrics(outputs)
-        return dict(outputs, **self._finish_step(grads))
+        return outputs, grads
+
+    @staticmethod
+    def _join(outputs_and_grads, finish_step, requests):
+        outputs, grads = outputs_and_grads
+        return dict(outputs, **finish_step(grads, requests))
+
+    def _train_step(self, batch: dict[str, tf.Tensor], requests: tf.Tensor):
+        """One optimizer step on one batch."""
+        return self._join(self._gradients_and_metrics(batch), self._finish_step, requests)
 
     def _accumulate(self, batch: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
         """Adds one micro-batch's gradients, divided by the number of micro-batches, to the
         accumulators. Nothing crosses ranks here: the all-reduce happens once per step."""
-        outputs, grads = self._compute_gradients(batch)
+        outputs, grads = self._gradients_and_metrics(batch)
         for accumulator, grad in zip(self.accumulators, grads):
             # Divided before the cast: the sum stays the size of one big batch's gradient. In
-            # float16 an overflow becomes inf, which the step then detects and skips.
+            # float16 an overflow becomes inf, which the step then detects and skips. A sparse
+            # gradient is summed into its dense accumulator here, so what crosses ranks under
+            # accumulation is always the dense accumulator.
             grad = tf.convert_to_tensor(grad) / self.accumulation_steps
             accumulator.assign_add(tf.cast(grad, accumulator.dtype))
-        self._update_loss_metrics(outputs)
         return outputs
 
-    def _apply_accumulated(self) -> dict[str, tf.Tensor]:
+    def _apply_accumulated(self, requests: tf.Tensor) -> dict[str, tf.Tensor]:
         """The optimizer step over the accumulated gradients; then clears the accumulators."""
         grads = [tf.cast(a, tf.float32) for a in self.accumulators]
-        result = self._finish_step(grads)
+        result = self._finish_step(grads, requests)
         for accumulator in self.accumulators:
             accumulator.assign(tf.zeros_like(accumulator))
         return result
 
-    def run_step(self) -> dict[str, tf.Tensor]:
-        """One optimizer step: one batch, or `num_accumulation_steps` micro-batches."""
+    def run_step(self, requests=(0.0, 0.0)) -> dict[str, tf.Tensor]:
+        """One optimizer step: one batch, or `num_accumulation_steps` micro-batches.
+
+        Args:
+          requests: this rank's [stop, save] requests (0 or 1), summed over ranks in the step.
+        """
+        requests = tf.constant(requests, tf.float32)
         if self.accumulation_steps == 1:
             batch = self._next_batch()
             with self.grappler.scope():
-                return self.train_step(batch)
+                return self.train_step(batch, requests)
         for _ in range(self.accumulation_steps):
             batch = self._next_batch()
             with self.grappler.scope():
                 self.accumulate_step(batch)
         with self.grappler.scope():
-            return self.apply_accumulated_step()
+            return self.apply_accumulated_step(requests)
+
+    def step_graphs(self) -> list[tf.Graph]:
+        """The traced graphs of one optimizer step (tracing them now if needed; the training
+        loop then reuses these traces)."""
+        requests = tf.TensorSpec([2], tf.float32)
+        if self.accumulation_steps > 1:
+            functions = [self.accumulate_step.get_concrete_function(self._batch_spec),
+                         self.apply_accumulated_step.get_concrete_function(requests)]
+        elif hasattr(self, "finish_step"):
+            gradients = self.gradients_step.get_concrete_function(self._batch_spec)
+            grad_specs = [tf.type_spec_from_value(g) for g in gradients.structured_outputs[1]]
+            functions = [gradients, self.finish_step.get_concrete_function(grad_specs, requests)]
+        else:
+            functions = [self.train_step.get_concrete_function(self._batch_spec, requests)]
+        return [f.graph for f in functions]
+
+    def step_collectives(self) -> list[dict]:
+        """What crosses ranks in one optimizer step, read from the step's graphs: one dict per
+        collective with its op ("HorovodAllreduce", "HorovodAllgather", ...), dtype, shape and
+        the bytes this rank sends."""
+        collectives = []
+        for graph in self.step_graphs():
+            for op in graph.get_operations():
+                if not op.type.startswith("Horovod"):
+                    continue
+                tensor = op.inputs[0]
+                shape = tensor.shape.as_list()
+                elements = int(np.prod(shape)) if None not in shape else None
+                collectives.append(dict(
+                    op=op.type, name=op.name, dtype=tensor.dtype.name, shape=shape,
+                    bytes=elements * tensor.dtype.size if elements is not None else None))
+        return collectives
+
+    def log_communication(self) -> None:
+        """Logs, on rank 0, the collectives of one step and their bytes per rank."""
+        if not self.group.uses_horovod:
+            return
+        by_op = {}
+        for collective in self.step_collectives():
+            count, size = by_op.get(collective["op"], (0, 0))
+            by_op[collective["op"]] = (count + 1, size + (collective["bytes"] or 0))
+        logging.info("Each step sends, per rank: %s", "; ".join(
+            f"{op} x{count} ({size / 2**20:.2f} MiB)" for op, (count, size) in sorted(by_op.items())))
 
     # ----------------------------------------------------------------------------------------
     def _next_batch(self):
         try:
             return next(self.iterator)
-        except tf.errors.DataLossError as e:
+        except (tf.errors.DataLossError, tf.errors.InvalidArgumentError) as e:
             from tfbert.data.pretraining_dataset import DataError, describe_data_error
 
             raise DataError(describe_data_error(e, list(self.config.data.input_files))) from None
 
+    def save_checkpoint(self, step: int) -> None:
+        """Every rank writes its own state, then rank 0 writes the shared state and moves the
+        index: a job killed at any point resumes from a complete, matching pair."""
+        self.rank_checkpoints.save(step)
+        self.group.barrier()
+        if self.group.is_chief:
+            logging.info("Saved checkpoint %s", self.checkpoints.save(step))
+
     def train(self, max_steps: int | None = None) -> dict:
         """Trains to --num_train_steps (or `max_steps` more steps, to stop early as a preempted
-        job would). Writes checkpoints, logs and `summary.json`; returns the summary."""
+        job would). Writes checkpoints, logs and `summary.json`; returns the summary.
+
+        Raises:
+          TrainingDiverged: --max_consecutive_nonfinite_steps steps in a row were skipped.
+          Preempted: a SIGTERM/SIGINT arrived; a checkpoint of the last step was saved.
+        """
         runtime, data = self.config.runtime, self.config.data
         is_chief = self.group.is_chief
-        start_step = self.restore_or_initialize()
+        start_step = self._start_step
+        if start_step is None:
+            start_step = self.restore_or_initialize()
         end_step = runtime.num_train_steps
         if max_steps is not None:
             end_step = min(end_step, start_step + max_steps)
+        if start_step >= end_step:
+            logging.info("Nothing to train: the run in %s is at step %d and --num_train_steps=%d",
+                         runtime.output_dir, start_step, runtime.num_train_steps)
+            return dict(steps=start_step, steps_this_run=0, checkpoint=self.checkpoints.latest)
         examples_per_step = data.train_batch_size * self.accumulation_steps  # per rank
         tokens_per_step = examples_per_step * data.max_seq_length
 
@@ -255,35 +378,77 @@ class Pretrainer:
         timed = dict(start_time=None, steps=0)
         last_record = None
         step = start_step
+        last_save_time = time.monotonic()
+        watchdog = StepWatchdog()
 
+        if is_chief:
+            self.log_communication()
         for metric in self.metrics.values():
             metric.reset_state()
-        while step < end_step:
-            outputs = self.run_step()
-            step += 1
-            if runtime.debug_fail_at_step == step and runtime.debug_fail_rank == self.group.rank:
-                raise RuntimeError(f"injected failure on rank {self.group.rank} at step {step} "
-                                   f"(--debug_fail_at_step)")
-            if first is None:
-                # The first step traces and compiles: it is excluded from the throughput.
-                first = {name: float(metric.result()) for name, metric in self.metrics.items()}
-                timed["start_time"] = time.perf_counter()
-                if not math.isfinite(first["loss"]):
-                    raise TrainingDiverged(f"loss is {first['loss']} at step {step}")
-            else:
-                timed["steps"] += 1
-            checkpoint_now = step % runtime.save_checkpoints_steps == 0 or step == end_step
-            if step % runtime.log_every_n_steps == 0 or checkpoint_now:
-                last_record = self._log(step, outputs, window, memory, examples_per_step,
-                                        tokens_per_step, writer, log_path)
-            if step == end_step:
-                # Logging above synchronised; the final checkpoint is not part of the steps' time.
-                timed["end_time"] = time.perf_counter()
-            if checkpoint_now:
-                self.rank_checkpoints.save(step)
-                if is_chief:
-                    logging.info("Saved checkpoint %s", self.checkpoints.save(step))
+        with StopRequests() as stop_requests:
+            try:
+                while step < end_step:
+                    watchdog.arm(runtime.first_step_timeout_secs if first is None
+                                 else runtime.step_timeout_secs)
+                    save_due = (is_chief and runtime.save_checkpoints_secs > 0 and
+                                time.monotonic() - last_save_time >= runtime.save_checkpoints_secs)
+                    outputs = self.run_step([float(stop_requests.signal_number > 0),
+                                             float(save_due)])
+                    step += 1
+                    if (runtime.debug_fail_at_step == step
+                            and runtime.debug_fail_rank == self.group.rank):
+                        self._inject_failure(step)
+                    streak = int(outputs["nonfinite_streak"])
+                    if streak >= runtime.max_consecutive_nonfinite_steps:
+                        raise TrainingDiverged(
+                            f"{streak} steps in a row (to step {step}) had non-finite gradients "
+                            f"(--max_consecutive_nonfinite_steps="
+                            f"{runtime.max_consecutive_nonfinite_steps}); they were skipped and "
+                            f"no checkpoint was written after them. The last checkpoint is "
+                            f"{self.checkpoints.latest}")
+                    if first is None:
+                        # The first step traces and compiles: excluded from the throughput.
+                        first = {name: float(m.result()) for name, m in self.metrics.items()}
+                        timed["start_time"] = time.perf_counter()
+                    else:
+                        timed["steps"] += 1
+                    requests = outputs["requests"].numpy()
+                    stop = requests[_STOP] > 0
+                    checkpoint_now = (step % runtime.save_checkpoints_steps == 0
+                                      or step == end_step or requests[_SAVE_DUE] > 0 or stop)
+                    if step % runtime.log_every_n_steps == 0 or checkpoint_now:
+                        last_record = self._log(step, outputs, window, memory, examples_per_step,
+                                                tokens_per_step, writer, log_path)
+                    if step == end_step or stop:
+                        # Logging synchronised; the final checkpoint is not part of the time.
+                        timed["end_time"] = time.perf_counter()
+                    if checkpoint_now:
+                        self.save_checkpoint(step)
+                        last_save_time = time.monotonic()
+                    watchdog.disarm()
+                    if stop:
+                        signal_number = stop_requests.signal_number or signal.SIGTERM
+                        raise Preempted(
+                            f"stopped by {signal.Signals(signal_number).name} after step {step}; "
+                            f"checkpoint {self.checkpoints.latest or 'of step %d' % step} holds "
+                            f"it: run the same command again to resume", signal_number)
+            finally:
+                watchdog.disarm()
+        return self._summary(step, start_step, first, last_record, timed, memory)
 
+    def _inject_failure(self, step: int) -> None:
+        """--debug_fail_at_step: a crash or a hang of one rank, for tests of the job's exit."""
+        if self.config.runtime.debug_fail_mode == "hang":
+            logging.warning("Rank %d hangs at step %d (--debug_fail_mode=hang)",
+                            self.group.rank, step)
+            while True:
+                time.sleep(3600)
+        raise RuntimeError(f"injected failure on rank {self.group.rank} at step {step} "
+                           f"(--debug_fail_at_step)")
+
+    def _summary(self, step, start_step, first, last_record, timed, memory) -> dict:
+        runtime, data = self.config.runtime, self.config.data
+        examples_per_step = data.train_batch_size * self.accumulation_steps  # per rank
         elapsed = (timed.get("end_time") or time.perf_counter()) - (
             timed["start_time"] or time.perf_counter())
         steps_timed = timed["steps"]
@@ -304,6 +469,7 @@ class Pretrainer:
             peak_memory_bytes=memory.run_peak_bytes, peak_rss_bytes=peak_rss_bytes(),
             examples_per_sec_total=float(per_rank[:, 0].sum()),
             tokens_per_sec_total=float(per_rank[:, 0].sum()) * data.max_seq_length,
+            peak_memory_bytes_min=int(per_rank[:, 1].min()),
             peak_memory_bytes_max=int(per_rank[:, 1].max()),
             peak_memory_bytes_total=int(per_rank[:, 1].sum()),
             per_rank=dict(examples_per_sec=per_rank[:, 0].tolist(),
@@ -320,7 +486,7 @@ class Pretrainer:
             memory_optimization=runtime.memory_optimization,
             # As TensorFlow reports it (--deterministic turns it on for the whole process).
             op_determinism=tf_config.is_op_determinism_enabled())
-        if is_chief:
+        if self.group.is_chief:
             atomic_write_text(os.path.join(runtime.output_dir, "summary.json"),
                               json.dumps(summary, indent=2) + "\n")
         return summary
@@ -334,33 +500,42 @@ class Pretrainer:
 
     def _log(self, step, outputs, window, memory, examples_per_step, tokens_per_step, writer,
              log_path):
-        """Reads and resets the window's metrics, logs them and writes TensorBoard scalars."""
-        record = {name: float(metric.result()) for name, metric in self.metrics.items()}
+        """Reads and resets the window's metrics, averages them over ranks (one small
+        all-gather, which also brings every rank's peak memory), logs them and writes
+        TensorBoard scalars."""
+        names = list(self.metrics)
+        local = [float(self.metrics[name].result()) for name in names]
+        local.append(memory.window_peak())
         for metric in self.metrics.values():
             metric.reset_state()
+        per_rank = self.group.allgather_values(local)  # (ranks, metrics + 1)
+        record = {name: float(per_rank[:, i].mean()) for i, name in enumerate(names)}
+        peaks = per_rank[:, -1]
         now = time.perf_counter()
         steps = step - window["start_step"]
         seconds = max(now - window["start_time"], 1e-9)
         window.update(start_time=now, start_step=step)
         record.update(step=step, learning_rate=float(outputs["learning_rate"]),
                       examples_per_sec=examples_per_step * steps / seconds,
+                      examples_per_sec_total=examples_per_step * steps / seconds * self.group.size,
                       tokens_per_sec=tokens_per_step * steps / seconds,
-                      peak_memory_bytes=memory.window_peak(), peak_rss_bytes=peak_rss_bytes(),
+                      peak_memory_bytes=int(peaks[self.group.rank]),
+                      peak_memory_bytes_min=int(peaks.min()),
+                      peak_memory_bytes_max=int(peaks.max()), peak_rss_bytes=peak_rss_bytes(),
                       skipped_steps=int(self.skipped_steps))
         if self.loss_scale is not None:
             record["loss_scale"] = float(self.loss_scale.scale)
-        if not math.isfinite(record["loss"]):
-            raise TrainingDiverged(
-                f"loss is {record['loss']} in the window ending at step {step}; the last "
-                f"checkpoint ({self.checkpoints.latest}) is from before it")
+        gb = 2 ** 30
         logging.info(
             "step %d/%d | loss %.4f | mlm %.4f | nsp %.4f | mlm_acc %.3f | lr %.3g | "
-            "%.1f ex/s | %.0f tok/s | peak %.3f GB | rss %.2f GB%s",
+            "%.1f ex/s | %.0f tok/s | peak %.3f GB (ranks %.3f-%.3f) | rss %.2f GB%s%s",
             step, self.config.runtime.num_train_steps, record["loss"], record["mlm_loss"],
             record["nsp_loss"], record["mlm_accuracy"], record["learning_rate"],
             record["examples_per_sec"], record["tokens_per_sec"],
-            record["peak_memory_bytes"] / 2**30, record["peak_rss_bytes"] / 2**30,
-            f" | loss scale {record['loss_scale']:.0f}" if self.loss_scale is not None else "")
+            record["peak_memory_bytes"] / gb, record["peak_memory_bytes_min"] / gb,
+            record["peak_memory_bytes_max"] / gb, record["peak_rss_bytes"] / gb,
+            f" | loss scale {record['loss_scale']:.0f}" if self.loss_scale is not None else "",
+            f" | skipped {record['skipped_steps']}" if record["skipped_steps"] else "")
         with writer.as_default(step=step):
             for name, value in record.items():
                 if name != "step":

@@ -17,6 +17,11 @@ class Embeddings(tf.keras.layers.Layer):
       layer_norm_dtype: dtype of the LayerNorm statistics.
       fused_layer_norm: use the fused LayerNorm op.
       rng: DropoutRng.
+      one_hot_token_types: look the token-type table up with a one-hot matmul, as
+        google-research/bert does. Its gradient is then a dense [T, D] table, which crosses
+        ranks in the gradients' all-reduce. A gather's gradient is sparse: one row of D per
+        token (B*S rows, 64 MiB at batch 32 x 512 x 1024 in float32), which Horovod all-gathers
+        from every rank unless it is densified (--sparse_as_dense).
 
     Variables (google-research/bert names): word_embeddings [V, D], token_type_embeddings [T, D],
     position_embeddings [P, D], LayerNorm/{gamma,beta}.
@@ -25,8 +30,10 @@ class Embeddings(tf.keras.layers.Layer):
     def __init__(self, vocab_size: int, hidden_size: int, max_position_embeddings: int,
                  type_vocab_size: int, initializer_range: float, dropout: float = 0.0,
                  layer_norm_eps: float = 1e-12, rng: DropoutRng | None = None,
-                 fused_layer_norm: bool = False, layer_norm_dtype: str = "float32", **kwargs):
+                 fused_layer_norm: bool = False, layer_norm_dtype: str = "float32",
+                 one_hot_token_types: bool = True, **kwargs):
         super().__init__(**kwargs)
+        self.one_hot_token_types = one_hot_token_types
         self.vocab_size = vocab_size
         self.hidden_size = hidden_size
         self.max_position_embeddings = max_position_embeddings
@@ -54,7 +61,11 @@ class Embeddings(tf.keras.layers.Layer):
         """input_ids, segment_ids: int32 [B, S]. Returns [B, S, D] in the compute dtype."""
         seq_length = tf.shape(input_ids)[1]
         embeddings = tf.gather(self.word_embeddings, input_ids)  # (B, S, D)
-        embeddings += tf.gather(self.token_type_embeddings, segment_ids)  # (B, S, D)
+        if self.one_hot_token_types:
+            one_hot = tf.one_hot(segment_ids, self.type_vocab_size, dtype=embeddings.dtype)
+            embeddings += tf.einsum("bst,td->bsd", one_hot, self.token_type_embeddings)  # (B, S, D)
+        else:
+            embeddings += tf.gather(self.token_type_embeddings, segment_ids)  # (B, S, D)
         embeddings += self.position_embeddings[tf.newaxis, :seq_length]  # (1, S, D)
         embeddings = tf.cast(embeddings, self.compute_dtype)
         return self.dropout(self.layer_norm(embeddings), training=training)
@@ -64,5 +75,6 @@ class Embeddings(tf.keras.layers.Layer):
         config.update(vocab_size=self.vocab_size, hidden_size=self.hidden_size,
                       max_position_embeddings=self.max_position_embeddings,
                       type_vocab_size=self.type_vocab_size,
-                      initializer_range=self.initializer_range, dropout=self.dropout_rate)
+                      initializer_range=self.initializer_range, dropout=self.dropout_rate,
+                      one_hot_token_types=self.one_hot_token_types)
         return config

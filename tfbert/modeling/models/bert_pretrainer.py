@@ -86,18 +86,21 @@ class BertPretrainer(tf.Module):
       precision: "fp32", "fp16" or "bf16" (mixed precision: float32 variables).
       dense_factory_cls: the factory class for every projection (replaced for tensor parallelism).
       ops: which computations use the fused custom ops.
+      one_hot_token_types: token-type lookup by one-hot matmul, whose gradient is dense (see
+        `Embeddings`); False looks it up with a gather, whose gradient is sparse.
     """
 
     POLICIES = {"fp32": "float32", "fp16": "mixed_float16", "bf16": "mixed_bfloat16"}
 
     def __init__(self, config: ModelConfig, rng: DropoutRng | None = None, precision: str = "fp32",
-                 dense_factory_cls=DenseFactory, ops: FusedOpsConfig = FusedOpsConfig()):
+                 dense_factory_cls=DenseFactory, ops: FusedOpsConfig = FusedOpsConfig(),
+                 one_hot_token_types: bool = True):
         super().__init__(name=None)
         self.config = config
         policy = tf.keras.mixed_precision.Policy(self.POLICIES[precision])
         factory = dense_factory_cls(config.initializer_range, dtype=policy)
         self.bert = BertEncoder(config, rng=rng, dense_factory=factory, dtype=policy, name="bert",
-                                ops=ops)
+                                ops=ops, one_hot_token_types=one_hot_token_types)
         self._ops = ops
         self._built = False
         self._factory = factory

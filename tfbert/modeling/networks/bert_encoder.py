@@ -19,6 +19,8 @@ class BertEncoder(tf.keras.Model):
       dense_factory: builds every projection; defaults to a plain `DenseFactory`.
       dtype: Keras dtype policy ("float32", "mixed_float16", "mixed_bfloat16").
       ops: which computations use the fused custom ops.
+      one_hot_token_types: token-type lookup by one-hot matmul (dense gradient) rather than a
+        gather (sparse gradient); see `Embeddings`.
 
     Variables, with the model named "bert" (google-research/bert names):
       bert/embeddings/{word_embeddings,token_type_embeddings,position_embeddings,LayerNorm/*}
@@ -30,7 +32,7 @@ class BertEncoder(tf.keras.Model):
 
     def __init__(self, config: ModelConfig, rng: DropoutRng | None = None,
                  dense_factory: DenseFactory | None = None, dtype="float32", name: str = "bert",
-                 ops: FusedOpsConfig = FusedOpsConfig()):
+                 ops: FusedOpsConfig = FusedOpsConfig(), one_hot_token_types: bool = True):
         super().__init__(name=name, dtype=dtype)
         self.config = config
         policy = self.dtype_policy
@@ -39,8 +41,8 @@ class BertEncoder(tf.keras.Model):
             config.vocab_size, config.hidden_size, config.max_position_embeddings,
             config.type_vocab_size, config.initializer_range,
             dropout=config.hidden_dropout_prob, layer_norm_eps=config.layer_norm_eps, rng=rng,
-            fused_layer_norm=ops.ln_ytf_impl, layer_norm_dtype=ops.ln_dtype, name="embeddings",
-            dtype=policy)
+            fused_layer_norm=ops.ln_ytf_impl, layer_norm_dtype=ops.ln_dtype,
+            one_hot_token_types=one_hot_token_types, name="embeddings", dtype=policy)
         self.blocks = [
             TransformerBlock(config.num_attention_heads, config.head_size,
                              config.intermediate_size, config.hidden_act, factory,
