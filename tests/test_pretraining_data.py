@@ -1,5 +1,6 @@
 """create_pretraining_data's records and the tf.data reader: layout, sharding, checks,
-checkpointing and dynamic masking."""
+checkpointing and dynamic masking; streaming, workers and atomic shards; bad records met deep in
+a file during training."""
 
 from __future__ import annotations
 
@@ -14,10 +15,12 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from conftest import run_tfbert
 from test_tokenization import write_corpus
 from tfbert import tokenization
+from tfbert.data import create_pretraining_data as cpd
 from tfbert.data import pretraining_dataset as pd
-from tfbert.data.create_pretraining_data import create_pretraining_data
+from tfbert.data.create_pretraining_data import create_pretraining_data, read_documents
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Odd sizes, so that no length is confused with another.
@@ -167,6 +170,12 @@ def test_create_pretraining_data_errors(corpus, tokenizer, tmp_path):
     blank.write_text("\n\n\n")
     with pytest.raises(pd.DataError, match="no text"):
         create_pretraining_data([str(blank)], str(tmp_path), tokenizer)
+    with pytest.raises(pd.DataError, match="--worker_index=2 is not in \\[0, --num_workers=2\\)"):
+        create_pretraining_data([corpus], str(tmp_path), tokenizer, worker_index=2,
+                                num_workers=2)
+    with pytest.raises(pd.DataError, match="--documents_per_chunk=0"):
+        create_pretraining_data([corpus], str(tmp_path), tokenizer, documents_per_chunk=0)
+    assert sorted(os.listdir(tmp_path)) == ["blank.txt"]  # nothing written by the failures
 
 
 # ----------------------------------------------------------------------------------------------
@@ -348,7 +357,7 @@ def test_wrong_lengths_missing_feature_and_no_records(records, tmp_path):
     lacking = str(tmp_path / "lacking.tfrecord")
     with tf.io.TFRecordWriter(lacking) as writer:
         writer.write(example.SerializeToString())
-    with pytest.raises(pd.DataError, match=f"{lacking}: records lack the feature "
+    with pytest.raises(pd.DataError, match=f"{lacking}: the first record lacks the feature "
                                            f"'masked_lm_weights'"):
         pd.check_records([lacking], SEQ, PREDICTIONS)
     # A file with a valid header but no records cannot be made; a non-TFRecord can.
@@ -368,6 +377,7 @@ def test_vocab_mismatch(records):
 def test_corrupt_record_deep_in_a_file(records, tmp_path, capsys):
     stats, _ = records
     good = stats["files"][0]
+    num_records = sum(1 for _ in tf.data.TFRecordDataset(good))
     bad = str(tmp_path / "deep.tfrecord")
     data = bytearray(open(good, "rb").read())
     data[-10] ^= 0xFF  # inside the last record
@@ -377,12 +387,112 @@ def test_corrupt_record_deep_in_a_file(records, tmp_path, capsys):
         for _ in dataset([bad], batch_size=1, is_training=False):
             pass
     message = pd.describe_data_error(info.value, [good, bad])
-    assert bad in message and "--check_all=" in message and "python -m" in message
+    assert f"{bad}, record {num_records - 1} (counting from 0): corrupt or truncated" in message
+    assert "--check_all=" in message and "python -m" in message
     # The scan finds it.
-    assert pd.scan_records(good)[1] is None and pd.scan_records(good)[0] > 0
+    assert pd.scan_file(good) == pd.ScanResult(good, num_records)
+    assert pd.scan_file(bad) == pd.ScanResult(bad, num_records - 1, num_records - 1,
+                                              pd.scan_file(bad).reason, "corrupt")
     assert pd.check_all(f"{good},{bad}") == 1
     out = capsys.readouterr().out
-    assert f"ok   {good}" in out and f"BAD  {bad}" in out
+    assert f"ok   {good}: {num_records} records" in out
+    assert f"BAD  {bad}: record {num_records - 1}: corrupt or truncated" in out
+
+
+# A file whose first 49 records are fine and whose 50th is not (index 49, counting from 0).
+BAD_INDEX = 49
+
+
+def bad_record(serialized: bytes, defect: str) -> bytes:
+    """A copy of a record with a defect: "longer" (made with max_seq_length SEQ + 8, as in a
+    shard of other settings) or "missing_feature" (no masked_lm_weights)."""
+    example = tf.train.Example.FromString(serialized)
+    feature = example.features.feature
+    if defect == "longer":
+        for name in ("input_ids", "input_mask", "segment_ids"):
+            feature[name].int64_list.value.extend([0] * 8)
+    else:
+        del feature["masked_lm_weights"]
+    return example.SerializeToString()
+
+
+def write_with_bad_records(path, files, defect, num_bad=1, num_records=60) -> str:
+    """Writes good records of `files` (cycled), with records BAD_INDEX .. BAD_INDEX + num_bad - 1
+    made bad (see `bad_record`)."""
+    good = [r.numpy() for r in tf.data.TFRecordDataset(files)]
+    with tf.io.TFRecordWriter(str(path)) as writer:
+        for i in range(num_records):
+            record = good[i % len(good)]
+            if BAD_INDEX <= i < BAD_INDEX + num_bad:
+                record = bad_record(record, defect)
+            writer.write(record)
+    return str(path)
+
+
+@pytest.mark.parametrize("is_training", [False, True], ids=["eval", "train"])
+@pytest.mark.parametrize("defect", ["longer", "missing_feature"])
+def test_bad_record_deep_in_a_file_is_named(records, tmp_path, defect, is_training):
+    stats, _ = records
+    bad = write_with_bad_records(tmp_path / "mixed.tfrecord", stats["files"], defect)
+    pd.check_records([bad], SEQ, PREDICTIONS)  # the first record is fine: not seen at start-up
+    # What the trainer catches around next(iterator).
+    with pytest.raises((tf.errors.DataLossError, tf.errors.InvalidArgumentError)) as info:
+        for _ in dataset([bad], is_training=is_training, seed=1, shuffle_buffer=10).take(100):
+            pass
+    # The trainer passes --input_files: patterns, and good files that are scanned first.
+    message = pd.describe_data_error(info.value, [stats["files"][0],
+                                                  str(tmp_path / "*.tfrecord")])
+    assert f"{bad}, record {BAD_INDEX} (counting from 0): " in message
+    if defect == "longer":
+        assert (f"feature 'input_ids' has {SEQ + 8} values, expected {SEQ} "
+                f"(max_seq_length={SEQ})") in message
+        assert "--max_seq_length" in message
+    else:
+        assert "lacks the feature 'masked_lm_weights'" in message
+    assert f"--check_all={stats['files'][0]},{tmp_path}/*.tfrecord" in message.replace("'", "")
+
+
+def test_check_all_and_the_scanner_find_the_first_bad_record(records, tmp_path, capsys):
+    stats, _ = records
+    good = stats["files"][0]
+    longer = write_with_bad_records(tmp_path / "longer.tfrecord", stats["files"], "longer",
+                                    num_bad=3)
+    result = pd.scan_file(longer, pd.RecordShape(SEQ, PREDICTIONS), batch_size=16)
+    assert (result.num_good, result.bad_index, result.kind) == (BAD_INDEX, BAD_INDEX,
+                                                                "wrong_length")
+    # Without lengths, the file's first record sets them.
+    assert pd.scan_file(longer, batch_size=7) == result
+    assert pd.find_bad_record([good, longer]) == result
+    assert pd.find_bad_record([good]) is None
+    assert pd.check_all(f"{good},{longer}") == 1
+    out = capsys.readouterr().out
+    assert f"expecting max_seq_length={SEQ}, max_predictions_per_seq={PREDICTIONS}" in out
+    assert f"BAD  {longer}: record {BAD_INDEX}: feature 'input_ids' has {SEQ + 8} values" in out
+    # Lengths given (the CLI's --max_seq_length / --max_predictions_per_seq): all bad.
+    assert pd.check_all(good, pd.RecordShape(SEQ + 1, PREDICTIONS)) == 1
+    assert f"BAD  {good}: record 0: feature 'input_ids' has {SEQ} values" in \
+        capsys.readouterr().out
+
+
+def test_run_stops_with_a_clear_error_on_a_bad_record_deep_in_a_file(records, tokenizer,
+                                                                     tmp_path):
+    """Needs the trainer's `_next_batch` to catch (tf.errors.DataLossError,
+    tf.errors.InvalidArgumentError) and raise DataError(describe_data_error(e, input_files))."""
+    stats, _ = records
+    # As if a shard of --max_seq_length=SEQ + 8 had been appended to one of SEQ.
+    mixed = write_with_bad_records(tmp_path / "mixed.tfrecord", stats["files"], "longer",
+                                   num_bad=20, num_records=BAD_INDEX + 20)
+    # Records in file order (one reader, no shuffling): step 13 reaches record 49.
+    result = run_tfbert(f"--output_dir={tmp_path / 'out'}", f"--input_files={mixed}",
+                        f"--vocab_file={tokenizer.files[0]}", f"--max_seq_length={SEQ}",
+                        f"--max_predictions_per_seq={PREDICTIONS}", "--train_batch_size=4",
+                        "--num_readers=1", "--shuffle_buffer=1", "--num_train_steps=30",
+                        "--log_every_n_steps=1")
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert "tfbert: error:" in result.stderr
+    assert f"{mixed}, record {BAD_INDEX} (counting from 0): feature 'input_ids' has " \
+           f"{SEQ + 8} values, expected {SEQ}" in result.stderr
 
 
 def test_create_pretraining_data_cli(corpus, tokenizer, tmp_path):
@@ -393,10 +503,162 @@ def test_create_pretraining_data_cli(corpus, tokenizer, tmp_path):
     missing = subprocess.run(command + [f"--input_files={corpus},/nowhere/*.txt"],
                              cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
     assert missing.returncode == 2 and "'/nowhere/*.txt' matches no file" in missing.stderr
-    done = subprocess.run(command + [f"--input_files={os.path.dirname(corpus)}/*.txt"],
+    done = subprocess.run(command + [f"--input_files={os.path.dirname(corpus)}/*.txt",
+                                     "--num_workers=2", "--worker_index=1",
+                                     "--documents_per_chunk=9"],
                           cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
+    assert "worker 1 of 2:" in done.stdout
     files = pd.resolve_input_files(str(tmp_path / "out" / "*.tfrecord"))
-    assert len(files) == 2
+    assert [os.path.basename(f) for f in files] == [
+        f"pretrain-w00001-of-00002-0000{i}-of-00002.tfrecord" for i in range(2)]
+    with open(tmp_path / "out" / "metadata-w00001-of-00002.json") as f:
+        metadata = json.load(f)
+    assert (metadata["worker_index"], metadata["num_workers"]) == (1, 2)
+    assert metadata["documents_per_chunk"] == 9
     pd.check_records(files, SEQ, PREDICTIONS)
     shutil.rmtree(tmp_path / "out")
+
+
+# ----------------------------------------------------------------------------------------------
+# Streaming, workers and atomic shards.
+
+
+def create(files, output_dir, tokenizer, **kwargs):
+    """Small, quick records: one pass, no short sequences."""
+    kwargs = dict(dict(max_seq_length=SEQ, max_predictions_per_seq=PREDICTIONS, dupe_factor=1,
+                       short_seq_prob=0.0, random_seed=5), **kwargs)
+    return create_pretraining_data(files, str(output_dir), tokenizer, **kwargs)
+
+
+def segment_a_sources(files, documents, tokenizer) -> list[set[int]]:
+    """For each record of `files`, the indices of the `documents` its segment A (unmasked)
+    is a contiguous piece of. Segment A always comes from the document being turned into
+    instances (only B may come from another), so this tells where a record came from."""
+    texts = [",".join(map(str, tokenizer.convert_tokens_to_ids(
+        [token for sentence in document for token in sentence]))) for document in documents]
+    sources = []
+    for ex in read_examples(files):
+        original = unmasked(ex["input_ids"], ex["masked_lm_positions"], ex["masked_lm_ids"],
+                            ex["masked_lm_weights"])
+        first_sep = int(np.flatnonzero(original == SEP)[0])
+        segment_a = ",".join(map(str, original[1:first_sep]))
+        sources.append({i for i, text in enumerate(texts) if f",{segment_a}," in f",{text},"})
+    return sources
+
+
+def document_keys(documents) -> list[tuple]:
+    return [tuple(tuple(sentence) for sentence in document) for document in documents]
+
+
+@pytest.mark.parametrize("num_files", [1, 4], ids=["by_document", "by_file"])
+def test_workers_take_disjoint_shares_that_cover_the_corpus(corpus, tokenizer, tmp_path,
+                                                            num_files):
+    if num_files == 1:  # fewer files than workers: documents 0, 2, 4, ... and 1, 3, 5, ...
+        files = [corpus]
+    else:  # files 0 and 2, files 1 and 3
+        files = [write_corpus(tmp_path / f"part{i}.txt", num_documents=7, seed=i)
+                 for i in range(num_files)]
+    one = create(files, tmp_path / "one", tokenizer, documents_per_chunk=6)
+    parts = [create(files, tmp_path / "two", tokenizer, documents_per_chunk=6, worker_index=i,
+                    num_workers=2) for i in range(2)]
+
+    # Documents: disjoint shares which, together, hold every document once.
+    everything = document_keys(read_documents(files, tokenizer))
+    shares = [list(read_documents(files, tokenizer, i, 2)) for i in range(2)]
+    assert shares[0] and shares[1]
+    assert not set(document_keys(shares[0])) & set(document_keys(shares[1]))
+    assert sorted(document_keys(shares[0]) + document_keys(shares[1])) == sorted(everything)
+    for key in ("num_documents", "num_sentences", "num_tokens"):
+        assert parts[0][key] + parts[1][key] == one[key], key
+
+    # Records: each worker's come from its own documents, and use every one of them.
+    for share, stats in zip(shares, parts):
+        sources = segment_a_sources(stats["files"], share, tokenizer)
+        assert len(sources) == stats["num_instances"] and all(sources)
+        assert set().union(*sources) == set(range(len(share)))
+
+    # Files: per-worker names and metadata, no temporary file; one glob reads the union.
+    listing = sorted(os.listdir(tmp_path / "two"))
+    assert listing == sorted([os.path.basename(f) for stats in parts for f in stats["files"]] +
+                             ["metadata-w00000-of-00002.json", "metadata-w00001-of-00002.json"])
+    seeds = set()
+    for i, stats in enumerate(parts):
+        with open(stats["metadata_file"]) as f:
+            metadata = json.load(f)
+        assert (metadata["worker_index"], metadata["num_workers"]) == (i, 2)
+        assert metadata["num_instances"] == stats["num_instances"]
+        assert metadata["files"] == [os.path.basename(f) for f in stats["files"]]
+        seeds.add(metadata["worker_seed"])
+    assert len(seeds) == 2
+    union = pd.resolve_input_files(str(tmp_path / "two" / "*.tfrecord"))
+    pd.check_records(union, SEQ, PREDICTIONS)
+    assert len(rows(dataset(union, batch_size=1, is_training=False))) == \
+        parts[0]["num_instances"] + parts[1]["num_instances"]
+
+
+def test_streaming_in_chunks_uses_every_document(corpus, tokenizer, tmp_path, monkeypatch):
+    # Tokenize a few lines at a time, and record how much was read when each chunk is used.
+    monkeypatch.setattr(cpd, "_TOKENIZE_CHUNK", 10)
+    tokenized, chunk_sizes, read_so_far = [0], [], []
+    real_tokenize, real_create_instances = cpd._tokenize, cpd.create_instances
+
+    def tokenize(documents, tokenizer):
+        out = real_tokenize(documents, tokenizer)
+        tokenized[0] += len(out)
+        return out
+
+    def create_instances(documents, *args, **kwargs):
+        chunk_sizes.append(len(documents))
+        read_so_far.append(tokenized[0])
+        return real_create_instances(documents, *args, **kwargs)
+
+    monkeypatch.setattr(cpd, "_tokenize", tokenize)
+    monkeypatch.setattr(cpd, "create_instances", create_instances)
+    stats = create([corpus], tmp_path, tokenizer, documents_per_chunk=7, num_shards=2)
+    documents = list(read_documents([corpus], tokenizer))
+    assert len(documents) == stats["num_documents"] == 40
+    assert chunk_sizes == [7] * 5 + [5]
+    # A stream: the first chunk was turned into instances before most of the corpus was read.
+    assert read_so_far[0] < 20 and read_so_far[-1] == 40
+    sources = segment_a_sources(stats["files"], documents, tokenizer)
+    assert len(sources) == stats["num_instances"] and all(sources)
+    assert set().union(*sources) == set(range(40))  # every document was used
+
+
+def test_failed_write_leaves_no_shard_and_stale_temp_files_are_skipped(corpus, tokenizer,
+                                                                       tmp_path, monkeypatch):
+    real_writer = tf.io.TFRecordWriter
+    written = [0]
+
+    class FailingWriter:
+        """A TFRecordWriter whose disk fills up after 10 records."""
+
+        def __init__(self, path):
+            self._writer = real_writer(path)
+
+        def write(self, record):
+            written[0] += 1
+            if written[0] > 10:
+                raise OSError("No space left on device (simulated)")
+            self._writer.write(record)
+
+        def close(self):
+            self._writer.close()
+
+    out = tmp_path / "out"
+    monkeypatch.setattr(tf.io, "TFRecordWriter", FailingWriter)
+    with pytest.raises(OSError, match="simulated"):
+        create([corpus], out, tokenizer, num_shards=2)
+    assert os.listdir(out) == []  # neither a shard of its final name nor a temporary file
+    monkeypatch.undo()
+
+    stats = create([corpus], out, tokenizer, num_shards=2)
+    assert sorted(os.listdir(out)) == sorted(
+        [os.path.basename(f) for f in stats["files"]] + ["metadata.json"])
+    # What a killed job leaves: a partial shard under its temporary name. Training skips it.
+    stale = f"{stats['files'][0]}.tmp-4242"
+    with open(stale, "wb") as f:
+        f.write(open(stats["files"][0], "rb").read()[:100])
+    assert pd.resolve_input_files(str(out / "*.tfrecord")) == stats["files"]
+    assert pd.resolve_input_files(str(out / "pretrain-*")) == stats["files"]

@@ -19,17 +19,46 @@ new document. For every document, `dupe_factor` times (each time with new masks)
   are chosen for prediction; each becomes [MASK] 80% of the time, a random vocabulary token 10%,
   and stays 10%. With whole-word masking, a word's pieces are chosen together.
 
-Instances are shuffled and written round-robin to `num_shards` TFRecord files with google's
-feature layout (see `tfbert.data.pretraining_dataset`), plus `metadata.json`.
+Streaming. google's script holds the whole corpus and all its instances in memory; corpora of
+hundreds of GB do not fit. Here the text is read as a stream and cut into chunks of
+`documents_per_chunk` documents; each chunk is shuffled and turned into instances as above, the
+random "next" documents being drawn from the same chunk, and its instances are shuffled and
+written before the next chunk is read. Peak memory is bounded by one chunk (its tokens and
+instances; a single document is held whole), not by the corpus. The trade-offs: random next
+segments and the written order are mixed within a chunk only (with thousands of documents per
+chunk the model cannot exploit that, and training shuffles across files again), and a corpus
+of at most `documents_per_chunk` documents gives the same records as holding it all.
+
+Workers. `num_workers` independent processes (one machine or many) can share a corpus; worker
+`worker_index` takes:
+
+- with at least `num_workers` input files: the files worker_index, worker_index + num_workers,
+  ... of the (sorted) input list;
+- with fewer files: every file, keeping the documents whose index (counting the non-blank
+  documents through the files in order) is worker_index modulo num_workers.
+
+Its random seed is derived from `random_seed` and `worker_index`, and its files carry its index
+(`<prefix>-w<i>-of-<n>-<shard>-of-<num_shards>.tfrecord`, `metadata-w<i>-of-<n>.json`), so
+workers never collide and training reads the union with one glob (`records/*.tfrecord`). One
+worker writes `<prefix>-<shard>-of-<num_shards>.tfrecord` and `metadata.json`.
+
+Atomic output: shards are written as `<name>.tmp-<pid>` in the output directory and renamed to
+their names when all are complete (then the metadata file is written, the same way), so a killed
+job leaves no complete-looking partial shard; `*.tfrecord` globs do not match the temporary
+names, and `--input_files` wildcards skip them.
+
+The records have google's feature layout (see `tfbert.data.pretraining_dataset`).
 """
 
 from __future__ import annotations
 
 import collections
+import itertools
 import json
 import os
 import random
 import sys
+from collections.abc import Iterable, Iterator
 
 import tensorflow as tf
 from absl import app, flags, logging
@@ -39,40 +68,107 @@ from tfbert.data.pretraining_dataset import DataError, resolve_input_files
 # Lines tokenized per tokenize_batch call: large enough to amortize the call, small enough to
 # keep memory flat.
 _TOKENIZE_CHUNK = 8192
+# Bytes read from an input file at a time.
+_READ_BLOCK = 16 * 1024 * 1024
 
 Instance = collections.namedtuple(
     "Instance", ["tokens", "segment_ids", "is_random_next", "masked_lm_positions",
                  "masked_lm_labels"])
 
 
-def read_documents(input_files: list[str], tokenizer) -> list[list[list[str]]]:
-    """Reads and tokenizes raw text. Returns documents -> sentences -> tokens (non-empty)."""
-    documents = []
+def _read_lines(path: str) -> Iterator[str]:
+    """The stripped lines of a text file, read in blocks (never the whole file at once)."""
+    with tf.io.gfile.GFile(path, "rb") as f:
+        rest = b""
+        while True:
+            block = f.read(_READ_BLOCK)
+            if not block:
+                break
+            # Split the bytes: b"\n" never occurs inside a UTF-8 multi-byte character.
+            lines = (rest + block).split(b"\n")
+            rest = lines.pop()
+            for line in lines:
+                # Undecodable bytes become U+FFFD rather than stopping the run (google drops
+                # them).
+                yield line.decode("utf-8", "replace").strip()
+        if rest:
+            yield rest.decode("utf-8", "replace").strip()
+
+
+def _raw_documents(input_files: list[str]) -> Iterator[list[str]]:
+    """The documents of the files in order, each a list of its non-blank lines; a blank line or
+    a new file ends a document."""
     for path in input_files:
-        with tf.io.gfile.GFile(path, "rb") as f:
-            # Undecodable bytes become U+FFFD rather than stopping the run (google drops them).
-            lines = [line.strip() for line in f.read().decode("utf-8", "replace").split("\n")]
-        documents.append([])  # a new file starts a new document
-        for start in range(0, len(lines), _TOKENIZE_CHUNK):
-            chunk = lines[start:start + _TOKENIZE_CHUNK]
-            # Blank lines are document breaks; only the others need tokenizing.
-            texts = [line for line in chunk if line]
-            tokenized = iter(tokenizer.tokenize_batch(texts))
-            for line in chunk:
-                if not line:
-                    documents.append([])
-                    continue
-                tokens = next(tokenized)
-                if tokens:
-                    documents[-1].append(tokens)
-    return [d for d in documents if d]
+        lines = []
+        for line in _read_lines(path):
+            if line:
+                lines.append(line)
+            elif lines:
+                yield lines
+                lines = []
+        if lines:
+            yield lines
+
+
+def worker_share(input_files: list[str], worker_index: int = 0,
+                 num_workers: int = 1) -> tuple[list[str], int]:
+    """What worker `worker_index` of `num_workers` reads (see the module docstring).
+
+    Returns:
+      (files to read, document stride): with at least `num_workers` files, every
+      num_workers-th file and stride 1 (all their documents); otherwise all files and stride
+      `num_workers` (the worker keeps documents worker_index, worker_index + num_workers, ...).
+    """
+    if not 0 <= worker_index < num_workers:
+        raise DataError(f"--worker_index={worker_index} is not in [0, --num_workers="
+                        f"{num_workers})")
+    if len(input_files) >= num_workers:
+        return list(input_files)[worker_index::num_workers], 1
+    return list(input_files), num_workers
+
+
+def _tokenize(documents: list[list[str]], tokenizer) -> list[list[list[str]]]:
+    """Tokenizes the lines of many documents in one call; drops empty sentences and documents."""
+    tokenized = iter(tokenizer.tokenize_batch([line for d in documents for line in d]))
+    out = []
+    for document in documents:
+        sentences = [tokens for tokens in itertools.islice(tokenized, len(document)) if tokens]
+        if sentences:
+            out.append(sentences)
+    return out
+
+
+def read_documents(input_files: list[str], tokenizer, worker_index: int = 0,
+                   num_workers: int = 1) -> Iterator[list[list[str]]]:
+    """Reads and tokenizes raw text as a stream: yields documents (lists of sentences, each a
+    non-empty list of tokens), those of worker `worker_index` only (see `worker_share`). Memory
+    holds up to about `_TOKENIZE_CHUNK` lines at a time."""
+    files, stride = worker_share(input_files, worker_index, num_workers)
+    pending, pending_lines = [], 0
+    for index, document in enumerate(_raw_documents(files)):
+        if index % stride != worker_index % stride:
+            continue  # another worker's: not even tokenized
+        pending.append(document)
+        pending_lines += len(document)
+        if pending_lines >= _TOKENIZE_CHUNK:
+            yield from _tokenize(pending, tokenizer)
+            pending, pending_lines = [], 0
+    yield from _tokenize(pending, tokenizer)
+
+
+def _chunks(items: Iterable, size: int) -> Iterator[list]:
+    """Consecutive lists of `size` items (the last may be shorter)."""
+    iterator = iter(items)
+    while chunk := list(itertools.islice(iterator, size)):
+        yield chunk
 
 
 def create_instances(documents: list[list[list[str]]], vocab_words: list[str], *,
                      max_seq_length: int, max_predictions_per_seq: int, masked_lm_prob: float,
                      dupe_factor: int, short_seq_prob: float, do_whole_word_mask: bool,
                      is_subword_continuation, rng: random.Random) -> list[Instance]:
-    """All training instances, shuffled (the same rng calls, in the same order, as google's)."""
+    """All training instances of `documents` (one chunk of the corpus: random next segments
+    come from these documents), shuffled; the same rng calls, in the same order, as google's."""
     documents = list(documents)
     rng.shuffle(documents)
     instances = []
@@ -223,87 +319,166 @@ def _to_example(instance: Instance, tokenizer, max_seq_length: int,
     return tf.train.Example(features=tf.train.Features(feature=feature))
 
 
+class _AtomicShards:
+    """`num_shards` TFRecord files written under temporary names (`<path>.tmp-<pid>`, in the
+    same directory, so that the rename is a rename and not a copy) and renamed to `paths` by
+    `commit()`; `abort()` deletes them. Records are spread round-robin; a shard's file is opened
+    with its first record."""
+
+    def __init__(self, paths: list[str]):
+        self.paths = paths
+        self._temp_paths = [f"{path}.tmp-{os.getpid()}" for path in paths]
+        self._writers = [None] * len(paths)
+        self.num_records = 0
+
+    def write(self, record: bytes) -> None:
+        shard = self.num_records % len(self.paths)
+        if self._writers[shard] is None:
+            self._writers[shard] = tf.io.TFRecordWriter(self._temp_paths[shard])
+        self._writers[shard].write(record)
+        self.num_records += 1
+
+    def commit(self) -> None:
+        """Closes and renames every shard; each must have a record (no 0-byte files)."""
+        assert self.num_records >= len(self.paths)
+        for writer in self._writers:
+            writer.close()
+        for temp, path in zip(self._temp_paths, self.paths):
+            tf.io.gfile.rename(temp, path, overwrite=True)
+
+    def abort(self) -> None:
+        for writer, temp in zip(self._writers, self._temp_paths):
+            if writer is None:  # never opened
+                continue
+            try:
+                writer.close()
+            except Exception:  # noqa: BLE001  (already failing: clean up what can be)
+                pass
+            if tf.io.gfile.exists(temp):
+                tf.io.gfile.remove(temp)
+
+
+def _write_atomically(path: str, text: str) -> None:
+    temp = f"{path}.tmp-{os.getpid()}"
+    with tf.io.gfile.GFile(temp, "w") as f:
+        f.write(text)
+    tf.io.gfile.rename(temp, path, overwrite=True)
+
+
+def output_names(output_prefix: str, num_shards: int, worker_index: int = 0,
+                 num_workers: int = 1) -> tuple[list[str], str]:
+    """(shard file names, metadata file name) of one worker; see the module docstring."""
+    if num_workers == 1:
+        return ([f"{output_prefix}-{i:05d}-of-{num_shards:05d}.tfrecord"
+                 for i in range(num_shards)], "metadata.json")
+    worker = f"w{worker_index:05d}-of-{num_workers:05d}"
+    return ([f"{output_prefix}-{worker}-{i:05d}-of-{num_shards:05d}.tfrecord"
+             for i in range(num_shards)], f"metadata-{worker}.json")
+
+
+def worker_seed(random_seed: int, worker_index: int) -> int:
+    """The seed of worker `worker_index`: worker 0 keeps `random_seed` (one worker gives the
+    records it always gave); the others are spread out by a large prime, so that workers of runs
+    with nearby seeds do not share one."""
+    return random_seed + 1_000_003 * worker_index
+
+
 def create_pretraining_data(input_files: list[str], output_dir: str, tokenizer, *,
                             max_seq_length: int = 128, max_predictions_per_seq: int = 20,
                             masked_lm_prob: float = 0.15, dupe_factor: int = 5,
                             short_seq_prob: float = 0.1, do_whole_word_mask: bool = False,
                             num_shards: int = 1, random_seed: int = 12345,
-                            output_prefix: str = "pretrain") -> dict:
-    """Writes pretraining TFRecords made from raw text.
+                            output_prefix: str = "pretrain", documents_per_chunk: int = 10000,
+                            worker_index: int = 0, num_workers: int = 1) -> dict:
+    """Writes pretraining TFRecords made from raw text, streaming (see the module docstring).
 
     Args:
-      input_files: raw text files (one sentence per line, blank line between documents).
-      output_dir: receives `<output_prefix>-<i>-of-<num_shards>.tfrecord` and `metadata.json`.
+      input_files: raw text files (one sentence per line, blank line between documents); every
+        worker must get the same list in the same order (the command line sorts it).
+      output_dir: receives the shards and the metadata file (see `output_names`).
       tokenizer: a `tfbert.tokenization.Tokenizer`.
       max_seq_length: tokens per instance, [CLS]/[SEP] included (>= 5).
       max_predictions_per_seq: most masked positions per instance.
       masked_lm_prob: fraction of tokens masked.
-      dupe_factor: passes over the data, each with different masks and pairings.
+      dupe_factor: passes over each chunk, each with different masks and pairings.
       short_seq_prob: probability of a shorter target length.
       do_whole_word_mask: mask all pieces of a word together.
-      num_shards: output files; instances are spread round-robin.
-      random_seed: seed of every random choice (same inputs and seed, same records).
+      num_shards: output files of this worker; instances are spread round-robin.
+      random_seed: seed of every random choice (same inputs and seed, same records); worker i
+        uses `worker_seed(random_seed, i)`.
+      documents_per_chunk: documents held in memory at once; random next segments are drawn
+        from the same chunk.
+      worker_index, num_workers: this worker's share of the input (see `worker_share`).
     Returns:
-      Statistics: num_documents, num_sentences, num_tokens, num_instances,
+      Statistics of this worker: num_documents, num_sentences, num_tokens, num_instances,
       num_random_next, files (the TFRecord paths), metadata_file.
     Raises:
-      DataError: bad settings, no text, or fewer instances than shards.
+      DataError: bad settings, no text, or fewer instances than shards. No output file is left
+      behind then (nor when writing fails).
     """
     _check_settings(max_seq_length, max_predictions_per_seq, masked_lm_prob, dupe_factor,
-                    short_seq_prob, num_shards)
-    documents = read_documents(list(input_files), tokenizer)
-    if not documents:
-        raise DataError(f"no text in the input files {list(input_files)}")
-    num_sentences = sum(len(d) for d in documents)
-    num_tokens = sum(len(s) for d in documents for s in d)
-    logging.info("Read %d documents, %d sentences, %d tokens", len(documents), num_sentences,
-                 num_tokens)
-
-    rng = random.Random(random_seed)
+                    short_seq_prob, num_shards, documents_per_chunk)
+    input_files = list(input_files)
+    worker_share(input_files, worker_index, num_workers)  # checks the worker settings
+    seed = worker_seed(random_seed, worker_index)
+    rng = random.Random(seed)
     vocab_words = tokenizer.convert_ids_to_tokens(range(tokenizer.vocab_size))
-    instances = create_instances(
-        documents, vocab_words, max_seq_length=max_seq_length,
-        max_predictions_per_seq=max_predictions_per_seq, masked_lm_prob=masked_lm_prob,
-        dupe_factor=dupe_factor, short_seq_prob=short_seq_prob,
-        do_whole_word_mask=do_whole_word_mask,
-        is_subword_continuation=tokenizer.is_subword_continuation, rng=rng)
-    if len(instances) < num_shards:
-        # A shard without records would be a 0-byte file, which the reader refuses.
-        raise DataError(f"only {len(instances)} instances for --num_shards={num_shards}: use "
-                        f"fewer shards or more text")
+    names, metadata_name = output_names(output_prefix, num_shards, worker_index, num_workers)
+    files = [os.path.join(output_dir, name) for name in names]
+    worker = f" (worker {worker_index} of {num_workers})" if num_workers > 1 else ""
 
     tf.io.gfile.makedirs(output_dir)
-    files = [os.path.join(output_dir, f"{output_prefix}-{i:05d}-of-{num_shards:05d}.tfrecord")
-             for i in range(num_shards)]
-    writers = [tf.io.TFRecordWriter(path) for path in files]
+    shards = _AtomicShards(files)
+    num_documents = num_sentences = num_tokens = num_random_next = 0
     try:
-        for i, instance in enumerate(instances):
-            example = _to_example(instance, tokenizer, max_seq_length, max_predictions_per_seq)
-            writers[i % num_shards].write(example.SerializeToString())
-    finally:
-        for writer in writers:
-            writer.close()
+        documents = read_documents(input_files, tokenizer, worker_index, num_workers)
+        for chunk in _chunks(documents, documents_per_chunk):
+            num_documents += len(chunk)
+            num_sentences += sum(len(d) for d in chunk)
+            num_tokens += sum(len(s) for d in chunk for s in d)
+            instances = create_instances(
+                chunk, vocab_words, max_seq_length=max_seq_length,
+                max_predictions_per_seq=max_predictions_per_seq, masked_lm_prob=masked_lm_prob,
+                dupe_factor=dupe_factor, short_seq_prob=short_seq_prob,
+                do_whole_word_mask=do_whole_word_mask,
+                is_subword_continuation=tokenizer.is_subword_continuation, rng=rng)
+            for instance in instances:
+                example = _to_example(instance, tokenizer, max_seq_length,
+                                      max_predictions_per_seq)
+                shards.write(example.SerializeToString())
+                num_random_next += instance.is_random_next
+            logging.info("%d documents read, %d instances written%s", num_documents,
+                         shards.num_records, worker)
+        if not num_documents:
+            raise DataError(f"no text in the input files{worker} {input_files}")
+        if shards.num_records < num_shards:
+            # A shard without records would be a 0-byte file, which the reader refuses.
+            raise DataError(f"only {shards.num_records} instances{worker} for --num_shards="
+                            f"{num_shards}: use fewer shards or more text")
+        shards.commit()
+    except BaseException:  # KeyboardInterrupt too: no partial shard is left behind
+        shards.abort()
+        raise
 
-    num_random_next = sum(instance.is_random_next for instance in instances)
     metadata = dict(
         max_seq_length=max_seq_length, max_predictions_per_seq=max_predictions_per_seq,
         tokenizer_type=tokenizer.tokenizer_type, vocab_size=tokenizer.vocab_size,
-        num_instances=len(instances), files=[os.path.basename(f) for f in files],
-        num_documents=len(documents), masked_lm_prob=masked_lm_prob, dupe_factor=dupe_factor,
-        short_seq_prob=short_seq_prob, do_whole_word_mask=do_whole_word_mask,
-        random_seed=random_seed, input_files=list(input_files))
-    metadata_file = os.path.join(output_dir, "metadata.json")
-    with tf.io.gfile.GFile(metadata_file, "w") as f:
-        f.write(json.dumps(metadata, indent=2) + "\n")
-    logging.info("Wrote %d instances (%d with a random next segment) to %d files in %s",
-                 len(instances), num_random_next, num_shards, output_dir)
-    return dict(num_documents=len(documents), num_sentences=num_sentences,
-                num_tokens=num_tokens, num_instances=len(instances),
+        num_instances=shards.num_records, files=names, num_documents=num_documents,
+        masked_lm_prob=masked_lm_prob, dupe_factor=dupe_factor, short_seq_prob=short_seq_prob,
+        do_whole_word_mask=do_whole_word_mask, random_seed=random_seed,
+        input_files=input_files, documents_per_chunk=documents_per_chunk,
+        worker_index=worker_index, num_workers=num_workers, worker_seed=seed)
+    metadata_file = os.path.join(output_dir, metadata_name)
+    _write_atomically(metadata_file, json.dumps(metadata, indent=2) + "\n")
+    logging.info("Wrote %d instances (%d with a random next segment) to %d files in %s%s",
+                 shards.num_records, num_random_next, num_shards, output_dir, worker)
+    return dict(num_documents=num_documents, num_sentences=num_sentences,
+                num_tokens=num_tokens, num_instances=shards.num_records,
                 num_random_next=num_random_next, files=files, metadata_file=metadata_file)
 
 
 def _check_settings(max_seq_length, max_predictions_per_seq, masked_lm_prob, dupe_factor,
-                    short_seq_prob, num_shards) -> None:
+                    short_seq_prob, num_shards, documents_per_chunk) -> None:
     if max_seq_length < 5:
         raise DataError(f"--max_seq_length={max_seq_length} must be >= 5 ([CLS] A [SEP] B [SEP] "
                         f"with at least one token on each side)")
@@ -317,6 +492,8 @@ def _check_settings(max_seq_length, max_predictions_per_seq, masked_lm_prob, dup
         raise DataError(f"--short_seq_prob={short_seq_prob} must be in [0, 1]")
     if num_shards < 1:
         raise DataError(f"--num_shards={num_shards} must be >= 1")
+    if documents_per_chunk < 1:
+        raise DataError(f"--documents_per_chunk={documents_per_chunk} must be >= 1")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -327,8 +504,8 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
     fv = dict(flag_values=flag_values)
     flags.DEFINE_list("input_files", [], "Comma-separated globs of raw text files: one sentence "
                                          "per line, a blank line between documents.", **fv)
-    flags.DEFINE_string("output_dir", "", "Directory for the TFRecord shards and metadata.json.",
-                        **fv)
+    flags.DEFINE_string("output_dir", "", "Directory for the TFRecord shards and the metadata "
+                                          "file; workers may share one.", **fv)
     flags.DEFINE_enum("tokenizer_type", "sentencepiece", ["sentencepiece", "wordpiece"],
                       "Kind of --vocab_file.", **fv)
     flags.DEFINE_string("vocab_file", "", "SentencePiece .model or WordPiece vocab.txt.", **fv)
@@ -343,9 +520,18 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
     flags.DEFINE_float("short_seq_prob", 0.1, "Probability of a shorter instance.", **fv)
     flags.DEFINE_boolean("do_whole_word_mask", False, "Mask whole words, not single pieces.",
                          **fv)
-    flags.DEFINE_integer("num_shards", 1, "Output TFRecord files.", **fv)
-    flags.DEFINE_integer("random_seed", 12345, "Seed of every random choice.", **fv)
+    flags.DEFINE_integer("num_shards", 1, "Output TFRecord files (of each worker).", **fv)
+    flags.DEFINE_integer("random_seed", 12345, "Seed of every random choice (each worker derives "
+                                               "its own from it).", **fv)
     flags.DEFINE_string("output_prefix", "pretrain", "File name prefix of the shards.", **fv)
+    flags.DEFINE_integer("documents_per_chunk", 10000, "Documents held in memory at once: each "
+                         "chunk is shuffled and turned into instances, random next segments "
+                         "coming from the same chunk. Peak memory grows with it.", **fv)
+    flags.DEFINE_integer("worker_index", 0, "This worker's index, in [0, --num_workers).", **fv)
+    flags.DEFINE_integer("num_workers", 1, "Independent workers sharing the input: with at least "
+                         "as many files as workers, worker i takes files i, i+N, ...; otherwise "
+                         "documents i, i+N, ... Each writes its own shards and metadata file.",
+                         **fv)
 
 
 def main(argv) -> int:
@@ -368,11 +554,13 @@ def main(argv) -> int:
             masked_lm_prob=fv.masked_lm_prob, dupe_factor=fv.dupe_factor,
             short_seq_prob=fv.short_seq_prob, do_whole_word_mask=fv.do_whole_word_mask,
             num_shards=fv.num_shards, random_seed=fv.random_seed,
-            output_prefix=fv.output_prefix)
+            output_prefix=fv.output_prefix, documents_per_chunk=fv.documents_per_chunk,
+            worker_index=fv.worker_index, num_workers=fv.num_workers)
     except (DataError, TokenizerError) as e:
         print(f"create_pretraining_data: error: {e}", file=sys.stderr, flush=True)
         return 2
-    print(f"create_pretraining_data: {stats['num_instances']} instances from "
+    worker = f"worker {fv.worker_index} of {fv.num_workers}: " if fv.num_workers > 1 else ""
+    print(f"create_pretraining_data: {worker}{stats['num_instances']} instances from "
           f"{stats['num_documents']} documents in {len(stats['files'])} files under "
           f"{fv.output_dir}", flush=True)
     return 0

@@ -9,13 +9,14 @@ google's and NVIDIA's tools):
     next_sentence_labels                        int64 [1]   (0: B follows A, 1: B is random)
 
 Start-up checks (`resolve_input_files`, `check_records`, `check_token_ids`) read only the first
-record(s) of each file, so they stay cheap for thousands of files. A corrupt record deep inside
-a file shows up only when training reaches it; `describe_data_error` turns that error into a
-message, and
+record(s) of each file, so they stay cheap for thousands of files. A bad record deep inside a
+file (corrupt or truncated, of another length, or lacking a feature) shows up only when training
+reaches it; `describe_data_error` then finds it with `find_bad_record` and names the file, the
+record and what is wrong, and
 
     python -m tfbert.data.pretraining_dataset --check_all='records/*.tfrecord'
 
-reads every record of every file and reports the bad ones.
+reads every record of every file with the same scanner (`scan_file`) and reports the bad ones.
 """
 
 from __future__ import annotations
@@ -24,8 +25,10 @@ import dataclasses
 import re
 import shlex
 import sys
+import time
 
 import tensorflow as tf
+from absl import logging
 
 FEATURE_NAMES = ("input_ids", "input_mask", "segment_ids", "masked_lm_positions",
                  "masked_lm_ids", "masked_lm_weights", "next_sentence_labels")
@@ -38,8 +41,66 @@ class DataError(ValueError):
     """Input files are missing, empty, corrupt, or do not match the run's settings."""
 
 
+@dataclasses.dataclass(frozen=True)
+class RecordShape:
+    """The lengths every record of a run must have; the one source of the parsing spec (the
+    input pipeline, `check_records` and the scanner all use it)."""
+
+    max_seq_length: int
+    max_predictions_per_seq: int
+
+    def lengths(self) -> dict[str, int]:
+        """{feature name: number of values} for the seven features."""
+        lengths = dict.fromkeys(_SEQUENCE_FEATURES, self.max_seq_length)
+        lengths.update(dict.fromkeys(_PREDICTION_FEATURES, self.max_predictions_per_seq),
+                       next_sentence_labels=1)
+        return lengths
+
+    def feature_spec(self) -> dict[str, tf.io.FixedLenFeature]:
+        """tf.io.parse_example's spec. FixedLenFeature (no default value) raises
+        InvalidArgumentError on a record whose feature is missing or has another number of
+        values, instead of padding or truncating it silently, as VarLenFeature would."""
+        return {name: tf.io.FixedLenFeature(
+                    [length], tf.float32 if name in _FLOAT_FEATURES else tf.int64)
+                for name, length in self.lengths().items()}
+
+    @classmethod
+    def of(cls, values: dict[str, list]) -> RecordShape:
+        """The shape of a record given as `_example_values` returns it."""
+        return cls(len(values["input_ids"]), len(values["masked_lm_positions"]))
+
+    def describe(self) -> str:
+        return (f"max_seq_length={self.max_seq_length}, "
+                f"max_predictions_per_seq={self.max_predictions_per_seq}")
+
+
+class _BadRecord(Exception):
+    """A record that is not a tf.train.Example with the seven features; the text says why."""
+
+
 # ----------------------------------------------------------------------------------------------
 # Start-up checks.
+
+# What create_pretraining_data writes while a shard is incomplete (`<name>.tmp-<pid>`).
+_TEMP_FILE = re.compile(r"\.tmp-\d+$")
+
+
+def _glob(file_patterns: str | list[str]) -> tuple[list[str], list[str]]:
+    """Expands comma-separated globs. Returns (sorted matched files without duplicates, the
+    patterns that matched nothing). A wildcard never matches an unfinished shard of
+    create_pretraining_data (`*.tmp-<pid>`), which a killed job may have left behind."""
+    if isinstance(file_patterns, str):
+        file_patterns = [file_patterns]
+    patterns = [p.strip() for item in file_patterns for p in item.split(",") if p.strip()]
+    files, unmatched = set(), []
+    for pattern in patterns:
+        matched = tf.io.gfile.glob(pattern)
+        if pattern not in matched:  # a wildcard, not a file named in full
+            matched = [path for path in matched if not _TEMP_FILE.search(path)]
+        if not matched:
+            unmatched.append(pattern)
+        files.update(matched)
+    return sorted(files), unmatched
 
 
 def resolve_input_files(file_patterns: str | list[str]) -> list[str]:
@@ -50,18 +111,11 @@ def resolve_input_files(file_patterns: str | list[str]) -> list[str]:
     Raises:
       DataError: a pattern that matches nothing, no pattern at all, or an empty (0-byte) file.
     """
-    if isinstance(file_patterns, str):
-        file_patterns = [file_patterns]
-    patterns = [p.strip() for item in file_patterns for p in item.split(",") if p.strip()]
-    if not patterns:
+    files, unmatched = _glob(file_patterns)
+    if unmatched:
+        raise DataError(f"--input_files pattern {unmatched[0]!r} matches no file")
+    if not files:
         raise DataError("no input files given (--input_files is empty)")
-    files = set()
-    for pattern in patterns:
-        matched = tf.io.gfile.glob(pattern)
-        if not matched:
-            raise DataError(f"--input_files pattern {pattern!r} matches no file")
-        files.update(matched)
-    files = sorted(files)
     for path in files:
         if tf.io.gfile.stat(path).length == 0:
             raise DataError(f"input file {path} is empty (0 bytes): remove it or leave it out of "
@@ -81,25 +135,51 @@ def _first_records(path: str, count: int) -> list[bytes]:
         raise DataError(f"input file {path} does not exist") from None
 
 
-def _parse_example(path: str, serialized: bytes) -> dict[str, list]:
-    """A record's features as {name: list of values}; DataError if it is not a tf.train.Example
-    with the seven pretraining features of the right kinds."""
+def _example_values(serialized: bytes) -> dict[str, list]:
+    """A record's features as {name: list of values}.
+
+    Raises:
+      _BadRecord: not a tf.train.Example, or without the seven pretraining features of the
+        right kinds.
+    """
     try:
         example = tf.train.Example.FromString(serialized)
     except Exception as e:  # google.protobuf.message.DecodeError
-        raise DataError(f"{path}: the first record is not a tf.train.Example ({e})") from None
+        raise _BadRecord(f"is not a tf.train.Example ({e})") from None
     feature = example.features.feature
     values = {}
     for name in FEATURE_NAMES:
         if name not in feature:
-            raise DataError(f"{path}: records lack the feature {name!r} (they have "
-                            f"{sorted(feature)}); pretraining records need {list(FEATURE_NAMES)}")
+            raise _BadRecord(f"lacks the feature {name!r} (it has {sorted(feature)}; "
+                             f"pretraining records need {list(FEATURE_NAMES)})")
         kind = "float_list" if name in _FLOAT_FEATURES else "int64_list"
         if feature[name].WhichOneof("kind") != kind:
-            raise DataError(f"{path}: feature {name!r} is a {feature[name].WhichOneof('kind')}, "
-                            f"expected a {kind}")
+            raise _BadRecord(f"has the feature {name!r} as a "
+                             f"{feature[name].WhichOneof('kind')}, expected a {kind}")
         values[name] = list(getattr(feature[name], kind).value)
     return values
+
+
+def _length_problem(values: dict[str, list], shape: RecordShape) -> str | None:
+    """Why a record's feature lengths differ from `shape`, or None when they match."""
+    for name, expected in shape.lengths().items():
+        if len(values[name]) != expected:
+            setting = ("max_seq_length" if name in _SEQUENCE_FEATURES else
+                       "max_predictions_per_seq" if name in _PREDICTION_FEATURES else None)
+            because = f" ({setting}={expected})" if setting else ""
+            return f"feature {name!r} has {len(values[name])} values, expected {expected}{because}"
+    return None
+
+
+def _parse_example(path: str, serialized: bytes, which: str = "the first record"
+                   ) -> dict[str, list]:
+    """A record of `path` as {name: list of values}; DataError naming the file (and `which`
+    record) if it is not a tf.train.Example with the seven pretraining features of the right
+    kinds."""
+    try:
+        return _example_values(serialized)
+    except _BadRecord as e:
+        raise DataError(f"{path}: {which} {e}") from None
 
 
 def _first_record_of_each(files: list[str]) -> dict[str, bytes]:
@@ -124,8 +204,9 @@ def _first_record_of_each(files: list[str]) -> dict[str, bytes]:
 def check_records(files: list[str], max_seq_length: int, max_predictions_per_seq: int) -> None:
     """Checks the first record of each file: readable, the seven features, the run's lengths.
 
-    Only the first record is read, so this scales to thousands of files; corruption further
-    into a file is found by `python -m tfbert.data.pretraining_dataset --check_all=...`.
+    Only the first record is read, so this scales to thousands of files; a bad record further
+    into a file is found when training reaches it (see `describe_data_error`), or by
+    `python -m tfbert.data.pretraining_dataset --check_all=...`.
 
     Raises:
       DataError naming the file: a corrupt or truncated record, no records, a missing feature,
@@ -138,25 +219,21 @@ def check_records(files: list[str], max_seq_length: int, max_predictions_per_seq
         if path not in firsts:
             raise DataError(f"{path} holds no records")
         values = _parse_example(path, firsts[path])
-        seq_length = len(values["input_ids"])
-        if seq_length != max_seq_length:
+        found = RecordShape.of(values)
+        if found.max_seq_length != max_seq_length:
             raise DataError(
-                f"records in {path} have max_seq_length={seq_length} but "
-                f"--max_seq_length={max_seq_length}; use --max_seq_length={seq_length} or "
-                f"records made with --max_seq_length={max_seq_length}")
-        predictions = len(values["masked_lm_positions"])
-        if predictions != max_predictions_per_seq:
+                f"records in {path} have max_seq_length={found.max_seq_length} but "
+                f"--max_seq_length={max_seq_length}; use --max_seq_length={found.max_seq_length} "
+                f"or records made with --max_seq_length={max_seq_length}")
+        if found.max_predictions_per_seq != max_predictions_per_seq:
             raise DataError(
-                f"records in {path} have max_predictions_per_seq={predictions} but "
-                f"--max_predictions_per_seq={max_predictions_per_seq}; use "
-                f"--max_predictions_per_seq={predictions} or records made with "
+                f"records in {path} have max_predictions_per_seq={found.max_predictions_per_seq} "
+                f"but --max_predictions_per_seq={max_predictions_per_seq}; use "
+                f"--max_predictions_per_seq={found.max_predictions_per_seq} or records made with "
                 f"--max_predictions_per_seq={max_predictions_per_seq}")
-        expected = dict.fromkeys(_SEQUENCE_FEATURES, seq_length)
-        expected.update(dict.fromkeys(_PREDICTION_FEATURES, predictions), next_sentence_labels=1)
-        for name, length in expected.items():
-            if len(values[name]) != length:
-                raise DataError(f"{path}: malformed record: {name!r} has {len(values[name])} "
-                                f"values, expected {length}")
+        problem = _length_problem(values, found)
+        if problem:
+            raise DataError(f"{path}: malformed first record: {problem}")
 
 
 def check_token_ids(files: list[str], vocab_size: int, num_records: int = 64) -> None:
@@ -169,8 +246,8 @@ def check_token_ids(files: list[str], vocab_size: int, num_records: int = 64) ->
     if not files:
         return
     path = files[0]
-    for serialized in _first_records(path, num_records):
-        values = _parse_example(path, serialized)
+    for index, serialized in enumerate(_first_records(path, num_records)):
+        values = _parse_example(path, serialized, f"record {index}")
         weights = values["masked_lm_weights"]
         ids = values["input_ids"] + [i for i, w in zip(values["masked_lm_ids"], weights) if w > 0]
         if ids and (max(ids) >= vocab_size or min(ids) < 0):
@@ -308,13 +385,12 @@ def apply_dynamic_masking(features: dict[str, tf.Tensor], spec: MaskingSpec,
 
 def _parse_batch(serialized: tf.Tensor, max_seq_length: int,
                  max_predictions_per_seq: int) -> dict[str, tf.Tensor]:
-    """Parses a [batch] string Tensor of records into the feature dict (int64 -> int32)."""
-    lengths = dict.fromkeys(_SEQUENCE_FEATURES, max_seq_length)
-    lengths.update(dict.fromkeys(_PREDICTION_FEATURES, max_predictions_per_seq),
-                   next_sentence_labels=1)
-    spec = {name: tf.io.FixedLenFeature([lengths[name]],
-                                        tf.float32 if name in _FLOAT_FEATURES else tf.int64)
-            for name in FEATURE_NAMES}
+    """Parses a [batch] string Tensor of records into the feature dict (int64 -> int32).
+
+    A record with a missing feature or another length raises InvalidArgumentError (see
+    `RecordShape.feature_spec`); `describe_data_error` turns it into a message.
+    """
+    spec = RecordShape(max_seq_length, max_predictions_per_seq).feature_spec()
     parsed = tf.io.parse_example(serialized, spec)
     # tf.train.Example has only int64; int32 is what the model and TPUs/GPUs want (as google).
     return {name: tf.cast(parsed[name], tf.int32) if parsed[name].dtype == tf.int64
@@ -405,7 +481,7 @@ def pretraining_dataset(files: list[str], *, batch_size: int, max_seq_length: in
 
 
 # ----------------------------------------------------------------------------------------------
-# Corrupt records found during training.
+# Bad records found during training, and the scanner that finds them.
 
 
 def _clean_message(err: Exception) -> str:
@@ -417,64 +493,231 @@ def _clean_message(err: Exception) -> str:
     return message.strip()
 
 
-def describe_data_error(err: Exception, files: list[str]) -> str:
-    """A helpful message for a tf.errors.DataLossError raised while training reads records.
+@dataclasses.dataclass(frozen=True)
+class ScanResult:
+    """What `scan_file` found in one file.
+
+    Attributes:
+      path: the file.
+      num_good: records read and found good before the first bad one (all of them if none).
+      bad_index: index (from 0) of the first bad record; None when every record is good.
+      reason: what is wrong with that record; None when every record is good.
+      kind: "corrupt" (CRC mismatch, truncated: a DataLossError), "unreadable" (another read
+        error), "malformed" (not an Example, a feature missing or of the wrong type), or
+        "wrong_length" (a feature with another number of values); None when all are good.
+    """
+
+    path: str
+    num_good: int
+    bad_index: int | None = None
+    reason: str | None = None
+    kind: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.bad_index is None
+
+
+def _record_problem(serialized: bytes, shape: RecordShape | None) -> tuple[str, str] | None:
+    """(kind, reason) of what is wrong with one record (see ScanResult), or None if it is good.
+    None `shape`: only the features and their types are checked, not their lengths."""
+    try:
+        values = _example_values(serialized)
+    except _BadRecord as e:
+        return "malformed", f"the record {e}"
+    if shape is None:
+        return None
+    problem = _length_problem(values, shape)
+    if problem:
+        return "wrong_length", problem
+    try:  # what the input pipeline does, in case it refuses something the checks above let by
+        tf.io.parse_example([serialized], shape.feature_spec())
+    except tf.errors.InvalidArgumentError as e:
+        return "malformed", _clean_message(e)
+    return None
+
+
+def _scan_one_by_one(path: str, start: int, shape: RecordShape | None) -> ScanResult:
+    """Reads `path` from record `start` one record at a time (slow) up to the first bad one."""
+    index = start
+    iterator = iter(tf.data.TFRecordDataset(path).skip(start))
+    while True:
+        try:
+            serialized = next(iterator).numpy()
+        except StopIteration:
+            return ScanResult(path, index)
+        except tf.errors.DataLossError as e:  # CRC mismatch, truncated record
+            return ScanResult(path, index, index, f"corrupt or truncated "
+                                                  f"({_clean_message(e)})", "corrupt")
+        except tf.errors.OpError as e:
+            return ScanResult(path, index, index, f"cannot be read ({_clean_message(e)})",
+                              "unreadable")
+        problem = _record_problem(serialized, shape)
+        if problem:
+            return ScanResult(path, index, index, problem[1], problem[0])
+        if shape is None:  # the first good record sets the lengths of the others
+            shape = RecordShape.of(_example_values(serialized))
+        index += 1
+
+
+def scan_file(path: str, shape: RecordShape | None = None, batch_size: int = 1024) -> ScanResult:
+    """Reads every record of `path` (CRCs checked) and parses it as the input pipeline does, up
+    to the first bad record.
+
+    Fast path: records are read and parsed `batch_size` at a time; only a batch that fails is
+    read again one record at a time, to find the exact record and say what is wrong with it.
 
     Args:
-      err: the error (its message may name the file).
-      files: the run's input files or patterns (--input_files).
+      path: a TFRecord file.
+      shape: the lengths records must have; None: those of the file's first record.
+    Returns:
+      A ScanResult: the number of good records, and the first bad one's index and reason.
+    """
+    index = 0
+    batches = iter(tf.data.TFRecordDataset(path, buffer_size=8 * 1024 * 1024)
+                   .batch(batch_size).prefetch(1))
+    while True:
+        try:
+            batch = next(batches)
+        except StopIteration:
+            return ScanResult(path, index)
+        except tf.errors.OpError:  # some record of the next batch cannot be read
+            return _scan_one_by_one(path, index, shape)
+        if shape is None:
+            try:
+                shape = RecordShape.of(_example_values(batch[0].numpy()))
+            except _BadRecord:
+                return _scan_one_by_one(path, index, shape)
+        try:
+            tf.io.parse_example(batch, shape.feature_spec())
+        except tf.errors.InvalidArgumentError:  # some record of this batch is malformed
+            return _scan_one_by_one(path, index, shape)
+        index += int(batch.shape[0])
+
+
+def reference_shape(files: list[str]) -> tuple[RecordShape, str] | None:
+    """(the shape of the first well-formed first record among `files`, its file), or None. What
+    the other records are compared with when the run's lengths are not known: a run reads
+    records of one shape only, and `check_records` has compared the first ones with its flags."""
+    for path in files:
+        try:
+            records = [r.numpy() for r in tf.data.TFRecordDataset(path).take(1)]
+            if records:
+                return RecordShape.of(_example_values(records[0])), path
+        except (tf.errors.OpError, _BadRecord):
+            continue
+    return None
+
+
+def find_bad_record(files: list[str], shape: RecordShape | None = None,
+                    time_limit_s: float | None = None) -> ScanResult | None:
+    """Scans `files` in order (see `scan_file`) and returns the first bad record found, or None
+    if every record is good or `time_limit_s` ran out first.
+
+    Args:
+      files: TFRecord files.
+      shape: the lengths records must have; None: those of `reference_shape(files)`.
+      time_limit_s: stop after the file being scanned when this many seconds have passed.
+    """
+    if shape is None:
+        found = reference_shape(files)
+        shape = found[0] if found else None
+    started = time.monotonic()
+    for path in files:
+        if time_limit_s is not None and time.monotonic() - started > time_limit_s:
+            logging.warning("Gave up looking for the bad record after %.0f s", time_limit_s)
+            return None
+        result = scan_file(path, shape)
+        if not result.ok:
+            return result
+    return None
+
+
+def describe_data_error(err: Exception, files: list[str], time_limit_s: float = 600.0) -> str:
+    """A helpful message for an error raised while training reads records: a DataLossError
+    (corrupt or truncated record) or an InvalidArgumentError from tf.io.parse_example (a record
+    lacking a feature or of another length, e.g. shards of two --max_seq_length concatenated).
+
+    TensorFlow's error names neither the file nor the record, so the input files are scanned
+    (`find_bad_record`, the file named in the error first) for the first bad record. That runs
+    only after a failure: it may take minutes for a large data set, and stops after
+    `time_limit_s`.
+
+    Args:
+      err: the error.
+      files: the run's input files or their glob patterns (--input_files).
+    Returns:
+      The message: the file, the record index and what is wrong when found; the files being read
+      otherwise; and how to check every file.
     """
     message = _clean_message(err)
-    named = [f for f in files if f and f in message]
-    shown = ", ".join(files[:5]) + (f" and {len(files) - 5} more" if len(files) > 5 else "")
-    lines = [f"a corrupt or truncated record was met while reading the training data: "
-             f"{message.strip()}"]
-    if named:
-        lines.append(f"The error names {named[0]}.")
-    lines.append(f"Files being read: {shown}.")
-    lines.append("Find the bad file(s), which are read in full and CRC-checked, with:\n"
+    paths, named, found = [], [], None
+    try:  # never raise from here: the caller is handling an error already
+        paths, _ = _glob(list(files))
+        named = [f for f in paths if f in message]
+        if paths:
+            logging.info("Looking for the bad record in %d input file(s)", len(paths))
+            found = find_bad_record(named + [f for f in paths if f not in named],
+                                    time_limit_s=time_limit_s)
+    except Exception as e:  # noqa: BLE001
+        logging.warning("Looking for the bad record failed: %s", e)
+    lines = []
+    if found is not None:
+        lines.append(f"a bad record was met while reading the training data: {found.path}, "
+                     f"record {found.bad_index} (counting from 0): {found.reason}")
+        if found.kind == "wrong_length":
+            lines.append("All records of a run must have the same lengths: records made with "
+                         "other --max_seq_length / --max_predictions_per_seq settings were mixed "
+                         "in (or such files concatenated).")
+    else:
+        what = ("a malformed record" if isinstance(err, tf.errors.InvalidArgumentError)
+                else "a corrupt or truncated record")
+        listed = paths or list(files)
+        shown = ", ".join(listed[:5]) + (f" and {len(listed) - 5} more" if len(listed) > 5
+                                         else "")
+        lines.append(f"{what} was met while reading the training data: {message}")
+        if named:
+            lines.append(f"The error names {named[0]}.")
+        lines.append(f"Files being read: {shown}.")
+    lines.append("Check every file (each is read in full, CRC-checked and parsed) with:\n"
                  f"    python -m tfbert.data.pretraining_dataset "
                  f"--check_all={shlex.quote(','.join(files))}\n"
-                 "then remove or regenerate them and start again with the same --output_dir: the "
-                 "run resumes from its last checkpoint.")
+                 "then remove or regenerate the bad ones and start again with the same "
+                 "--output_dir: the run resumes from its last checkpoint.")
     return "\n".join(lines)
 
 
-def scan_records(path: str) -> tuple[int, str | None]:
-    """Reads every record of `path`, checking CRCs. Returns (records read, error or None); the
-    count is exact when there is no error, and a multiple of 1024 records read before it."""
-    count = 0
-    try:
-        for batch in tf.data.TFRecordDataset(path).batch(1024):
-            count += int(tf.shape(batch)[0])
-    except tf.errors.OpError as e:
-        return count, _clean_message(e)
-    return count, None
+def check_all(file_patterns: str, shape: RecordShape | None = None) -> int:
+    """Reads every record of every file matched by the comma-separated globs (`scan_file`),
+    prints one line per file (ok / BAD, which record and why) and returns the exit status: 0
+    all good, 1 some bad, 2 a pattern that matches nothing.
 
-
-def check_all(file_patterns: str) -> int:
-    """Reads every record of every file matched by the comma-separated globs, prints one line
-    per file (ok / BAD and why) and returns the exit status: 0 all good, 1 some bad, 2 a pattern
-    that matches nothing."""
-    files = set()
-    for pattern in (p.strip() for p in file_patterns.split(",") if p.strip()):
-        matched = tf.io.gfile.glob(pattern)
-        if not matched:
-            print(f"error: {pattern!r} matches no file", file=sys.stderr)
-            return 2
-        files.update(matched)
+    Args:
+      file_patterns: "a/*.tfrecord,b/*.tfrecord".
+      shape: the lengths records must have; None: those of the first file's first record (one
+        run reads one shape).
+    """
+    files, unmatched = _glob(file_patterns)
+    if unmatched or not files:
+        print(f"error: {(unmatched or [file_patterns])[0]!r} matches no file", file=sys.stderr)
+        return 2
+    if shape is None:
+        found = reference_shape(files)
+        if found:
+            shape = found[0]
+            print(f"expecting {shape.describe()} (as the first record of {found[1]})",
+                  flush=True)
     bad = 0
-    for path in sorted(files):
-        count, error = scan_records(path)
-        if error is None and count == 0:
+    for path in files:
+        result = scan_file(path, shape)
+        if result.ok and result.num_good == 0:
             bad += 1
             print(f"BAD  {path}: no records", flush=True)
-        elif error is None:
-            print(f"ok   {path}: {count} records", flush=True)
+        elif result.ok:
+            print(f"ok   {path}: {result.num_good} records", flush=True)
         else:
             bad += 1
-            before = f" ({count}+ good records before it)" if count else ""
-            print(f"BAD  {path}: {error}{before}", flush=True)
+            print(f"BAD  {path}: record {result.bad_index}: {result.reason}", flush=True)
     print(f"{len(files)} files checked, {bad} bad", flush=True)
     return 1 if bad else 0
 
@@ -482,17 +725,29 @@ def check_all(file_patterns: str) -> int:
 def _main(argv) -> int:
     from absl import flags
 
-    if not flags.FLAGS.check_all:
-        print("usage: python -m tfbert.data.pretraining_dataset --check_all='<glob>[,<glob>...]'",
-              file=sys.stderr)
+    fv = flags.FLAGS
+    if not fv.check_all:
+        print("usage: python -m tfbert.data.pretraining_dataset --check_all='<glob>[,<glob>...]' "
+              "[--max_seq_length=N --max_predictions_per_seq=M]", file=sys.stderr)
         return 2
+    shape = None
+    if fv.max_seq_length or fv.max_predictions_per_seq:
+        if not (fv.max_seq_length and fv.max_predictions_per_seq):
+            print("error: give both --max_seq_length and --max_predictions_per_seq, or neither",
+                  file=sys.stderr)
+            return 2
+        shape = RecordShape(fv.max_seq_length, fv.max_predictions_per_seq)
     # An unquoted glob is expanded by the shell: its other files arrive as arguments.
-    return check_all(",".join([flags.FLAGS.check_all] + list(argv[1:])))
+    return check_all(",".join([fv.check_all] + list(argv[1:])), shape)
 
 
 if __name__ == "__main__":
     from absl import app, flags
 
     flags.DEFINE_string("check_all", "", "Comma-separated globs of TFRecord files to read in full "
-                                         "(CRC-checked); reports the corrupt or truncated ones.")
+                                         "(CRC-checked and parsed); reports the bad ones.")
+    flags.DEFINE_integer("max_seq_length", 0, "Length records must have (default: that of the "
+                                              "first file's first record).")
+    flags.DEFINE_integer("max_predictions_per_seq", 0, "Masked positions records must have "
+                                                       "(default: as the first record).")
     app.run(lambda argv: sys.exit(_main(argv)))
