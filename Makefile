@@ -30,8 +30,11 @@ $(VENV)/.tfbert-installed: setup.cfg pyproject.toml
 run: setup
 	$(PY) -m tfbert.run $(ARGS)
 
+# Two test processes; a file's tests stay together (they share module fixtures).
+TEST_WORKERS ?= 2
+
 test: setup
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile tests
 
 # The notes' ablation table (flags/ setups at a CPU size), tfbert vs tf-models-official, and the
 # precision/XLA and data-parallel tables. Results under runs/bench/.
