@@ -69,6 +69,21 @@ def run_config(output_dir, model=None, **runtime) -> cfg.Config:
         optimizer=optimizer, runtime=cfg.RuntimeConfig(**values))
 
 
+# `make test` runs two pytest-xdist workers, each taking whole files in collection order: the
+# longest files go first, so that the workers finish together instead of one running a long
+# file alone at the end.
+LONGEST_FIRST = ("test_flagfiles.py", "test_distributed.py", "test_run.py", "test_resilience.py",
+                 "test_training.py", "test_benchmarks.py")
+
+
+def pytest_collection_modifyitems(items):
+    def rank(item):
+        name = os.path.basename(str(item.fspath))
+        return LONGEST_FIRST.index(name) if name in LONGEST_FIRST else len(LONGEST_FIRST)
+
+    items.sort(key=rank)  # stable: a file's tests keep their order
+
+
 @pytest.fixture(autouse=True)
 def _reset_tf_global_state():
     """Each test starts with float32, no auto-clustering and a fresh Keras name space."""

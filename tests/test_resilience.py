@@ -92,7 +92,7 @@ def test_the_step_watchdog_ends_a_stuck_process(tmp_path):
 RESUME_FLAGS = ["--precision=fp16", "--hvd_fp16_compression", "--num_accumulation_steps=2",
                 "--optimizer=fused_lamb", "--attn_softmax_ytf_impl", "--keep_checkpoint_max=1",
                 "--num_train_steps=10", "--initial_loss_scale=1024",
-                "--loss_scale_growth_interval=2", "--train_batch_size=4", "--max_seq_length=32",
+                "--loss_scale_growth_interval=2", "--train_batch_size=2", "--max_seq_length=32",
                 "--max_predictions_per_seq=5", "--log_every_n_steps=1", "--hidden_size=64",
                 "--intermediate_size=256"]
 
@@ -120,8 +120,9 @@ def test_sigterm_saves_a_checkpoint_and_the_resumed_run_continues_exactly(tmp_pa
         time.sleep(0.2)
     job.send_signal(signal.SIGTERM)  # to the launcher, as a scheduler would
     output, _ = job.communicate(timeout=120)
-    assert job.returncode != 0, output[-3000:]
-    assert "stopped by SIGTERM after step" in output, output[-3000:]
+    # Each rank ends with status 143 and says why. (horovodrun itself, having forwarded the
+    # signal, exits 0 when its ranks end within its 5 s grace, and non-zero if it kills them.)
+    assert output.count("tfbert: error: stopped by SIGTERM after step") == 2, output[-3000:]
     stopped_at = int(output.split("stopped by SIGTERM after step ")[1].split(";")[0])
     assert 3 <= stopped_at < 10
     assert f'"ckpt-{stopped_at}"' in (out / "checkpoint").read_text()

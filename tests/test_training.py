@@ -316,3 +316,46 @@ def test_a_job_killed_between_the_rank_and_shared_saves_resumes_exactly(tmp_path
     a, b = read_log(straight), read_log(killed)
     for step in (5, 6):
         assert a[step]["loss"] == b[step]["loss"], step
+
+
+def test_save_checkpoints_secs_adds_checkpoints_by_time(tmp_path):
+    # Every step is "due" by time here; by steps alone only the last step would be saved.
+    config = run_config(tmp_path, num_train_steps=3, save_checkpoints_steps=1000,
+                        save_checkpoints_secs=1e-6)
+    Pretrainer(config, synthetic_dataset()).train()
+    saved = sorted(p.name for p in tmp_path.glob("ckpt-*.index"))
+    assert saved == ["ckpt-1.index", "ckpt-2.index", "ckpt-3.index"]
+    assert sorted(p.name for p in (tmp_path / "rank_state" / "rank-0").glob("ckpt-*.index")) == saved
+
+
+def test_sigterm_ends_the_run_after_a_step_with_a_checkpoint_and_it_resumes_exactly(tmp_path):
+    import signal
+
+    from tfbert.training.trainer import Preempted
+
+    model = odd_model_config(hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1)
+    straight = tmp_path / "straight"
+    Pretrainer(run_config(straight, model, num_train_steps=6), synthetic_dataset()).train()
+
+    config = run_config(tmp_path / "stopped", model, num_train_steps=6)
+    trainer = Pretrainer(config, synthetic_dataset())
+    run_step, calls = trainer.run_step, []
+
+    def signalled_during_the_third_step(requests):
+        calls.append(requests)
+        if len(calls) == 3:
+            os.kill(os.getpid(), signal.SIGTERM)  # as a scheduler would, mid-step
+        return run_step(requests)
+
+    trainer.run_step = signalled_during_the_third_step
+    with pytest.raises(Preempted, match="stopped by SIGTERM after step 4") as stopped:
+        trainer.train()
+    assert stopped.value.signal_number == signal.SIGTERM
+    assert calls[3] == [1.0, 0.0]  # the request rode with the next step
+    assert tf.train.latest_checkpoint(str(tmp_path / "stopped")).endswith("ckpt-4")
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # handlers given back
+    tf.keras.backend.clear_session()
+    Pretrainer(config, synthetic_dataset()).train()
+    a, b = read_log(straight), read_log(tmp_path / "stopped")
+    for step in (5, 6):
+        assert a[step]["loss"] == b[step]["loss"], step
