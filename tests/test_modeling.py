@@ -18,7 +18,8 @@ def build(precision="fp32", **overrides):
 def test_output_shapes_on_odd_sizes():
     model = build()
     batch = synthetic_batch()
-    sequence, pooled = model.bert(batch["input_ids"], batch["input_mask"], batch["segment_ids"])
+    encoded = model.bert(batch)
+    sequence, pooled = encoded["sequence_output"], encoded["pooled_output"]
     assert sequence.shape == (ODD["batch"], ODD["seq"], 32)
     assert pooled.shape == (ODD["batch"], 32)
     mlm_logits, nsp_logits = model(batch)
@@ -105,7 +106,7 @@ def test_mixed_precision_keeps_float32_variables(precision, compute):
     model = build(precision)
     assert all(v.dtype == tf.float32 for v in model.trainable_variables)
     batch = synthetic_batch()
-    sequence, _ = model.bert(batch["input_ids"], batch["input_mask"], batch["segment_ids"])
+    sequence = model.bert(batch)["sequence_output"]
     assert sequence.dtype == compute
     mlm_logits, nsp_logits = model(batch)
     assert mlm_logits.dtype == tf.float32 and nsp_logits.dtype == tf.float32
@@ -123,8 +124,8 @@ def test_padding_does_not_change_real_positions():
     noisy = dict(batch)
     # Different token ids at padded positions must not change the outputs at real ones.
     noisy["input_ids"] = tf.where(batch["input_mask"] == 0, 7, batch["input_ids"])
-    a = model.bert(batch["input_ids"], batch["input_mask"], batch["segment_ids"])[0]
-    b = model.bert(noisy["input_ids"], noisy["input_mask"], noisy["segment_ids"])[0]
+    a = model.bert(batch)["sequence_output"]
+    b = model.bert(noisy)["sequence_output"]
     np.testing.assert_allclose(a[:, :-2].numpy(), b[:, :-2].numpy(), atol=1e-5)
 
 

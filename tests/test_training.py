@@ -10,7 +10,7 @@ import tensorflow as tf
 
 from conftest import odd_model_config, run_config, synthetic_dataset
 from tfbert import config as cfg
-from tfbert.training.checkpointing import CheckpointError
+from tfbert.checkpoints import CheckpointError
 from tfbert.training.optimization import WarmupPolynomialDecay
 from tfbert.training.trainer import Pretrainer
 
@@ -341,11 +341,11 @@ def test_sigterm_ends_the_run_after_a_step_with_a_checkpoint_and_it_resumes_exac
     trainer = Pretrainer(config, synthetic_dataset())
     run_step, calls = trainer.run_step, []
 
-    def signalled_during_the_third_step(requests):
+    def signalled_during_the_third_step(requests, **kwargs):
         calls.append(requests)
         if len(calls) == 3:
             os.kill(os.getpid(), signal.SIGTERM)  # as a scheduler would, mid-step
-        return run_step(requests)
+        return run_step(requests, **kwargs)
 
     trainer.run_step = signalled_during_the_third_step
     with pytest.raises(Preempted, match="stopped by SIGTERM after step 4") as stopped:
@@ -359,3 +359,37 @@ def test_sigterm_ends_the_run_after_a_step_with_a_checkpoint_and_it_resumes_exac
     a, b = read_log(straight), read_log(tmp_path / "stopped")
     for step in (5, 6):
         assert a[step]["loss"] == b[step]["loss"], step
+
+
+def test_embeddings_from_word_vectors_stay_frozen_for_the_first_steps(tmp_path):
+    from tfbert.tokenization import load_tokenizer
+    from tfbert.training.embedding_init import embedding_init_from_vectors
+
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + [f"w{i}" for i in range(94)]
+    (tmp_path / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    tokenizer = load_tokenizer("wordpiece", str(tmp_path / "vocab.txt"))
+    rng = np.random.default_rng(0)
+    lines = [f"w{i} " + " ".join(f"{x:.4f}" for x in rng.standard_normal(32)) for i in range(40)]
+    (tmp_path / "words.vec").write_text("40 32\n" + "\n".join(lines) + "\n")
+    config = run_config(tmp_path / "run", num_train_steps=3, init_embeddings_from=str(
+        tmp_path / "words.vec"), freeze_embeddings_steps=2)
+    # Under gradient accumulation: the accumulators skip the frozen table too.
+    config = dataclasses.replace(config, distribution=cfg.DistributionConfig(
+        num_accumulation_steps=2))
+    trainer = Pretrainer(config, synthetic_dataset(), tokenizer=tokenizer)
+    random_table = trainer.model.word_embeddings.numpy()
+    trainer.restore_or_initialize()
+    expected, report = embedding_init_from_vectors(
+        str(tmp_path / "words.vec"), tokenizer, 32, initial_table=random_table,
+        initializer_range=0.02, seed=config.runtime.seed)
+    assert report["covered_direct"] == 40
+    initialised = trainer.model.word_embeddings.numpy()
+    np.testing.assert_array_equal(initialised, expected)
+    assert not np.array_equal(initialised, random_table)
+    others = [v.numpy() for v in trainer.variables[1:]]
+    trainer.train(max_steps=2)
+    np.testing.assert_array_equal(trainer.model.word_embeddings.numpy(), initialised)
+    assert all(not np.array_equal(a, v.numpy()) for a, v in zip(others, trainer.variables[1:])
+               if v.name.startswith("bert/encoder"))
+    trainer.run_step(frozen=False)  # step 3, as train() runs it: trained again
+    assert not np.array_equal(trainer.model.word_embeddings.numpy(), initialised)

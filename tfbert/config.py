@@ -229,7 +229,15 @@ class RuntimeConfig:
     enable_resource_variables: bool = True
     seed: int = 12345
     deterministic: bool = False
+    # Initial weights: a tfbert, HuggingFace or google-research/bert checkpoint (any format
+    # tfbert.checkpoints.load_pretrained reads).
     init_checkpoint: str = ""
+    # Word embeddings from FastText/word2vec vectors (tfbert.training.embedding_init), the
+    # first `init_embeddings_max_words` words of the file (0: all); frozen for the first
+    # `freeze_embeddings_steps` steps.
+    init_embeddings_from: str = ""
+    init_embeddings_max_words: int = 0
+    freeze_embeddings_steps: int = 0
     save_checkpoints_steps: int = 1000
     # Also checkpoint when this many seconds passed since the last one (rank 0's clock; 0: off).
     save_checkpoints_secs: float = 0.0
@@ -273,6 +281,15 @@ class RuntimeConfig:
         _require(self.step_timeout_secs >= 0 and self.first_step_timeout_secs >= 0,
                  "--step_timeout_secs and --first_step_timeout_secs must be >= 0 (0 turns the "
                  "watchdog off)")
+        _require(not (self.init_embeddings_from and self.init_checkpoint),
+                 "--init_embeddings_from and --init_checkpoint would both set the word "
+                 "embeddings; give one")
+        _require(self.init_embeddings_max_words >= 0, "--init_embeddings_max_words must be >= 0")
+        _require(self.freeze_embeddings_steps >= 0, "--freeze_embeddings_steps must be >= 0")
+        _require(self.freeze_embeddings_steps == 0 or self.init_embeddings_from
+                 or self.init_checkpoint,
+                 "--freeze_embeddings_steps keeps initialised word embeddings fixed; give "
+                 "--init_embeddings_from or --init_checkpoint (random embeddings would stay random)")
         _require(self.debug_fail_mode in ("raise", "hang"),
                  f"--debug_fail_mode={self.debug_fail_mode!r} is not 'raise' or 'hang'")
 

@@ -112,6 +112,9 @@ class HorovodGroup(SingleProcess):
         hvd = self._hvd
         reduced = []
         for grad in grads:
+            if grad is None:  # a frozen variable: nothing to send
+                reduced.append(None)
+                continue
             if isinstance(grad, tf.IndexedSlices) and self.sparse_as_dense:
                 grad = tf.convert_to_tensor(grad)
             if isinstance(grad, tf.IndexedSlices):

@@ -57,9 +57,19 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
     flags.DEFINE_boolean("dynamic_masking", False, "Re-mask every batch on the fly.", **fv)
     flags.DEFINE_float("masked_lm_prob", 0.15, "Masking rate for --dynamic_masking.", **fv)
     flags.DEFINE_enum("tokenizer_type", "sentencepiece", ["sentencepiece", "wordpiece"],
-                      "Tokenizer kind of --vocab_file.", **fv)
-    flags.DEFINE_string("vocab_file", "", "sentencepiece .model or wordpiece vocab.txt. Optional "
-                                          "for pre-tokenized records.", **fv)
+                      "Tokenizer kind. Unset: the kind --vocab_file holds (a .model file is "
+                      "sentencepiece, another file wordpiece); set, it must agree. Also the kind "
+                      "trained for the sample corpus.", **fv)
+    flags.DEFINE_string("vocab_file", "", "Tokenizer: a sentencepiece .model, a wordpiece "
+                                          "vocab.txt, or a directory holding one (HuggingFace, "
+                                          "google-research/bert, tfbert run or train_tokenizer "
+                                          "output). Default: --init_checkpoint's, if a "
+                                          "directory with one. Optional for pre-tokenized "
+                                          "records.", **fv)
+    flags.DEFINE_boolean("do_lower_case", True, "Wordpiece: lower-case and strip accents (must "
+                                                "match the vocabulary). For a bare vocab.txt; a "
+                                                "directory's tokenizer_config.json says it, and "
+                                                "a different value given here is an error.", **fv)
     # Optimizer.
     flags.DEFINE_enum("optimizer", "lamb", ["lamb", "adamw", "fused_lamb"],
                       "Optimizer; fused_lamb is LAMB as one custom op per tensor (make ops).", **fv)
@@ -110,9 +120,23 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
                          **fv)
     flags.DEFINE_integer("seed", 12345, "Seed for weights, data order and dropout.", **fv)
     flags.DEFINE_boolean("deterministic", False, "TensorFlow op determinism (slower).", **fv)
-    flags.DEFINE_string("init_checkpoint", "", "Checkpoint or run directory to take initial "
-                                               "weights (and, for a run directory, the model "
-                                               "config and tokenizer) from.", **fv)
+    flags.DEFINE_string("init_checkpoint", "", "Initial weights, and the model config and "
+                                               "tokenizer unless given: a tfbert run directory or "
+                                               "checkpoint, a HuggingFace BERT directory "
+                                               "(config.json + model.safetensors) or a "
+                                               "google-research/bert directory (bert_config.json "
+                                               "+ bert_model.ckpt).", **fv)
+    flags.DEFINE_string("init_embeddings_from", "", "Initialise the word embeddings from a "
+                                                    "FastText/word2vec file (.vec text; .bin with "
+                                                    "gensim or fasttext installed); rank 0 reads "
+                                                    "it and logs the vocabulary's coverage.", **fv)
+    flags.DEFINE_integer("init_embeddings_max_words", 0, "Read only the first (most frequent) N "
+                                                         "words of --init_embeddings_from (0: "
+                                                         "all).", **fv)
+    flags.DEFINE_integer("freeze_embeddings_steps", 0, "Keep the initialised word embeddings "
+                                                       "fixed for the first N steps (their "
+                                                       "gradient is then neither computed nor "
+                                                       "sent).", **fv)
     flags.DEFINE_integer("save_checkpoints_steps", 1000, "Checkpoint every N steps (and at the "
                                                          "end).", **fv)
     flags.DEFINE_float("save_checkpoints_secs", 0, "Also checkpoint when this many seconds have "
@@ -242,7 +266,8 @@ def parse_flags(argv: list[str]) -> list[str]:
     return app.parse_flags_with_usage(argv)
 
 
-def _model_config(fv: flags.FlagValues, run_dir_config: str | None, vocab_size: int | None):
+def _model_config(fv: flags.FlagValues, pretrained_config, vocab_size: int | None):
+    """--model, then --bert_config_file or --init_checkpoint's config, then single flags."""
     from tfbert.config import MODEL_PRESETS, ConfigError, ModelConfig
 
     if fv.model not in MODEL_PRESETS:
@@ -250,8 +275,8 @@ def _model_config(fv: flags.FlagValues, run_dir_config: str | None, vocab_size: 
     values = dict(MODEL_PRESETS[fv.model])
     if fv.bert_config_file:
         values.update(ModelConfig.bert_config_overrides(fv.bert_config_file))
-    elif run_dir_config:
-        values.update(ModelConfig.bert_config_overrides(run_dir_config))
+    elif pretrained_config is not None:
+        values.update(dataclasses.asdict(pretrained_config))
     for name in MODEL_OVERRIDES:
         if fv[name].present:
             values[name] = fv[name].value
@@ -270,30 +295,43 @@ def build_config(fv: flags.FlagValues, group=None):
     """Flags -> (validated Config, tokenizer or None). Prepares the sample data when
     --input_files is empty."""
     from tfbert import config as cfg
-    from tfbert.tokenization import default_filename, load_tokenizer
+    from tfbert.tokenization import from_pretrained, load_tokenizer, tokenizer_files
 
     input_files, vocab_file, tokenizer_type = list(fv.input_files), fv.vocab_file, fv.tokenizer_type
-    run_dir_config = None
+    pretrained_config = None
+    if fv.init_checkpoint:
+        from tfbert.checkpoints import pretrained_model_config
+
+        # A pretrained model (tfbert run, HuggingFace or google directory) brings its model
+        # config and its tokenizer.
+        pretrained_config = pretrained_model_config(fv.init_checkpoint)
     if fv.init_checkpoint and os.path.isdir(fv.init_checkpoint):
-        # A tfbert run directory is self-contained: model config and tokenizer come with it.
-        candidate = os.path.join(fv.init_checkpoint, "bert_config.json")
-        run_dir_config = candidate if os.path.exists(candidate) else None
-        saved = os.path.join(fv.init_checkpoint, "config.json")
-        if not vocab_file and os.path.exists(saved):
-            saved_data = cfg.Config.load(saved).data
-            tokenizer_type = saved_data.tokenizer_type
-            candidate = os.path.join(fv.init_checkpoint, default_filename(tokenizer_type))
-            vocab_file = candidate if os.path.exists(candidate) else ""
+        if not vocab_file and tokenizer_files(fv.init_checkpoint):
+            vocab_file = fv.init_checkpoint  # a run, HuggingFace or google directory's tokenizer
+    # Unset flags defer to what the tokenizer records (a directory's kind and casing).
+    tokenizer_options = dict(
+        tokenizer_type=tokenizer_type if fv["tokenizer_type"].present else None,
+        do_lower_case=fv.do_lower_case if fv["do_lower_case"].present else None)
+    tokenizer = from_pretrained(vocab_file, **tokenizer_options) if vocab_file else None
     if not input_files:
         from tfbert.data.sample import prepare_sample_data
 
+        if tokenizer is not None:
+            tokenizer_type, vocab_file = tokenizer.tokenizer_type, tokenizer.files[0]
         input_files, vocab_file = prepare_sample_data(
             tokenizer_type=tokenizer_type, vocab_file=vocab_file or None,
             max_seq_length=fv.max_seq_length, max_predictions_per_seq=fv.max_predictions_per_seq)
-    tokenizer = load_tokenizer(tokenizer_type, vocab_file) if vocab_file else None
+        tokenizer = tokenizer or from_pretrained(vocab_file, **tokenizer_options)
+        # The sample records are tokenized with load_tokenizer's defaults (wordpiece: uncased).
+        sample_tokenizer = load_tokenizer(tokenizer.tokenizer_type, vocab_file)
+        if sample_tokenizer.tokenizer_config() != tokenizer.tokenizer_config():
+            raise cfg.ConfigError(f"the sample corpus is tokenized by {sample_tokenizer}, not by "
+                                  f"{tokenizer}; give --input_files")
+    if tokenizer is not None:
+        tokenizer_type, vocab_file = tokenizer.tokenizer_type, tokenizer.files[0]
 
     output_dir = fv.output_dir or default_output_dir(group)
-    model = _model_config(fv, run_dir_config, tokenizer.vocab_size if tokenizer else None)
+    model = _model_config(fv, pretrained_config, tokenizer.vocab_size if tokenizer else None)
     data = cfg.DataConfig(
         input_files=tuple(input_files), max_seq_length=fv.max_seq_length,
         max_predictions_per_seq=fv.max_predictions_per_seq, train_batch_size=fv.train_batch_size,
@@ -311,7 +349,10 @@ def build_config(fv: flags.FlagValues, group=None):
         suppress_grappler=fv.suppress_grappler,
         enable_resource_variables=fv.enable_resource_variables, seed=fv.seed,
         deterministic=fv.deterministic,
-        init_checkpoint=fv.init_checkpoint, save_checkpoints_steps=fv.save_checkpoints_steps,
+        init_checkpoint=fv.init_checkpoint, init_embeddings_from=fv.init_embeddings_from,
+        init_embeddings_max_words=fv.init_embeddings_max_words,
+        freeze_embeddings_steps=fv.freeze_embeddings_steps,
+        save_checkpoints_steps=fv.save_checkpoints_steps,
         save_checkpoints_secs=fv.save_checkpoints_secs,
         keep_checkpoint_max=fv.keep_checkpoint_max, log_every_n_steps=fv.log_every_n_steps,
         initial_loss_scale=fv.initial_loss_scale,
@@ -346,6 +387,9 @@ def build_config(fv: flags.FlagValues, group=None):
     config = cfg.Config(model=model, data=data, optimizer=optimizer, runtime=runtime,
                         distribution=distribution, ops=ops)
     check_custom_ops(config)
+    if fv.init_embeddings_from and not os.path.isfile(fv.init_embeddings_from):
+        # Checked on every rank: only rank 0 reads the file, later.
+        raise cfg.ConfigError(f"--init_embeddings_from={fv.init_embeddings_from} does not exist")
     return config, tokenizer
 
 
@@ -429,7 +473,8 @@ def main(argv):
     from tfbert.config import ConfigError
     from tfbert.data.pretraining_dataset import DataError
     from tfbert.tokenization import TokenizerError
-    from tfbert.training.checkpointing import CheckpointError
+    from tfbert.checkpoints import CheckpointError
+    from tfbert.training.embedding_init import VectorFileError
     from tfbert.training.trainer import Preempted, TrainingDiverged
 
     from tfbert.distributed import create_group
@@ -444,7 +489,7 @@ def main(argv):
     try:
         config, tokenizer = build_config(fv, group)
         return train(config, tokenizer, group)
-    except (ConfigError, DataError, TokenizerError, CheckpointError) as e:
+    except (ConfigError, DataError, TokenizerError, CheckpointError, VectorFileError) as e:
         return _fail(f"{type(e).__name__}: {e}", EXIT_BAD_INPUT)
     except TrainingDiverged as e:
         return _fail(f"training diverged: {e}", EXIT_DIVERGED)
@@ -487,7 +532,7 @@ def train(config, tokenizer, group) -> int:
         num_readers=data.num_readers, shuffle_buffer=data.shuffle_buffer,
         seed=config.runtime.seed + group.rank, input_pipeline_id=group.rank,
         num_input_pipelines=group.size, dynamic_masking=masking)
-    trainer = Pretrainer(config, dataset, group)
+    trainer = Pretrainer(config, dataset, group, tokenizer=tokenizer)
     trainer.restore_or_initialize()
     # Only now, with the checkpoint restored: a failed resume leaves the run directory as it was.
     if group.is_chief:

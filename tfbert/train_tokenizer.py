@@ -3,11 +3,14 @@
     python -m tfbert.train_tokenizer --tokenizer_type=sentencepiece \
         --input_files='corpus/*.txt' --vocab_size=32000 --output_dir=vocab/
         # -> vocab/spm.model (+ vocab/spm.vocab, a readable list of the pieces)
-    python -m tfbert.train_tokenizer --tokenizer_type=wordpiece --lower_case \
+    python -m tfbert.train_tokenizer --tokenizer_type=wordpiece --do_lower_case \
         --input_files='corpus/*.txt' --vocab_size=30522 --output_dir=vocab/
         # -> vocab/vocab.txt
 
-The special tokens [PAD] [UNK] [CLS] [SEP] [MASK] get ids 0..4.
+The special tokens [PAD] [UNK] [CLS] [SEP] [MASK] get ids 0..4. The directory also gets a
+tokenizer_config.json (the kind and, for WordPiece, the casing), so `--vocab_file=vocab/`
+(tfbert.run, tfbert.data.create_pretraining_data) and HuggingFace's
+`BertTokenizer.from_pretrained("vocab/")` tokenize as the vocabulary was made.
 """
 
 from __future__ import annotations
@@ -27,8 +30,9 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
     flags.DEFINE_integer("vocab_size", 32000, "Vocabulary size, special tokens included.", **fv)
     flags.DEFINE_string("output_dir", "", "Directory for spm.model (+ .vocab) or vocab.txt.",
                         **fv)
-    flags.DEFINE_boolean("lower_case", True, "WordPiece: lower-case and strip accents first "
-                                             "(BERT 'uncased').", **fv)
+    flags.DEFINE_boolean("do_lower_case", True, "WordPiece: lower-case and strip accents first "
+                                                "(BERT 'uncased').", **fv)
+    flags.DEFINE_alias("lower_case", "do_lower_case", **fv)  # its former name
 
 
 def main(argv) -> int:
@@ -45,6 +49,9 @@ def main(argv) -> int:
             raise tokenization.TokenizerError(f"--vocab_size={fv.vocab_size} must be larger than "
                                               f"the {len(tokenization.SPECIAL_TOKENS)} special "
                                               f"tokens")
+        if fv.tokenizer_type == "sentencepiece" and fv["do_lower_case"].present:
+            raise tokenization.TokenizerError(
+                "--do_lower_case is a wordpiece option; sentencepiece learns the text as it is")
         input_files = resolve_input_files(fv.input_files)
         output = os.path.join(fv.output_dir, tokenization.default_filename(fv.tokenizer_type))
         logging.info("Training a %s tokenizer of %d tokens on %d files", fv.tokenizer_type,
@@ -54,9 +61,12 @@ def main(argv) -> int:
                                                       fv.vocab_size)
         else:
             output = tokenization.train_wordpiece(input_files, output, fv.vocab_size,
-                                                  lower_case=fv.lower_case)
-        tokenizer = tokenization.load_tokenizer(fv.tokenizer_type, output,
-                                                lower_case=fv.lower_case)
+                                                  do_lower_case=fv.do_lower_case)
+        wordpiece = fv.tokenizer_type == "wordpiece"
+        tokenizer = tokenization.load_tokenizer(
+            fv.tokenizer_type, output, do_lower_case=fv.do_lower_case if wordpiece else None)
+        # Rewrites the tokenizer file as it is and adds tokenizer_config.json.
+        tokenizer.save_pretrained(fv.output_dir)
     except (DataError, tokenization.TokenizerError) as e:
         print(f"train_tokenizer: error: {e}", file=sys.stderr, flush=True)
         return 2

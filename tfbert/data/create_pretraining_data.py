@@ -507,10 +507,17 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
     flags.DEFINE_string("output_dir", "", "Directory for the TFRecord shards and the metadata "
                                           "file; workers may share one.", **fv)
     flags.DEFINE_enum("tokenizer_type", "sentencepiece", ["sentencepiece", "wordpiece"],
-                      "Kind of --vocab_file.", **fv)
-    flags.DEFINE_string("vocab_file", "", "SentencePiece .model or WordPiece vocab.txt.", **fv)
-    flags.DEFINE_boolean("lower_case", True, "WordPiece: lower-case and strip accents (must match "
-                                             "the vocabulary).", **fv)
+                      "Kind of --vocab_file. Unset: the kind --vocab_file holds (a .model file "
+                      "is sentencepiece, another file wordpiece); set, it must agree.", **fv)
+    flags.DEFINE_string("vocab_file", "", "Tokenizer: a SentencePiece .model, a WordPiece "
+                                          "vocab.txt, or a directory holding one (HuggingFace, "
+                                          "google-research/bert, tfbert run or "
+                                          "train_tokenizer output).", **fv)
+    flags.DEFINE_boolean("do_lower_case", True, "WordPiece: lower-case and strip accents (must "
+                                                "match the vocabulary). For a bare vocab.txt; a "
+                                                "directory's tokenizer_config.json says it, and "
+                                                "a different value given here is an error.", **fv)
+    flags.DEFINE_alias("lower_case", "do_lower_case", **fv)  # its former name
     flags.DEFINE_integer("max_seq_length", 128, "Tokens per instance.", **fv)
     flags.DEFINE_integer("max_predictions_per_seq", 20, "Most masked positions per instance.",
                          **fv)
@@ -535,7 +542,7 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
 
 
 def main(argv) -> int:
-    from tfbert.tokenization import TokenizerError, load_tokenizer
+    from tfbert.tokenization import TokenizerError, from_pretrained
 
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -547,7 +554,11 @@ def main(argv) -> int:
             raise TokenizerError("--vocab_file is required (train one with "
                                  "python -m tfbert.train_tokenizer)")
         input_files = resolve_input_files(fv.input_files)
-        tokenizer = load_tokenizer(fv.tokenizer_type, fv.vocab_file, lower_case=fv.lower_case)
+        # Unset flags defer to what --vocab_file records.
+        tokenizer = from_pretrained(
+            fv.vocab_file,
+            tokenizer_type=fv.tokenizer_type if fv["tokenizer_type"].present else None,
+            do_lower_case=fv.do_lower_case if fv["do_lower_case"].present else None)
         stats = create_pretraining_data(
             input_files, fv.output_dir, tokenizer, max_seq_length=fv.max_seq_length,
             max_predictions_per_seq=fv.max_predictions_per_seq,

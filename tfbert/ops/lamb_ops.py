@@ -211,3 +211,8 @@ class FusedLambUpdate:
 
     def checkpoint_items(self) -> dict:
         return {"optimizer": self.optimizer}
+
+    def named_state(self, variables) -> dict[str, tf.Variable]:
+        from tfbert.training.optimization import named_optimizer_state
+
+        return named_optimizer_state(self.optimizer, variables)

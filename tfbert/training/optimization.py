@@ -87,3 +87,25 @@ class KerasOptimizerUpdate:
 
     def checkpoint_items(self) -> dict:
         return {"optimizer": self.optimizer}
+
+    def named_state(self, variables) -> dict[str, tf.Variable]:
+        return named_optimizer_state(self.optimizer, variables)
+
+
+# Checkpoint names of the Adam/LAMB moments, as google-research/bert's optimizers name them.
+SLOT_NAMES = {"m": "adam_m", "v": "adam_v"}
+
+
+def named_optimizer_state(optimizer, variables) -> dict[str, tf.Variable]:
+    """{checkpoint name: variable} of an optimizer's state over `variables`: each variable's
+    moments as "<its name>/adam_m" and "/adam_v", and "optimizer/iterations".
+
+    Args:
+      optimizer: anything with Keras' `get_slot(variable, "m")` and an `iterations` variable.
+    """
+    state = {"optimizer/iterations": optimizer.iterations}
+    for variable in variables:
+        name = variable.name.split(":")[0]
+        for slot, suffix in SLOT_NAMES.items():
+            state[f"{name}/{suffix}"] = optimizer.get_slot(variable, slot)
+    return state

@@ -3,6 +3,7 @@
     <output_dir>/config.json        the full run configuration (tfbert.config.Config)
     <output_dir>/bert_config.json   the model, in google-research/bert's format
     <output_dir>/spm.model|vocab.txt the tokenizer, when the run has one
+    <output_dir>/tokenizer_config.json its options (HuggingFace's format; a wordpiece casing)
     <output_dir>/ckpt-<step>.*      checkpoints, and the `checkpoint` index
     <output_dir>/train/             TensorBoard events
     <output_dir>/log.jsonl          one JSON line per logging window
@@ -16,10 +17,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import shutil
 
 from tfbert.config import Config, ConfigError, atomic_write_text
-from tfbert.tokenization import default_filename
 
 
 def check_output_dir(config: Config) -> None:
@@ -47,14 +46,10 @@ def write_run_files(config: Config, tokenizer=None) -> None:
     atomic_write_text(os.path.join(output_dir, "bert_config.json"),
                       json.dumps(config.model.to_bert_config(), indent=2) + "\n")
     if tokenizer is not None:
-        # Under the standard name, whatever the original was called, so that
-        # --init_checkpoint=<output_dir> finds it.
-        source = tokenizer.files[0]
-        target = os.path.join(output_dir, default_filename(tokenizer.tokenizer_type))
-        if os.path.abspath(source) != os.path.abspath(target):
-            tmp = f"{target}.tmp-{os.getpid()}"
-            shutil.copyfile(source, tmp)
-            os.replace(tmp, target)
+        # Under the standard name, whatever the original was called, and with its options
+        # (a wordpiece vocabulary's casing), so that --init_checkpoint=<output_dir> tokenizes
+        # the same way.
+        tokenizer.save_pretrained(output_dir)
 
 
 def prepare_output_dir(config: Config, tokenizer=None) -> None:

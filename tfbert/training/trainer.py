@@ -14,12 +14,12 @@ import tensorflow as tf
 from absl import logging
 from tensorflow.python.framework import config as tf_config
 
-from tfbert.config import Config, atomic_write_text
+from tfbert.config import Config, ConfigError, atomic_write_text
 from tfbert.distributed import SingleProcess
 from tfbert.modeling.layers.dropout import DropoutRng
 from tfbert.modeling.models.bert_pretrainer import BertPretrainer
-from tfbert.training.checkpointing import (CheckpointKeeper, checkpoint_step,
-                                           init_from_checkpoint)
+from tfbert.checkpoints import (CheckpointKeeper, NamedCheckpointKeeper, checkpoint_step,
+                                init_from_pretrained)
 from tfbert.training.grappler import StepGrapplerOptions
 from tfbert.training.interruption import StepWatchdog, StopRequests
 from tfbert.training.memory import PeakMemory, peak_rss_bytes
@@ -62,12 +62,17 @@ class Pretrainer:
         sharded for this rank. Its iterator is checkpointed, so a resumed run reads on where
         the interrupted one stopped.
       group: the process group (`tfbert.distributed`).
+      tokenizer: the run's tokenizer; needed by --init_embeddings_from.
     """
 
-    def __init__(self, config: Config, dataset: tf.data.Dataset, group=None):
+    def __init__(self, config: Config, dataset: tf.data.Dataset, group=None, tokenizer=None):
         self.config = config
         self.group = group or SingleProcess()
         runtime = config.runtime
+        if runtime.init_embeddings_from and tokenizer is None:
+            raise ConfigError("--init_embeddings_from maps words to tokens with the run's "
+                              "tokenizer; give --vocab_file")
+        self.tokenizer = tokenizer
         self.jit_compile = configure_xla(runtime.xla)
         # After configure_xla: the step's grappler config starts from the process's config,
         # which carries the auto-clustering setting.
@@ -112,14 +117,15 @@ class Pretrainer:
         self._batch_spec = dataset.element_spec
         self.iterator: Iterator = iter(dataset)
         self.metrics = {name: tf.keras.metrics.Mean(name) for name in METRIC_NAMES}
-        # The state every rank shares (written by rank 0) ...
-        shared = dict(model=self.model, global_step=self.global_step,
+        # The state every rank shares (written by rank 0), under documented names; the
+        # objects are those of tfbert 0.1's object-based checkpoints, which still restore.
+        legacy = dict(model=self.model, global_step=self.global_step,
                       skipped_steps=self.skipped_steps, nonfinite_streak=self.nonfinite_streak,
                       **self.update.checkpoint_items())
         if self.loss_scale is not None:
-            shared["loss_scale"] = self.loss_scale
-        self.checkpoints = CheckpointKeeper(runtime.output_dir, runtime.keep_checkpoint_max,
-                                            **shared)
+            legacy["loss_scale"] = self.loss_scale
+        self.checkpoints = NamedCheckpointKeeper(runtime.output_dir, runtime.keep_checkpoint_max,
+                                                 self.named_state(), legacy_objects=legacy)
         # ... and the state of each rank: its position in its data shard and its dropout RNG.
         # One more is kept than of the shared state: each rank writes its state before rank 0
         # commits the shared checkpoint, so a job killed in between still finds the rank state
@@ -146,8 +152,8 @@ class Pretrainer:
         elif self.jit_compile and not jit_collectives:
             self.gradients_step = tf.function(self._gradients_and_metrics, jit_compile=True)
             self.finish_step = tf.function(self._finish_step)
-            self.train_step = lambda batch, requests: self._join(
-                self.gradients_step(batch), self.finish_step, requests)
+            self.train_step = lambda batch, requests, frozen=False: self._join(
+                self.gradients_step(batch, frozen), self.finish_step, requests)
         else:
             self.train_step = tf.function(self._train_step, jit_compile=self.jit_compile)
         self._start_step = None
@@ -167,13 +173,40 @@ class Pretrainer:
                     self.group.rank, step)
             logging.info("Resumed from %s at step %d", restored, int(self.global_step))
         elif self.config.runtime.init_checkpoint:
-            prefix = init_from_checkpoint(self.model, self.config.runtime.init_checkpoint)
-            logging.info("Initialised weights from %s", prefix)
+            source = init_from_pretrained(self.model, self.config.runtime.init_checkpoint)
+            logging.info("Initialised weights from %s", source)
+        elif self.config.runtime.init_embeddings_from and self.group.is_chief:
+            self._init_embeddings_from_vectors()  # rank 0 reads; the broadcast below shares
         # Every rank starts from rank 0's weights, optimizer state and counters (also when only
         # rank 0 can read the checkpoint). Slots exist already, so no first step is needed.
         self.group.broadcast_variables(self.shared_variables())
         self._start_step = int(self.global_step)
         return self._start_step
+
+    def _init_embeddings_from_vectors(self) -> None:
+        from tfbert.training.embedding_init import embedding_init_from_vectors, format_report
+
+        runtime, model = self.config.runtime, self.config.model
+        table, report = embedding_init_from_vectors(
+            runtime.init_embeddings_from, self.tokenizer, model.hidden_size,
+            initial_table=self.model.word_embeddings.numpy(),
+            initializer_range=model.initializer_range,
+            max_words=runtime.init_embeddings_max_words or None, seed=runtime.seed)
+        self.model.word_embeddings.assign(table)
+        logging.info("Word embeddings from %s: %s", runtime.init_embeddings_from,
+                     format_report(report))
+
+    def named_state(self) -> dict[str, tf.Variable]:
+        """The shared training state by checkpoint name (`tfbert.checkpoints.native`)."""
+        state = dict(self.model.variables_by_name())
+        state.update(self.update.named_state(self.variables))
+        state.update({"global_step": self.global_step,
+                      "training/skipped_steps": self.skipped_steps,
+                      "training/nonfinite_streak": self.nonfinite_streak})
+        if self.loss_scale is not None:
+            state.update({"training/loss_scale": self.loss_scale.scale,
+                          "training/loss_scale_good_steps": self.loss_scale.good_steps})
+        return state
 
     def shared_variables(self) -> list[tf.Variable]:
         """Everything that must be equal on all ranks."""
@@ -187,14 +220,24 @@ class Pretrainer:
         self.update.apply(grads, self.variables)
         return tf.constant(True)
 
-    def _compute_gradients(self, batch: dict[str, tf.Tensor]):
-        """Losses (float32 scalars) and the gradients of the (loss-scaled) loss."""
+    def _is_frozen(self, variable, frozen: bool) -> bool:
+        return frozen and variable is self.model.word_embeddings
+
+    def _compute_gradients(self, batch: dict[str, tf.Tensor], frozen: bool = False):
+        """Losses (float32 scalars) and the gradients of the (loss-scaled) loss.
+
+        frozen: the word embeddings are frozen (--freeze_embeddings_steps): their gradient is
+        None, neither computed nor sent to other ranks, and the optimizer skips them.
+        """
+        trained = [v for v in self.variables if not self._is_frozen(v, frozen)]
         with tf.GradientTape() as tape:
             outputs = self.model.compute_losses(batch, training=True)
             loss = outputs["loss"]
             if self.loss_scale is not None:
                 loss = self.loss_scale.scale_loss(loss)
-        return outputs, tape.gradient(loss, self.variables)
+        grads = iter(tape.gradient(loss, trained))
+        return outputs, [None if self._is_frozen(v, frozen) else next(grads)
+                         for v in self.variables]
 
     def _update_loss_metrics(self, outputs):
         """Adds the step's figures to the window's means; a non-finite figure is left out (its
@@ -233,8 +276,8 @@ class Pretrainer:
         return dict(grad_norm=grad_norm, learning_rate=learning_rate, requests=requests,
                     nonfinite_streak=self.nonfinite_streak.read_value())
 
-    def _gradients_and_metrics(self, batch: dict[str, tf.Tensor]):
-        outputs, grads = self._compute_gradients(batch)
+    def _gradients_and_metrics(self, batch: dict[str, tf.Tensor], frozen: bool = False):
+        outputs, grads = self._compute_gradients(batch, frozen)
         self._update_loss_metrics(outputs)
         return outputs, grads
 
@@ -243,15 +286,17 @@ class Pretrainer:
         outputs, grads = outputs_and_grads
         return dict(outputs, **finish_step(grads, requests))
 
-    def _train_step(self, batch: dict[str, tf.Tensor], requests: tf.Tensor):
+    def _train_step(self, batch: dict[str, tf.Tensor], requests: tf.Tensor, frozen: bool = False):
         """One optimizer step on one batch."""
-        return self._join(self._gradients_and_metrics(batch), self._finish_step, requests)
+        return self._join(self._gradients_and_metrics(batch, frozen), self._finish_step, requests)
 
-    def _accumulate(self, batch: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
+    def _accumulate(self, batch: dict[str, tf.Tensor], frozen: bool = False) -> dict[str, tf.Tensor]:
         """Adds one micro-batch's gradients, divided by the number of micro-batches, to the
         accumulators. Nothing crosses ranks here: the all-reduce happens once per step."""
-        outputs, grads = self._gradients_and_metrics(batch)
+        outputs, grads = self._gradients_and_metrics(batch, frozen)
         for accumulator, grad in zip(self.accumulators, grads):
+            if grad is None:
+                continue
             # Divided before the cast: the sum stays the size of one big batch's gradient. In
             # float16 an overflow becomes inf, which the step then detects and skips. A sparse
             # gradient is summed into its dense accumulator here, so what crosses ranks under
@@ -260,31 +305,34 @@ class Pretrainer:
             accumulator.assign_add(tf.cast(grad, accumulator.dtype))
         return outputs
 
-    def _apply_accumulated(self, requests: tf.Tensor) -> dict[str, tf.Tensor]:
+    def _apply_accumulated(self, requests: tf.Tensor, frozen: bool = False) -> dict[str, tf.Tensor]:
         """The optimizer step over the accumulated gradients; then clears the accumulators."""
-        grads = [tf.cast(a, tf.float32) for a in self.accumulators]
+        grads = [None if self._is_frozen(v, frozen) else tf.cast(a, tf.float32)
+                 for v, a in zip(self.variables, self.accumulators)]
         result = self._finish_step(grads, requests)
         for accumulator in self.accumulators:
             accumulator.assign(tf.zeros_like(accumulator))
         return result
 
-    def run_step(self, requests=(0.0, 0.0)) -> dict[str, tf.Tensor]:
+    def run_step(self, requests=(0.0, 0.0), frozen: bool = False) -> dict[str, tf.Tensor]:
         """One optimizer step: one batch, or `num_accumulation_steps` micro-batches.
 
         Args:
           requests: this rank's [stop, save] requests (0 or 1), summed over ranks in the step.
+          frozen: keep the word embeddings as they are (a second traced step, without their
+            gradient).
         """
         requests = tf.constant(requests, tf.float32)
         if self.accumulation_steps == 1:
             batch = self._next_batch()
             with self.grappler.scope():
-                return self.train_step(batch, requests)
+                return self.train_step(batch, requests, frozen)
         for _ in range(self.accumulation_steps):
             batch = self._next_batch()
             with self.grappler.scope():
-                self.accumulate_step(batch)
+                self.accumulate_step(batch, frozen)
         with self.grappler.scope():
-            return self.apply_accumulated_step(requests)
+            return self.apply_accumulated_step(requests, frozen)
 
     def step_graphs(self) -> list[tf.Graph]:
         """The traced graphs of one optimizer step (tracing them now if needed; the training
@@ -393,7 +441,8 @@ class Pretrainer:
                     save_due = (is_chief and runtime.save_checkpoints_secs > 0 and
                                 time.monotonic() - last_save_time >= runtime.save_checkpoints_secs)
                     outputs = self.run_step([float(stop_requests.signal_number > 0),
-                                             float(save_due)])
+                                             float(save_due)],
+                                            frozen=step < runtime.freeze_embeddings_steps)
                     step += 1
                     if (runtime.debug_fail_at_step == step
                             and runtime.debug_fail_rank == self.group.rank):

@@ -111,7 +111,7 @@ class BertPretrainer(tf.Module):
         if self._built:
             return
         ids = tf.zeros([1, seq_length], tf.int32)
-        self.bert(ids, tf.ones_like(ids), ids)
+        self.bert(dict(input_ids=ids, input_mask=tf.ones_like(ids), segment_ids=ids))
         self.cls = PretrainingHeads(self.config, self.bert.embeddings.word_embeddings,
                                     self._factory, fused_layer_norm=self._ops.ln_ytf_impl,
                                     layer_norm_dtype=self._ops.ln_dtype, name="cls",
@@ -130,10 +130,10 @@ class BertPretrainer(tf.Module):
           features: input_ids, input_mask, segment_ids int32 [B, S]; masked_lm_positions int32 [B, P].
         Returns: (mlm_logits float32 [B, P, V], nsp_logits float32 [B, 2]).
         """
-        sequence, pooled = self.bert(features["input_ids"], features["input_mask"],
-                                     features["segment_ids"], training=training)
-        masked = gather_positions(sequence, features["masked_lm_positions"])  # (B, P, D)
-        return self.cls(masked, pooled)
+        encoded = self.bert(features, training=training)
+        masked = gather_positions(encoded["sequence_output"],
+                                  features["masked_lm_positions"])  # (B, P, D)
+        return self.cls(masked, encoded["pooled_output"])
 
     def compute_losses(self, features: dict[str, tf.Tensor], training: bool = False):
         """Returns a dict of float32 scalars: loss (= mlm_loss + nsp_loss), mlm_loss, nsp_loss,
@@ -143,4 +143,7 @@ class BertPretrainer(tf.Module):
 
     def variables_by_name(self) -> dict[str, tf.Variable]:
         """{"bert/embeddings/word_embeddings": variable, ...}: the documented names."""
-        return {v.name.split(":")[0]: v for v in self.trainable_variables}
+        names = {v.name.split(":")[0]: v for v in self.variables}
+        if len(names) != len(self.variables):
+            raise ValueError("two model variables share a name; checkpoints key them by name")
+        return names

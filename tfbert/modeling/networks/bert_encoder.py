@@ -55,18 +55,19 @@ class BertEncoder(tf.keras.Model):
         ]
         self.pooler = factory.dense(config.hidden_size, name="dense")
 
-    def call(self, input_ids, input_mask, segment_ids, training=False):
+    def call(self, inputs, training=False):
         """
         Args:
-          input_ids, input_mask, segment_ids: int32 Tensors [B, S].
-        Returns: (sequence_output [B, S, D], pooled_output [B, D]) in the compute dtype.
+          inputs: {"input_ids", "input_mask", "segment_ids"}: int32 Tensors [B, S].
+        Returns: {"sequence_output": [B, S, D], "pooled_output": [B, D]} in the compute dtype.
         """
-        hidden_states = self.embeddings(input_ids, segment_ids, training=training)  # (B, S, D)
-        mask_bias = attention_mask_bias(input_mask, hidden_states.dtype)  # (B, 1, 1, S)
+        hidden_states = self.embeddings(inputs["input_ids"], inputs["segment_ids"],
+                                        training=training)  # (B, S, D)
+        mask_bias = attention_mask_bias(inputs["input_mask"], hidden_states.dtype)  # (B, 1, 1, S)
         with tf.name_scope("encoder"):
             for block in self.blocks:
                 hidden_states = block(hidden_states, mask_bias, training=training)
         with tf.name_scope("pooler"):
             # The pooler sees only [CLS]; tanh as in BERT.
             pooled = tf.tanh(self.pooler(hidden_states[:, 0]))  # (B, D)
-        return hidden_states, pooled
+        return dict(sequence_output=hidden_states, pooled_output=pooled)

@@ -1,0 +1,41 @@
+"""A checkpoint's weights under tfbert's documented (google-research/bert) names, read lazily."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+
+
+class WeightSource:
+    """The tensors of one checkpoint by documented name, each read only when asked for (a
+    5.75B-parameter model must not be held twice in host memory).
+
+    Args:
+      description: what the tensors come from, for messages ("HuggingFace model.safetensors ...").
+      shapes: {documented name: shape} of every tensor the checkpoint holds.
+      read: documented name -> float32 numpy array.
+    """
+
+    def __init__(self, description: str, shapes: dict[str, tuple], read: Callable[[str], np.ndarray]):
+        self.description = description
+        self.shapes = {name: tuple(int(d) for d in shape) for name, shape in shapes.items()}
+        self._read = read
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.shapes
+
+    def read(self, name: str) -> np.ndarray:
+        return np.asarray(self._read(name), dtype=np.float32)
+
+    @classmethod
+    def from_arrays(cls, description: str, arrays: dict[str, np.ndarray]) -> "WeightSource":
+        return cls(description, {name: a.shape for name, a in arrays.items()}, arrays.__getitem__)
+
+
+def encoder_names(names) -> list[str]:
+    return [name for name in names if name.startswith("bert/")]
+
+
+def head_names(names) -> list[str]:
+    return [name for name in names if name.startswith("cls/")]
