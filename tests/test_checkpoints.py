@@ -298,28 +298,20 @@ def test_convert_command(tmp_path, hf_dir):
         os.listdir(out))
 
 
-def test_pretraining_starts_from_a_huggingface_directory(tmp_path, hf_dir):
-    # Its config (exact GELU, eps 1e-3) and tokenizer come with it; a few steps run.
-    from conftest import run_tfbert
+def test_init_checkpoint_brings_the_model_config_and_tokenizer(tmp_path, hf_dir):
+    # --init_checkpoint=<HF dir>: its config (exact GELU, eps 1e-3) and its tokenizer; single
+    # model flags still override. (The weights' loading is the test above.)
+    from tfbert import run
 
-    records = tmp_path / "records"
-    made = __import__("subprocess").run(
-        [__import__("sys").executable, "-m", "tfbert.data.create_pretraining_data",
-         "--input_files=" + os.path.join(os.path.dirname(__file__), "..", "tfbert", "data",
-                                         "sample_corpus", "*.txt"),
-         f"--output_dir={records}", f"--vocab_file={hf_dir}", "--max_seq_length=16",
-         "--max_predictions_per_seq=3", "--num_shards=1", "--dupe_factor=1"],
-        capture_output=True, text=True, timeout=300)
-    assert made.returncode == 0, made.stderr[-2000:]
-    done = run_tfbert(f"--init_checkpoint={hf_dir}", f"--input_files={records}/*.tfrecord",
-                      "--max_seq_length=16", "--max_predictions_per_seq=3", "--train_batch_size=4",
-                      "--num_train_steps=2", f"--output_dir={tmp_path / 'run'}")
-    assert done.returncode == 0, done.stderr[-3000:]
-    with open(tmp_path / "run" / "config.json") as f:
-        model = json.load(f)["model"]
-    assert model["hidden_act"] == "gelu" and model["layer_norm_eps"] == 1e-3
-    assert model["intermediate_size"] == SHAPE["intermediate_size"]
-    assert "Initialised weights from HuggingFace model.safetensors" in done.stderr
+    flag_values = run.flags.FlagValues()
+    run.define_flags(flag_values)
+    flag_values(["tfbert.run", f"--init_checkpoint={hf_dir}", "--input_files=records",
+                 "--max_seq_length=16", "--max_predictions_per_seq=3", "--hidden_dropout_prob=0.05",
+                 f"--output_dir={tmp_path / 'run'}"])
+    config, tokenizer = run.build_config(flag_values)
+    assert config.model == ModelConfig(**SHAPE, hidden_act="gelu", layer_norm_eps=1e-3,
+                                       hidden_dropout_prob=0.05)
+    assert tokenizer.vocab_size == SHAPE["vocab_size"] and tokenizer.files[0].startswith(hf_dir)
 
 
 def test_tied_tensors_under_either_name(tmp_path, weights):

@@ -18,8 +18,8 @@ import tensorflow as tf
 
 from tfbert.checkpoints.errors import CheckpointError
 from tfbert.checkpoints.native import open_reader, write_tensors
-from tfbert.checkpoints.weights import WeightSource
-from tfbert.config import ModelConfig
+from tfbert.checkpoints.weights import WeightSource, read_config_file
+from tfbert.config import ModelConfig, atomic_write_text
 
 CONFIG_FILE = "bert_config.json"
 CHECKPOINT_NAME = "bert_model.ckpt"
@@ -49,14 +49,7 @@ def is_google_dir(path: str) -> bool:
 
 
 def read_config(path: str) -> ModelConfig:
-    config_path = os.path.join(path, CONFIG_FILE)
-    try:
-        with open(config_path, encoding="utf-8") as f:
-            raw = json.load(f)
-    except FileNotFoundError:
-        raise CheckpointError(f"{path}: no {CONFIG_FILE}") from None
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{config_path} is not valid JSON: {e}") from None
+    raw, config_path = read_config_file(path, CONFIG_FILE)
     act = raw.get("hidden_act", "gelu")
     if act not in _ACTIVATIONS_IN:
         raise CheckpointError(f"{config_path}: hidden_act={act!r}: tfbert computes google's "
@@ -102,7 +95,5 @@ def write(directory: str, config: ModelConfig, arrays: dict[str, np.ndarray]) ->
     values.update(hidden_act=_ACTIVATIONS_OUT[config.hidden_act],
                   layer_norm_eps=config.layer_norm_eps)
     config_path = os.path.join(directory, CONFIG_FILE)
-    with open(config_path, "w", encoding="utf-8") as f:
-        json.dump(values, f, indent=2)
-        f.write("\n")
+    atomic_write_text(config_path, json.dumps(values, indent=2) + "\n")
     return [config_path] + glob.glob(prefix + ".*")

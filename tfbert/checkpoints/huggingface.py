@@ -20,8 +20,8 @@ import numpy as np
 from absl import logging
 
 from tfbert.checkpoints.errors import CheckpointError
-from tfbert.checkpoints.weights import WeightSource
-from tfbert.config import ModelConfig
+from tfbert.checkpoints.weights import WeightSource, read_config_file
+from tfbert.config import ModelConfig, atomic_write_text
 
 CONFIG_FILE = "config.json"
 SAFETENSORS_FILE = "model.safetensors"
@@ -56,14 +56,7 @@ def is_huggingface_dir(path: str) -> bool:
 def read_config(path: str) -> ModelConfig:
     """A HuggingFace BERT `config.json` -> ModelConfig; what tfbert cannot compute exactly (other
     architectures, relative positions, a decoder) is an error naming the field."""
-    config_path = os.path.join(path, CONFIG_FILE)
-    try:
-        with open(config_path, encoding="utf-8") as f:
-            raw = json.load(f)
-    except FileNotFoundError:
-        raise CheckpointError(f"{path}: no {CONFIG_FILE}") from None
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{config_path} is not valid JSON: {e}") from None
+    raw, config_path = read_config_file(path, CONFIG_FILE)
 
     def unsupported(field, why):
         raise CheckpointError(f"{config_path}: {field}={raw.get(field)!r}: {why}")
@@ -279,7 +272,5 @@ def write(directory: str, config: ModelConfig, arrays: dict[str, np.ndarray],
     save_file(tensors, weights + ".tmp", metadata={"format": "pt"})
     os.replace(weights + ".tmp", weights)
     config_path = os.path.join(directory, CONFIG_FILE)
-    with open(config_path, "w", encoding="utf-8") as f:
-        json.dump(config_dict(config, pad_token_id), f, indent=2)
-        f.write("\n")
+    atomic_write_text(config_path, json.dumps(config_dict(config, pad_token_id), indent=2) + "\n")
     return [config_path, weights]

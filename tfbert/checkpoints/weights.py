@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import json
+import os
 from typing import Callable
 
 import numpy as np
+
+from tfbert.checkpoints.errors import CheckpointError
 
 
 class WeightSource:
@@ -39,3 +43,18 @@ def encoder_names(names) -> list[str]:
 
 def head_names(names) -> list[str]:
     return [name for name in names if name.startswith("cls/")]
+
+
+def read_config_file(directory: str, name: str) -> tuple[dict, str]:
+    """A checkpoint directory's JSON config: (its dictionary, its path)."""
+    path = os.path.join(directory, name)
+    try:
+        with open(path, encoding="utf-8") as f:
+            raw = json.load(f)
+    except FileNotFoundError:
+        raise CheckpointError(f"{directory}: no {name}") from None
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path} is not valid JSON: {e}") from None
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{path} is not a JSON object")
+    return raw, path
