@@ -393,3 +393,23 @@ def test_embeddings_from_word_vectors_stay_frozen_for_the_first_steps(tmp_path):
                if v.name.startswith("bert/encoder"))
     trainer.run_step(frozen=False)  # step 3, as train() runs it: trained again
     assert not np.array_equal(trainer.model.word_embeddings.numpy(), initialised)
+
+
+def test_init_embeddings_max_words_reads_only_the_first_words(tmp_path):
+    from tfbert.tokenization import load_tokenizer
+
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + [f"w{i}" for i in range(94)]
+    (tmp_path / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    rng = np.random.default_rng(1)
+    lines = [f"w{i} " + " ".join(f"{x:.4f}" for x in rng.standard_normal(32)) for i in range(40)]
+    (tmp_path / "words.vec").write_text("\n".join(lines) + "\n")
+    config = run_config(tmp_path / "run", num_train_steps=1, init_embeddings_from=str(
+        tmp_path / "words.vec"), init_embeddings_max_words=10)
+    trainer = Pretrainer(config, synthetic_dataset(),
+                         tokenizer=load_tokenizer("wordpiece", str(tmp_path / "vocab.txt")))
+    random_table = trainer.model.word_embeddings.numpy()
+    trainer.restore_or_initialize()
+    table = trainer.model.word_embeddings.numpy()
+    first, later = [vocab.index(f"w{i}") for i in range(10)], [vocab.index("w10"), vocab.index("w39")]
+    assert not np.array_equal(table[first], random_table[first])  # the 10 words read
+    np.testing.assert_array_equal(table[later], random_table[later])  # beyond --init_embeddings_max_words

@@ -86,7 +86,10 @@ def detect_format(path: str) -> str:
 def pretrained_model_config(path: str) -> ModelConfig | None:
     """The model config the checkpoint at `path` states; None for tfbert checkpoints that lie
     without their run's config.json (the run's flags then say the shape)."""
-    fmt = detect_format(path)
+    return _stated_config(path, detect_format(path))
+
+
+def _stated_config(path: str, fmt: str) -> ModelConfig | None:
     if fmt == "huggingface":
         return huggingface.read_config(path)
     if fmt == "google":
@@ -108,7 +111,7 @@ def open_pretrained(path: str, model_config: ModelConfig | None = None) -> Pretr
         return Pretrained(fmt, path, config, huggingface.read_weights(path, config))
     if fmt == "google":
         return Pretrained(fmt, path, google.read_config(path), google.read_weights(path))
-    config = pretrained_model_config(path) or model_config
+    config = _stated_config(path, fmt) or model_config
     if config is None:
         raise CheckpointError(f"{path}: tfbert checkpoints without the {TFBERT_CONFIG_FILE} of "
                               f"their run: the model's shape is unknown")
