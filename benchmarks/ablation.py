@@ -1,6 +1,6 @@
 """The notes' ablation tables, regenerated: runs setups from flags/ and compares them.
 
-    python benchmarks/ablation.py                        # the CPU set, mini model (~12 min here)
+    python benchmarks/ablation.py                        # the CPU set, mini model (~14 min here)
     python benchmarks/ablation.py --setups=baseline,fp16,base,basef,optimal
     python benchmarks/ablation.py --setups=all --np=8 --size="--model=large" --fp16_as=fp16
 
@@ -9,13 +9,20 @@ process (precision, XLA and Horovod are process-wide), under `horovodrun -np N -
 setup alike (most setups use Horovod's fp16 compression). The first step traces and compiles and
 is excluded; examples/s are over the next --steps steps, and "max GB" is the TensorFlow
 allocator's peak, both from each run's summary.json. A setup that cannot run (its feature is not
-built yet) gets a row with the reason.
+built yet, e.g. tensor parallelism) gets a row with the reason.
+
+The ZeRO setups (--custom_memory_optimization, --split_opt_state, --split_grad_accum) split the
+optimizer state across data-parallel ranks and refuse one process: under --np=1 they run with 2
+ranks, and say so. Their examples/s are per rank with two ranks sharing the machine; on a CPU
+compare their memory, not their speed, with the 1-rank rows (benchmarks/zero.py compares ZeRO
+with data parallelism at the same rank count).
 
 On a CPU, --fp16_as=bf16 (the default when TensorFlow sees no GPU) runs the fp16 setups in
 bfloat16: CPUs have no float16 arithmetic and TensorFlow emulates it about 80x slower, which
 would measure the emulation, not the setups. Such a setup also loses --hvd_fp16_compression:
 without fp16's loss scale, float16 compression flushes small gradients to zero (tfbert.run
-refuses it). The "substituted" column lists what a row runs differently from its flagfile.
+refuses it), and float16 gradient accumulators become float32 (they too rely on fp16's loss
+scale). The "substituted" column lists what a row runs differently from its flagfile.
 
 Writes a CSV (pandas), a Markdown table in the notes' format beside the notes' own figures
 (read from flags/README.md), and a PNG chart of peak memory against throughput.
@@ -36,7 +43,9 @@ from jobs import REPO_ROOT, JobFailed, run_job
 
 FLAGS_DIR = os.path.join(REPO_ROOT, "flags")
 
-# The default set for a CPU: each switch of the notes that can run here, one row each.
+# The default set for a CPU: each switch of the notes that can run here, one row each. Of the
+# ZeRO rows only optimald (ZeRO-2, 2 ranks): benchmarks/zero.py compares the stages and the
+# split strategies against data parallelism at the same rank count.
 CPU_SETUPS = [
     "baseline", "fp16", "fp16_xla", "base", "base_ln_ytf", "base_fattsoftmax", "base_flamb",
     "basef", "optimal", "basef_memopt_heuristic", "basef_memopt_recomputation",
@@ -89,7 +98,24 @@ def substitutions(setup_values, fp16_as: str) -> tuple[list[str], list[str]]:
         # tfbert.run refuses it outside --precision=fp16.
         appended.append("--nohvd_fp16_compression")
         changes.append("hvd_fp16_compression off")
+    if setup_values.grad_accum_dtype == "float16":
+        # Likewise float16 accumulators (zero1, optimald): refused outside --precision=fp16.
+        appended.append("--grad_accum_dtype=float32")
+        changes.append("grad_accum_dtype float16->float32")
     return appended, changes
+
+
+def zero_stage(setup_values) -> int:
+    """The ZeRO stage a setup's flags turn on (0: off). A contradiction among the ZeRO flags
+    counts as off here: the run itself then stops with tfbert's message."""
+    sys.path.insert(0, REPO_ROOT)
+    from tfbert import run
+    from tfbert.config import ConfigError
+
+    try:
+        return run.zero_stage_from_flags(setup_values)
+    except ConfigError:
+        return 0
 
 
 def flagfile(setup: str) -> str:
@@ -115,14 +141,20 @@ def run_setups(setups: list[str], size: list[str], steps: int, ranks: int, fp16_
         setup_values = setup_flags(setup, extra)
         substituted_flags, changes = substitutions(setup_values, fp16_as)
         extra += substituted_flags
+        setup_ranks = ranks
+        if ranks < 2 and zero_stage(setup_values):
+            # ZeRO splits the optimizer state across ranks: one process is a config error.
+            setup_ranks = 2
+            changes.append(f"ranks {ranks}->2 (ZeRO needs 2)")
         flags = [f"--flagfile={flagfile(setup)}", *extra, f"--num_train_steps={steps + 1}",
                  f"--log_every_n_steps={steps + 1}", f"--save_checkpoints_steps={steps + 1}"]
         precision = setup_values.precision
         row = dict(setup=setup, precision=fp16_as if precision == "fp16" else precision,
-                   substituted="; ".join(changes), ranks=ranks, steps=steps,
+                   substituted="; ".join(changes), ranks=setup_ranks, steps=steps,
                    flags=" ".join(extra))
         try:
-            summary = run_job(os.path.join(work_dir, setup), flags, ranks=ranks, horovodrun=True)
+            summary = run_job(os.path.join(work_dir, setup), flags, ranks=setup_ranks,
+                              horovodrun=True)
         except JobFailed as e:
             if not e.config_error:
                 raise
@@ -228,8 +260,9 @@ def main() -> None:
                                     - 1) * 100
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     table.to_csv(args.out + ".csv", index=False)
-    title = (f"{' '.join(size) or 'setup sizes'}, {args.np} rank(s), {args.steps} steps, "
-             f"fp16 setups as {fp16_as}")
+    zero_ranks = " (ZeRO setups 2)" if args.np < 2 and (table["ranks"] > args.np).any() else ""
+    title = (f"{' '.join(size) or 'setup sizes'}, {args.np} rank(s){zero_ranks}, {args.steps} "
+             f"steps, fp16 setups as {fp16_as}")
     markdown = f"Changes against `{base}`; {title}.\n\n" + markdown_table(table, base)
     with open(args.out + ".md", "w", encoding="utf-8") as f:
         f.write(markdown + "\n")

@@ -20,6 +20,7 @@ from tfbert import config as cfg  # noqa: E402
 from tfbert.distributed import HorovodGroup  # noqa: E402
 from tfbert.run import default_output_dir  # noqa: E402
 from tfbert.training.trainer import Pretrainer  # noqa: E402
+from zero_worker import check_reducescatter, train  # noqa: E402
 
 
 def fp16_headroom(group) -> dict:
@@ -56,11 +57,16 @@ def main(out_dir):
         setups = dict(sparse_as_dense=dict(sparse_as_dense=True),
                       gather_lookup=dict(sparse_as_dense=False),
                       gather_lookup_accumulation=dict(sparse_as_dense=False,
-                                                      num_accumulation_steps=2))
+                                                      num_accumulation_steps=2),
+                      zero2_flat=dict(zero_stage=2, state_split_strategy="flat"))
         results["collectives"] = {}
         for name, distribution in setups.items():
             found, results["trainable_bytes"] = collectives(group, out_dir, **distribution)
             results["collectives"][name] = found
+    # ZeRO at 4 ranks (test_distributed compares it with data parallelism at 2), and a large
+    # reduce-scatter against the all-reduce.
+    check_reducescatter(group, out_dir)
+    train(group, out_dir, "z2_greedy2")
     with open(os.path.join(out_dir, f"comm-rank{group.rank}.json"), "w") as f:
         json.dump(results, f, indent=1)
 

@@ -24,6 +24,39 @@ from tfbert.distributed import create_group  # noqa: E402
 from tfbert.training.trainer import Pretrainer  # noqa: E402
 
 
+def rank_dataset(group, batch: int, accumulation: int, steps: int, start_step: int = 0):
+    """This rank's micro-batches of optimizer steps [start_step, steps) (module doc)."""
+    global_batch = batch * accumulation * group.size
+    pool = {k: v.numpy() for k, v in synthetic_batch(global_batch * steps, seq=16,
+                                                     predictions=3, seed=7).items()}
+    # This rank's examples, in the order its micro-batches consume them.
+    index = np.concatenate([
+        np.arange(batch) + step * global_batch + (group.rank * accumulation + micro) * batch
+        for step in range(start_step, steps) for micro in range(accumulation)])
+    dataset = tf.data.Dataset.from_tensor_slices({k: v[index] for k, v in pool.items()})
+    return dataset.batch(batch, drop_remainder=True).repeat()
+
+
+def worker_config(out_dir, group, batch: int, steps: int, precision: str = "fp32",
+                  optimizer: str = "lamb", **distribution) -> cfg.Config:
+    # run_config's defaults (10 steps, no checkpoint until the end) with `steps` steps.
+    """The odd model without dropout, LAMB (lr 1e-3, clipping at 1.0) over `group`."""
+    model = odd_model_config(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    config = run_config(out_dir, model, num_train_steps=steps, precision=precision,
+                        train_batch_size=batch, initial_loss_scale=2.0 ** 10,
+                        # A hang (a collective one rank never joins) fails with a traceback.
+                        first_step_timeout_secs=120, step_timeout_secs=60,
+                        optimizer=cfg.OptimizerConfig(learning_rate=1e-3, optimizer=optimizer))
+    return cfg.Config(
+        model=config.model, data=config.data, optimizer=config.optimizer, runtime=config.runtime,
+        distribution=cfg.DistributionConfig(num_processes=group.size, rank=group.rank,
+                                            **distribution))
+
+
+def save_weights(trainer, path: str) -> None:
+    np.savez(path, **{name: v.numpy() for name, v in trainer.model.variables_by_name().items()})
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("out_dir")
@@ -37,30 +70,15 @@ def main():
     args = parser.parse_args()
 
     group = create_group(args.fp16_compression, args.sparse_as_dense)
-    global_batch = args.batch * args.accumulation * group.size
-    pool = {k: v.numpy() for k, v in synthetic_batch(global_batch * args.steps, seq=16,
-                                                     predictions=3, seed=7).items()}
-    # This rank's examples, in the order its micro-batches consume them.
-    index = np.concatenate([
-        np.arange(args.batch) + step * global_batch
-        + (group.rank * args.accumulation + micro) * args.batch
-        for step in range(args.steps) for micro in range(args.accumulation)])
-    dataset = tf.data.Dataset.from_tensor_slices({k: v[index] for k, v in pool.items()})
-    dataset = dataset.batch(args.batch, drop_remainder=True).repeat()
-
-    model = odd_model_config(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
-    config = run_config(args.out_dir, model, num_train_steps=args.steps, precision=args.precision,
-                        train_batch_size=args.batch, initial_loss_scale=2.0 ** 10)
-    config = cfg.Config(
-        model=config.model, data=config.data, optimizer=config.optimizer, runtime=config.runtime,
-        distribution=cfg.DistributionConfig(
-            num_processes=group.size, rank=group.rank,
-            hvd_fp16_compression=args.fp16_compression, sparse_as_dense=args.sparse_as_dense,
-            num_accumulation_steps=args.accumulation, grad_accum_dtype=args.accum_dtype))
+    dataset = rank_dataset(group, args.batch, args.accumulation, args.steps)
+    config = worker_config(args.out_dir, group, args.batch, args.steps, args.precision,
+                           hvd_fp16_compression=args.fp16_compression,
+                           sparse_as_dense=args.sparse_as_dense,
+                           num_accumulation_steps=args.accumulation,
+                           grad_accum_dtype=args.accum_dtype)
     trainer = Pretrainer(config, dataset, group)
     summary = trainer.train()
-    np.savez(os.path.join(args.out_dir, f"weights-rank{group.rank}.npz"),
-             **{name: v.numpy() for name, v in trainer.model.variables_by_name().items()})
+    save_weights(trainer, os.path.join(args.out_dir, f"weights-rank{group.rank}.npz"))
     if group.is_chief:
         print("CHECKSUMS", summary["per_rank"]["weights_checksum"], "SKIPPED",
               summary["skipped_steps"], flush=True)

@@ -116,7 +116,15 @@ def four_ranks(tmp_path_factory):
     result = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=400,
                             env=dict(os.environ, PYTHONPATH=REPO_ROOT))
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return [json.loads((out / f"comm-rank{rank}.json").read_text()) for rank in range(4)]
+    results = [json.loads((out / f"comm-rank{rank}.json").read_text()) for rank in range(4)]
+    results[0]["out_dir"] = str(out)
+    return results
+
+
+def four_ranks_dir(four_ranks):
+    import pathlib
+
+    return pathlib.Path(four_ranks[0]["out_dir"])
 
 
 def test_fp16_compression_divides_before_the_float16_sum(four_ranks):
@@ -162,6 +170,47 @@ def test_what_crosses_horovod_in_a_step(four_ranks):
     # Under accumulation the rows are summed into a dense accumulator: all-reduced, not gathered.
     reduced, gathered, _ = by_kind(found["gather_lookup_accumulation"])
     assert not gathered and sum(c["bytes"] for c in reduced) == trainable_bytes // 2
+
+
+def test_a_zero2_step_is_a_few_large_collectives(four_ranks):
+    # One reduce-scatter of every gradient (flat: no padding), one all-gather of the updated
+    # elements; beside them only small all-reduces (LAMB's [variables, 2] norms, the gradient
+    # norm, the stop/save requests): not one collective per variable.
+    found = four_ranks[0]["collectives"]["zero2_flat"]
+    trainable_bytes = four_ranks[0]["trainable_bytes"]
+    kinds = sorted(c["op"] for c in found)
+    assert kinds.count("HorovodReducescatter") == 1 and kinds.count("HorovodAllgather") == 1
+    (scatter,) = [c for c in found if c["op"] == "HorovodReducescatter"]
+    (gather,) = [c for c in found if c["op"] == "HorovodAllgather"]
+    # This job's group compresses: float16 on the wire, half the float32 bytes.
+    assert scatter["bytes"] == trainable_bytes // 2 and scatter["dtype"] == "float16"
+    elements = trainable_bytes // 4
+    # Rank 0's part of Horovod's split (the first ranks get one more), float32.
+    assert gather["shape"] == [elements // 4 + (1 if elements % 4 else 0)]
+    assert gather["dtype"] == "float32"
+    small = [c for c in found if c["op"] == "HorovodAllreduce"]
+    assert len(small) == 3 and sum(c["bytes"] for c in small) < 1024
+
+
+def test_zero2_at_four_ranks_reaches_the_weights_of_two_rank_data_parallelism(four_ranks,
+                                                                             two_ranks, tmp_path):
+    comm = four_ranks_dir(four_ranks)
+    with np.load(comm / "z2_greedy2-rank0.npz") as data:
+        zero = dict(data)
+    assert_close(zero, weights(two_ranks[0]), rtol=1e-5, atol=1e-6)
+    with open(comm / "z2_greedy2.json") as f:
+        per_rank = json.load(f)["per_rank"]
+    assert len(set(per_rank["weights_checksum"])) == 1
+    params = per_rank["param_bytes"][0]
+    assert sum(per_rank["optimizer_state_bytes"]) == 2 * params
+    assert max(per_rank["optimizer_state_bytes"]) <= 0.6 * params  # about 1/4 each
+
+
+def test_a_large_reduce_scatter_at_four_ranks_equals_the_all_reduce_slice(four_ranks):
+    comm = four_ranks_dir(four_ranks)
+    for rank in range(4):
+        shard, expected = np.load(comm / f"reducescatter-rank{rank}.npy")
+        np.testing.assert_allclose(shard, expected, rtol=1e-6, atol=1e-7)
 
 
 def test_a_failing_rank_ends_the_job_non_zero_in_bounded_time(tmp_path, tfbert_cache):

@@ -181,10 +181,6 @@ def test_each_dropout_adds_its_random_ops_and_zero_removes_them():
     assert attention == layers
 
 
-@pytest.mark.parametrize("flag,value", [
-    ("custom_memory_optimization", True), ("tensor_parallel_size", 2)])
-def test_unbuilt_features_fail_with_a_message_that_names_them(flag, value):
-    with pytest.raises(cfg.ConfigError, match=f"--{flag}.*not built"):
-        cfg.DistributionConfig(num_processes=2, **{flag: value})
-    with pytest.raises(cfg.ConfigError, match="split_grad_accum"):
-        cfg.DistributionConfig(split_grad_accum=True)
+def test_tensor_parallelism_fails_with_a_message_that_names_it():
+    with pytest.raises(cfg.ConfigError, match="--tensor_parallel_size.*not built"):
+        cfg.DistributionConfig(num_processes=2, tensor_parallel_size=2)

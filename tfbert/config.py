@@ -318,11 +318,11 @@ class DistributionConfig:
     scale_learning_rate: bool = False  # peak learning rate x num_processes
     num_accumulation_steps: int = 1
     grad_accum_dtype: str = "float32"
-    # ZeRO-style sharding and tensor parallelism: the flags exist so that setups naming them
-    # fail clearly; the features themselves are not built yet.
-    custom_memory_optimization: bool = False  # ZeRO-1: optimizer state split across ranks
-    state_split_strategy: str = "naive"  # naive | greedy:N (how tensors are assigned to ranks)
-    split_grad_accum: bool = False  # ZeRO-2: accumulated gradients split across ranks too
+    # ZeRO (tfbert.training.gradient_sync): 0 off, 1 optimizer state split across the ranks,
+    # 2 gradients and accumulators too; --state_split_strategy says who owns what.
+    zero_stage: int = 0
+    state_split_strategy: str = "naive"  # naive | greedy:N | flat (tfbert.training.sharding)
+    # Tensor parallelism: the flag exists so that setups naming it fail clearly.
     tensor_parallel_size: int = 1
 
     def __post_init__(self):
@@ -342,17 +342,22 @@ class DistributionConfig:
                  "--hvd_stall_shutdown_secs needs the stall check: --hvd_stall_check_secs=0 "
                  "turns it off")
         _require(self.tensor_parallel_size >= 1, "--tensor_parallel_size must be >= 1")
-        _require(_valid_split_strategy(self.state_split_strategy),
-                 f"--state_split_strategy={self.state_split_strategy!r} is not 'naive' or "
-                 f"'greedy:N' with N > 0")
-        _require(self.custom_memory_optimization or (
-            not self.split_grad_accum and self.state_split_strategy == "naive"),
-                 "--split_grad_accum and --state_split_strategy shape the sharding of "
-                 "--custom_memory_optimization, which is off")
-        _require(not self.custom_memory_optimization,
-                 "--custom_memory_optimization (ZeRO-style sharding of optimizer state"
-                 f"{' and accumulated gradients' if self.split_grad_accum else ''}) is not built "
-                 "in this version of tfbert")
+        from tfbert.training.sharding import parse_split_strategy  # it imports this module
+
+        try:
+            parse_split_strategy(self.state_split_strategy)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        _require(self.zero_stage in (0, 1, 2),
+                 f"--zero_stage={self.zero_stage} is not 1 (optimizer state split across ranks) "
+                 f"or 2 (gradients and accumulators too)")
+        _require(self.zero_stage or self.state_split_strategy == "naive",
+                 "--state_split_strategy shapes the sharding of --custom_memory_optimization "
+                 "(ZeRO), which is off")
+        _require(not self.zero_stage or self.num_processes >= 2,
+                 f"--custom_memory_optimization (ZeRO-{self.zero_stage}) splits the optimizer "
+                 f"state across data-parallel ranks, and this run has one process: launch it "
+                 f"with horovodrun -np N (N >= 2) or drop the flag")
         _require(self.tensor_parallel_size == 1,
                  f"--tensor_parallel_size={self.tensor_parallel_size}: tensor parallelism is not "
                  f"built in this version of tfbert")
@@ -360,13 +365,6 @@ class DistributionConfig:
     @property
     def uses_accumulation(self) -> bool:
         return self.num_accumulation_steps > 1
-
-
-def _valid_split_strategy(strategy: str) -> bool:
-    if strategy == "naive":
-        return True
-    kind, _, number = strategy.partition(":")
-    return kind == "greedy" and number.isdigit() and int(number) > 0
 
 
 @dataclasses.dataclass(frozen=True)

@@ -43,6 +43,20 @@ class SingleProcess:
         travels in the same Horovod cycle as the gradients)."""
         return tensor
 
+    def sum(self, tensor: tf.Tensor, name: str) -> tf.Tensor:
+        """The element-wise float32 sum of `tensor` over the group (exact: no compression)."""
+        del name
+        return tensor
+
+    def reducescatter_average(self, tensor: tf.Tensor) -> tf.Tensor:
+        """The average over ranks of a 1-D float32 Tensor, of which this rank receives its part:
+        dim 0 split as Horovod splits it (size // n each, one more for the first size % n)."""
+        return tensor
+
+    def allgather(self, tensor: tf.Tensor) -> tf.Tensor:
+        """Every rank's `tensor` (dim 0 may differ between ranks), concatenated in rank order."""
+        return tensor
+
     def broadcast_variables(self, variables) -> None:
         """Makes every rank's variables equal to rank 0's."""
         del variables
@@ -128,6 +142,19 @@ class HorovodGroup(SingleProcess):
 
     def sum_over_ranks(self, tensor: tf.Tensor) -> tf.Tensor:
         return self._hvd.allreduce(tensor, op=self._hvd.Sum, name="sum_over_ranks")
+
+    def sum(self, tensor: tf.Tensor, name: str) -> tf.Tensor:
+        return self._hvd.allreduce(tensor, op=self._hvd.Sum, name=name)
+
+    def reducescatter_average(self, tensor: tf.Tensor) -> tf.Tensor:
+        # Divide, then sum (prescale_factor), as the all-reduce does: a float16 sum stays in
+        # the range of one rank's values. The registered gradient of a reduce-scatter is never
+        # used: the training step calls it on gradients, outside any tape.
+        return self._hvd.reducescatter(tensor, op=self._hvd.Sum, prescale_factor=1.0 / self.size,
+                                       compression=self.compression, name="zero_reducescatter")
+
+    def allgather(self, tensor: tf.Tensor) -> tf.Tensor:
+        return self._hvd.allgather(tensor, name="zero_allgather")
 
     def broadcast_variables(self, variables) -> None:
         self._hvd.broadcast_variables(list(variables), root_rank=0)

@@ -189,15 +189,25 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
                                                       "(gradient accumulation).", **fv)
     flags.DEFINE_enum("grad_accum_dtype", "float32", ["float32", "float16"],
                       "Accumulator dtype; float16 needs --precision=fp16.", **fv)
-    # Not built yet: setups that name these fail at start-up with a message.
-    flags.DEFINE_boolean("custom_memory_optimization", False, "ZeRO-1: split the optimizer "
-                                                              "state across ranks (not built "
-                                                              "yet).", **fv)
-    flags.DEFINE_string("state_split_strategy", "naive", "How sharded tensors are assigned to "
-                                                         "ranks: naive | greedy:N (not built "
-                                                         "yet).", **fv)
-    flags.DEFINE_boolean("split_grad_accum", False, "ZeRO-2: split the accumulated gradients "
-                                                    "across ranks too (not built yet).", **fv)
+    flags.DEFINE_boolean("custom_memory_optimization", False, "ZeRO: split the optimizer state "
+                                                              "(LAMB/AdamW m and v) across the "
+                                                              "data-parallel ranks (stage 1 "
+                                                              "unless --zero_stage says 2).",
+                         **fv)
+    flags.DEFINE_integer("zero_stage", None, "ZeRO stage: 1 optimizer state split across "
+                                             "ranks, 2 the gradients and accumulators too "
+                                             "(implies --custom_memory_optimization).", **fv)
+    flags.DEFINE_boolean("split_opt_state", False, "The notes' name of ZeRO-1 (= "
+                                                   "--custom_memory_optimization).", **fv)
+    flags.DEFINE_boolean("split_grad_accum", False, "The notes' name of ZeRO-2 (= "
+                                                    "--custom_memory_optimization "
+                                                    "--zero_stage=2).", **fv)
+    flags.DEFINE_string("state_split_strategy", "naive", "Who owns which optimizer state under "
+                                                         "ZeRO: naive (whole variables by "
+                                                         "layer), greedy:N (balanced bytes, "
+                                                         "tensors over 1/N of a share split by "
+                                                         "rows) or flat (all variables "
+                                                         "concatenated, split evenly).", **fv)
     flags.DEFINE_integer("tensor_parallel_size", 1, "Ranks per tensor-parallel group (not built "
                                                     "yet).", **fv)
     flags.DEFINE_integer("debug_fail_at_step", 0, "Testing only: raise at this step on "
@@ -291,6 +301,24 @@ def _model_config(fv: flags.FlagValues, pretrained_config, vocab_size: int | Non
     return ModelConfig(**values)
 
 
+def zero_stage_from_flags(fv) -> int:
+    """The ZeRO stage the flags ask for: --zero_stage when given, else 2 with
+    --split_grad_accum, 1 with --custom_memory_optimization or --split_opt_state, else 0."""
+    from tfbert import config as cfg
+
+    on = fv.custom_memory_optimization or fv.split_opt_state or fv.split_grad_accum
+    stage = fv.zero_stage
+    if stage is None:
+        return 2 if fv.split_grad_accum else 1 if on else 0
+    if stage == 0 and on:
+        raise cfg.ConfigError("--zero_stage=0 turns ZeRO off, but --custom_memory_optimization, "
+                              "--split_opt_state or --split_grad_accum turns it on")
+    if stage == 1 and fv.split_grad_accum:
+        raise cfg.ConfigError("--split_grad_accum splits the gradient accumulators (ZeRO-2); "
+                              "it contradicts --zero_stage=1")
+    return stage
+
+
 def build_config(fv: flags.FlagValues, group=None):
     """Flags -> (validated Config, tokenizer or None). Prepares the sample data when
     --input_files is empty."""
@@ -370,8 +398,7 @@ def build_config(fv: flags.FlagValues, group=None):
         hvd_stall_shutdown_secs=fv.hvd_stall_shutdown_secs,
         scale_learning_rate=fv.scale_learning_rate,
         num_accumulation_steps=fv.num_accumulation_steps, grad_accum_dtype=fv.grad_accum_dtype,
-        custom_memory_optimization=fv.custom_memory_optimization,
-        state_split_strategy=fv.state_split_strategy, split_grad_accum=fv.split_grad_accum,
+        zero_stage=zero_stage_from_flags(fv), state_split_strategy=fv.state_split_strategy,
         tensor_parallel_size=fv.tensor_parallel_size)
     if not (group and group.uses_horovod):
         # Checked after the distribution config, whose errors (features not built) come first.

@@ -714,6 +714,157 @@ def check_lamb(ctx: Context, k: Kernels):
                 else:
                     ctx.add(row)
 
+# --------------------------------------------------------------------------------------------
+# LAMB over a ZeRO shard.
+# --------------------------------------------------------------------------------------------
+
+# segment_flags bits of lamb_shard_launch.h.
+LAMB_SHARD_ACTIVE, LAMB_SHARD_DECAY = 1, 2
+
+
+def lamb_shard_segment_ids(torch, ends, n):
+    """int64 [n]: the segment of each element (ends: int64 [S], non-decreasing, last == n)."""
+    return torch.searchsorted(ends, torch.arange(n, device=ends.device), right=True)
+
+
+def lamb_shard_update(torch, m, v, param, ids, decay, beta1, beta2, epsilon, weight_decay,
+                      step):
+    """The update direction from the updated moments (cc/ops/lamb_shard_ops.cc)."""
+    update = (m / (1 - beta1 ** step)) / ((v / (1 - beta2 ** step)).sqrt() + epsilon)
+    return update + torch.where(decay[ids], weight_decay * param, torch.zeros_like(param))
+
+
+def lamb_shard_moments_reference(torch, m, v, grad, param, ids, num_segments, decay, active,
+                                 beta1, beta2, epsilon, weight_decay, step):
+    """The first half, out of place, in the inputs' dtype: (sums [S, 2], m, v).
+    ids: lamb_shard_segment_ids; decay, active: bool [S]."""
+    on = active[ids]
+    zero = torch.zeros_like(param)
+    m = torch.where(on, beta1 * m + (1 - beta1) * grad, m)
+    v = torch.where(on, beta2 * v + (1 - beta2) * grad * grad, v)
+    update = lamb_shard_update(torch, m, v, param, ids, decay, beta1, beta2, epsilon,
+                               weight_decay, step)
+
+    def segment_sum(x):
+        return torch.zeros(num_segments, dtype=param.dtype, device=param.device).index_add_(
+            0, ids, torch.where(on, x, zero))
+
+    return torch.stack([segment_sum(param * param), segment_sum(update * update)], dim=1), m, v
+
+
+def lamb_shard_apply_reference(torch, param, m, v, ids, decay, active, scale, beta1, beta2,
+                               epsilon, weight_decay, step):
+    """The second half from the updated moments: new_param (param where inactive)."""
+    update = lamb_shard_update(torch, m, v, param, ids, decay, beta1, beta2, epsilon,
+                               weight_decay, step)
+    return torch.where(active[ids], param - scale[ids] * update, param)
+
+
+def lamb_shard_cases(args):
+    """(name, segment sizes, apply_weight_decay, active, timed). Small: odd sizes, empty
+    segments, a segment over many tiles, tile-aligned boundaries, inactive segments, the empty
+    shard. BERT: three BERT-large encoder layers cut at an arbitrary point (as a ZeRO rank's
+    shard), matrices decayed, biases and LayerNorm not."""
+    cases = []
+    if args.shapes in ("small", "all"):
+        cases += [
+            ("odd", [37, 1, 58], [1, 0, 1], [1, 1, 1], False),
+            ("empty+inactive", [0, 13, 0, 37, 27], [1, 0, 1, 1, 0], [1, 1, 1, 0, 1], False),
+            ("many_tiles", [3, 20000, 11], [0, 1, 1], [1, 1, 0], False),
+            ("tile_aligned", [4096, 0, 4097], [1, 1, 0], [1, 1, 1], False),
+            ("one_element", [1], [1], [1], False),
+            ("empty_shard", [0, 0], [1, 0], [1, 1], False),
+        ]
+    if args.shapes in ("bert", "all"):
+        hidden, ffn = 1024, 4096
+        layer = ([hidden * hidden, hidden] * 4 + [hidden, hidden]
+                 + [hidden * ffn, ffn, ffn * hidden, hidden] + [hidden, hidden])
+        layer_decay = [1, 0] * 4 + [0, 0] + [1, 0, 1, 0] + [0, 0]
+        sizes = layer * 3
+        sizes[0] -= 500_000  # the shard starts inside a tensor
+        cases.append(("bert_large_3_layers", sizes, layer_decay * 3, [1] * len(sizes), True))
+    return cases
+
+
+def check_lamb_shard(ctx: Context, k: Kernels):
+    torch = ctx.torch
+    k.require("tfbert_lamb_shard_moments_f32", "p,p,p,p,ll,p,p,ll,f,f,f,f,f,f,p,p,s")
+    k.require("tfbert_lamb_shard_apply_f32", "p,p,p,ll,p,p,ll,p,f,f,f,f,f,f,p,s")
+    h = LAMB_HYPER
+    bc1, bc2 = 1 - h["beta1"] ** h["step"], 1 - h["beta2"] ** h["step"]
+    hyper = (h["beta1"], h["beta2"], h["epsilon"], h["weight_decay"], bc1, bc2)
+    tol = TOLERANCE["float32"]
+    for name, sizes, decay_list, active_list, timed in lamb_shard_cases(ctx.args):
+        n, num_segments = sum(sizes), len(sizes)
+        ends = torch.tensor(sizes, device="cuda").cumsum(0)
+        decay = torch.tensor(decay_list, dtype=torch.bool, device="cuda")
+        active = torch.tensor(active_list, dtype=torch.bool, device="cuda")
+        flags = (active.to(torch.uint8) * LAMB_SHARD_ACTIVE
+                 + decay.to(torch.uint8) * LAMB_SHARD_DECAY)
+        param = ctx.randn((n,), scale=0.02)
+        m = ctx.randn((n,), scale=1e-3)
+        v = ctx.randn((n,), scale=1e-3).square()
+        grad = ctx.randn((n,), scale=1e-2)
+        scale = ctx.randn((num_segments,), scale=1e-3).abs()
+        ids = lamb_shard_segment_ids(torch, ends, n)
+        hyper64 = (h["beta1"], h["beta2"], h["epsilon"], h["weight_decay"], h["step"])
+        ref_sums, ref_m, ref_v = lamb_shard_moments_reference(
+            torch, m.double(), v.double(), grad.double(), param.double(), ids, num_segments,
+            decay, active, *hyper64)
+        ref_param = lamb_shard_apply_reference(torch, param.double(), ref_m, ref_v, ids, decay,
+                                               active, scale.double(), *hyper64)
+        workspace = torch.empty(
+            max(1, k.inline("tfbert_lamb_shard_workspace_doubles", n, num_segments)),
+            dtype=torch.float64, device="cuda")
+        o_m, o_v = m.clone(), v.clone()
+        sums = torch.full((num_segments, 2), float("nan"), device="cuda")  # all must be written
+        new_param = torch.full_like(param, float("nan"))
+        moments = ("tfbert_lamb_shard_moments_f32", ptr(o_m), ptr(o_v), ptr(grad), ptr(param),
+                   n, ptr(ends), ptr(flags), num_segments, *hyper, ptr(workspace), ptr(sums),
+                   ctx.stream())
+        apply = ("tfbert_lamb_shard_apply_f32", ptr(param), ptr(o_m), ptr(o_v), n, ptr(ends),
+                 ptr(flags), num_segments, ptr(scale), *hyper, ptr(new_param), ctx.stream())
+        k(*moments)
+        k(*apply)
+        torch.cuda.synchronize()
+        first = (sums.clone(), new_param.clone())
+        # Deterministic: the same inputs again give bit-identical sums and parameters.
+        o_m.copy_(m)
+        o_v.copy_(v)
+        k(*moments)
+        k(*apply)
+        torch.cuda.synchronize()
+        deterministic = torch.equal(first[0], sums) and torch.equal(first[1], new_param)
+        # Inactive segments: m, v and param exactly as they were.
+        on = active[ids]
+        untouched = (torch.equal(o_m[~on], m[~on]) and torch.equal(o_v[~on], v[~on])
+                     and torch.equal(new_param[~on], param[~on]))
+        shape = f"[{n}] S={num_segments} {name}"
+        note = ("" if deterministic else "not deterministic ") + (
+            "" if untouched else "inactive segments changed")
+        err, worst, ok, ratio = ctx.compare([("sums", sums, ref_sums, tol), ("m", o_m, ref_m, tol),
+                                             ("v", o_v, ref_v, tol)])
+        row = Row("lamb_shard_moments", "float32", shape, err, worst, ratio,
+                  ok and deterministic and untouched, note=note.strip())
+        if timed:
+            # Each call updates m and v in place again: harmless for timing.
+            ctx.add(row, lambda: k(*moments),
+                    lambda: lamb_shard_moments_reference(torch, m, v, grad, param, ids,
+                                                         num_segments, decay, active, *hyper64),
+                    nbytes=n * 4 * 6)  # read m, v, grad, param; write m, v
+        else:
+            ctx.add(row)
+        err, worst, ok, ratio = ctx.compare([("new_param", new_param, ref_param, tol)])
+        row = Row("lamb_shard_apply", "float32", shape, err, worst, ratio,
+                  ok and deterministic and untouched, note=note.strip())
+        if timed:
+            ctx.add(row, lambda: k(*apply),
+                    lambda: lamb_shard_apply_reference(torch, param, m, v, ids, decay, active,
+                                                       scale, *hyper64),
+                    nbytes=n * 4 * 4)  # read param, m, v; write new_param
+        else:
+            ctx.add(row)
+
 
 # --------------------------------------------------------------------------------------------
 # Bias + GELU / GeGLU.
@@ -819,6 +970,7 @@ CHECKS = {
     "attention_softmax": check_attention_softmax,
     "gelu": check_gelu,
     "lamb": check_lamb,
+    "lamb_shard": check_lamb_shard,
 }
 
 

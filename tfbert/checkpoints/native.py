@@ -156,11 +156,14 @@ class NamedCheckpointKeeper:
       variables: {documented name: variable}, everything the checkpoint holds.
       legacy_objects: the objects of tfbert 0.1's object-based checkpoints, {"model": ...,
         "optimizer": ..., ...}: a checkpoint of that format is restored through them.
+      markers: {name: constant} written into every checkpoint and never restored: facts about
+        the run that wrote it (ZeRO's "zero/num_ranks", ...).
     """
 
     def __init__(self, directory: str, max_to_keep: int, variables: dict[str, tf.Variable],
-                 legacy_objects: dict | None = None):
+                 legacy_objects: dict | None = None, markers: dict | None = None):
         self.variables = dict(variables)
+        self.markers = dict(markers or {})
         self.legacy_objects = dict(legacy_objects or {})
         self._index = _Index(directory, max_to_keep)
 
@@ -171,7 +174,7 @@ class NamedCheckpointKeeper:
     def save(self, step: int) -> str:
         name = f"ckpt-{step}"
         prefix = os.path.join(self._index.directory, name)
-        write_tensors(prefix, self.variables)
+        write_tensors(prefix, {**self.markers, **self.variables})
         self._index.record(name)
         return prefix
 

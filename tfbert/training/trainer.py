@@ -18,17 +18,38 @@ from tfbert.config import Config, ConfigError, atomic_write_text
 from tfbert.distributed import SingleProcess
 from tfbert.modeling.layers.dropout import DropoutRng
 from tfbert.modeling.models.bert_pretrainer import BertPretrainer
+from tfbert.checkpoints import sharded
 from tfbert.checkpoints import (CheckpointKeeper, NamedCheckpointKeeper, checkpoint_step,
                                 init_from_pretrained)
 from tfbert.training.grappler import StepGrapplerOptions
 from tfbert.training.interruption import StepWatchdog, StopRequests
 from tfbert.training.memory import PeakMemory, peak_rss_bytes
-from tfbert.training.optimization import (KerasOptimizerUpdate, WarmupPolynomialDecay,
-                                          build_optimizer)
-from tfbert.training.precision import DynamicLossScale, deduplicate_indexed_slices
+from tfbert.training import sharding
+from tfbert.training.gradient_sync import build_gradient_sync, variable_name
+from tfbert.training.optimization import WarmupPolynomialDecay
+from tfbert.training.precision import DynamicLossScale
 from tfbert.training.xla import configure_xla
 
 METRIC_NAMES = ("loss", "mlm_loss", "nsp_loss", "mlm_accuracy", "nsp_accuracy", "grad_norm")
+
+
+def _operations_with_branches(graph: tf.Graph, seen: set | None = None):
+    """The operations of a traced graph and of the functions its control flow calls (the
+    branches of a tf.cond, the body of a loop), recursively."""
+    seen = set() if seen is None else seen
+    for op in graph.get_operations():
+        yield op
+        for attr in ("then_branch", "else_branch", "body", "cond", "f"):
+            try:
+                name = op.get_attr(attr).name
+            except (ValueError, AttributeError):
+                continue
+            if name in seen:
+                continue
+            seen.add(name)
+            function = graph._get_function(name)  # pylint: disable=protected-access
+            if function is not None and hasattr(function, "graph"):
+                yield from _operations_with_branches(function.graph, seen)
 
 
 class TrainingDiverged(RuntimeError):
@@ -103,13 +124,15 @@ class Pretrainer:
             config.optimizer.num_warmup_steps, config.optimizer.end_learning_rate,
             config.optimizer.decay_power)
         learning_rate = lambda: self.schedule(self.global_step)  # noqa: E731
-        if config.optimizer.optimizer == "fused_lamb":
-            from tfbert.ops.lamb_ops import FusedLambUpdate
-
-            self.update = FusedLambUpdate(config.optimizer, learning_rate, use_fused_op=True)
-        else:
-            self.update = KerasOptimizerUpdate(build_optimizer(config.optimizer, learning_rate))
-        self.update.build(self.variables)
+        # How gradients cross ranks and update the weights: data parallelism or ZeRO-1/2.
+        self.sync = build_gradient_sync(
+            self.group, self.variables, config.optimizer, learning_rate,
+            zero_stage=distribution.zero_stage,
+            state_split_strategy=distribution.state_split_strategy,
+            state_dir=os.path.join(runtime.output_dir, sharded.STATE_DIR),
+            keep_checkpoint_max=runtime.keep_checkpoint_max)
+        if distribution.zero_stage and self.group.is_chief:
+            self.log_sharding()
         self.loss_scale = (DynamicLossScale(runtime.initial_loss_scale,
                                             runtime.loss_scale_growth_interval)
                            if runtime.precision == "fp16" else None)
@@ -121,11 +144,12 @@ class Pretrainer:
         # objects are those of tfbert 0.1's object-based checkpoints, which still restore.
         legacy = dict(model=self.model, global_step=self.global_step,
                       skipped_steps=self.skipped_steps, nonfinite_streak=self.nonfinite_streak,
-                      **self.update.checkpoint_items())
+                      **self.sync.checkpoint_items())
         if self.loss_scale is not None:
             legacy["loss_scale"] = self.loss_scale
         self.checkpoints = NamedCheckpointKeeper(runtime.output_dir, runtime.keep_checkpoint_max,
-                                                 self.named_state(), legacy_objects=legacy)
+                                                 self.named_state(), legacy_objects=legacy,
+                                                 markers=self.sync.checkpoint_markers())
         # ... and the state of each rank: its position in its data shard and its dropout RNG.
         # One more is kept than of the shared state: each rank writes its state before rank 0
         # commits the shared checkpoint, so a job killed in between still finds the rank state
@@ -143,17 +167,27 @@ class Pretrainer:
         jit_collectives = self.jit_compile and not self.group.uses_horovod
         if distribution.uses_accumulation:
             dtype = tf.as_dtype(distribution.grad_accum_dtype)
+            # Per variable; one flat shard under ZeRO-2.
             self.accumulators = [
-                tf.Variable(tf.zeros(v.shape, dtype), trainable=False,
-                            name="accumulated/" + v.name.split(":")[0]) for v in self.variables]
-            self.accumulate_step = tf.function(self._accumulate, jit_compile=self.jit_compile)
+                tf.Variable(tf.zeros(shape, dtype), trainable=False, name=f"accumulated/{i}")
+                for i, shape in enumerate(self.sync.accumulator_shapes())]
+            if self.jit_compile and not jit_collectives and self.sync.zero_stage == 2:
+                # ZeRO-2 reduce-scatters each micro-batch: compile the gradients, not that.
+                self.micro_gradients_step = tf.function(self._gradients_and_metrics,
+                                                        jit_compile=True)
+                self.add_micro_step = tf.function(self._add_to_accumulators)
+                self.accumulate_step = lambda batch, frozen=False: self.add_micro_step(
+                    self.micro_gradients_step(batch, frozen)[1])
+            else:
+                self.accumulate_step = tf.function(self._accumulate,
+                                                   jit_compile=self.jit_compile)
             self.apply_accumulated_step = tf.function(self._apply_accumulated,
                                                       jit_compile=jit_collectives)
         elif self.jit_compile and not jit_collectives:
             self.gradients_step = tf.function(self._gradients_and_metrics, jit_compile=True)
-            self.finish_step = tf.function(self._finish_step)
+            self.finish_step = tf.function(self._finish_batch_step)
             self.train_step = lambda batch, requests, frozen=False: self._join(
-                self.gradients_step(batch, frozen), self.finish_step, requests)
+                self.gradients_step(batch, frozen), self.finish_step, requests, frozen)
         else:
             self.train_step = tf.function(self._train_step, jit_compile=self.jit_compile)
         self._start_step = None
@@ -163,6 +197,8 @@ class Pretrainer:
         """Resumes from the newest checkpoint in output_dir, else loads --init_checkpoint's
         weights, else keeps the fresh initialisation. Returns the step training starts at."""
         restored = self.checkpoints.restore_latest()
+        if restored and self.sync.zero_stage == 0:
+            sharded.check_not_sharded(restored)
         if restored:
             step = checkpoint_step(restored)
             rank_state = self.rank_checkpoints.restore_step(step)
@@ -180,8 +216,23 @@ class Pretrainer:
         # Every rank starts from rank 0's weights, optimizer state and counters (also when only
         # rank 0 can read the checkpoint). Slots exist already, so no first step is needed.
         self.group.broadcast_variables(self.shared_variables())
+        # ZeRO: each rank's own part of the optimizer state (after the broadcast of the step).
+        self.sync.restore(restored or None, int(self.global_step))
         self._start_step = int(self.global_step)
         return self._start_step
+
+    def log_sharding(self) -> None:
+        """Rank 0's start-up table of what each rank holds under ZeRO (from shapes)."""
+        distribution = self.config.distribution
+        shapes = [(variable_name(v), tuple(v.shape)) for v in self.variables]
+        grad_bytes = (tf.as_dtype(distribution.grad_accum_dtype).size
+                      if distribution.uses_accumulation else 4)
+        table = sharding.byte_table(shapes, self.group.size, distribution.state_split_strategy,
+                                    distribution.zero_stage, grad_bytes=grad_bytes)
+        logging.info("ZeRO-%d: what each rank holds (activations not counted)\n%s",
+                     distribution.zero_stage, sharding.format_byte_table(table, (
+                         f"vocab_size={self.config.model.vocab_size}, {self.group.size} ranks, "
+                         f"--state_split_strategy={distribution.state_split_strategy}")))
 
     def _init_embeddings_from_vectors(self) -> None:
         from tfbert.training.embedding_init import embedding_init_from_vectors, format_report
@@ -199,7 +250,7 @@ class Pretrainer:
     def named_state(self) -> dict[str, tf.Variable]:
         """The shared training state by checkpoint name (`tfbert.checkpoints.native`)."""
         state = dict(self.model.variables_by_name())
-        state.update(self.update.named_state(self.variables))
+        state.update(self.sync.named_state())
         state.update({"global_step": self.global_step,
                       "training/skipped_steps": self.skipped_steps,
                       "training/nonfinite_streak": self.nonfinite_streak})
@@ -208,16 +259,21 @@ class Pretrainer:
                           "training/loss_scale_good_steps": self.loss_scale.good_steps})
         return state
 
+    @property
+    def update(self):
+        """The optimizer update of data parallelism (KerasOptimizerUpdate, FusedLambUpdate)."""
+        return self.sync.update
+
     def shared_variables(self) -> list[tf.Variable]:
         """Everything that must be equal on all ranks."""
-        variables = list(self.model.variables) + list(self.update.optimizer.variables())
+        variables = list(self.model.variables) + self.sync.shared_variables()
         variables += [self.global_step, self.skipped_steps, self.nonfinite_streak]
         if self.loss_scale is not None:
             variables += [self.loss_scale.scale, self.loss_scale.good_steps]
         return variables
 
-    def _apply(self, grads):
-        self.update.apply(grads, self.variables)
+    def _apply(self, grads, frozen: bool):
+        self.sync.apply(grads, [self._is_frozen(v, frozen) for v in self.variables])
         return tf.constant(True)
 
     def _is_frozen(self, variable, frozen: bool) -> bool:
@@ -248,24 +304,28 @@ class Pretrainer:
                 metric.update_state(tf.where(finite, outputs[name], 0.0),
                                     sample_weight=tf.cast(finite, tf.float32))
 
-    def _finish_step(self, grads, requests: tf.Tensor) -> dict[str, tf.Tensor]:
+    def _finish_step(self, grads, requests: tf.Tensor, frozen: bool = False
+                     ) -> dict[str, tf.Tensor]:
         """Averages over ranks, unscales, clips and applies one optimizer step, or skips it when
         any gradient is not finite (in every precision: such a step would write NaN into the
         weights). Returns grad_norm, learning_rate, nonfinite_streak and the stop requests
-        summed over ranks."""
-        grads = self.group.allreduce_gradients(grads)
+        summed over ranks.
+
+        grads: as `self.sync.micro_batch_gradients` returns them (or their accumulation).
+        """
+        grads = self.sync.step_gradients(grads)
         requests = self.group.sum_over_ranks(requests)
-        grads = [deduplicate_indexed_slices(g) for g in grads]
         if self.loss_scale is not None:
             grads = self.loss_scale.unscale(grads)
-        grad_norm = tf.linalg.global_norm(grads)
-        # The same on every rank: the gradients were all-reduced first.
+        # The same on every rank (all-reduced gradients, or a norm summed over ranks), so every
+        # rank takes the same skip decision.
+        grad_norm = self.sync.global_norm(grads)
         grads_are_finite = tf.math.is_finite(grad_norm)
         clip_norm = self.config.optimizer.clip_norm
         if clip_norm > 0:
             grads, _ = tf.clip_by_global_norm(grads, clip_norm, use_norm=grad_norm)
         learning_rate = self.schedule(self.global_step)
-        tf.cond(grads_are_finite, lambda: self._apply(grads), lambda: tf.constant(False))
+        tf.cond(grads_are_finite, lambda: self._apply(grads, frozen), lambda: tf.constant(False))
         if self.loss_scale is not None:
             self.loss_scale.update(grads_are_finite)
         skipped = tf.cast(tf.logical_not(grads_are_finite), tf.int64)
@@ -282,18 +342,30 @@ class Pretrainer:
         return outputs, grads
 
     @staticmethod
-    def _join(outputs_and_grads, finish_step, requests):
+    def _join(outputs_and_grads, finish_step, requests, frozen):
         outputs, grads = outputs_and_grads
-        return dict(outputs, **finish_step(grads, requests))
+        return dict(outputs, **finish_step(grads, requests, frozen))
+
+    def _finish_batch_step(self, grads, requests: tf.Tensor, frozen: bool = False):
+        """The step after one batch's gradients (no accumulation)."""
+        return self._finish_step(self.sync.micro_batch_gradients(grads), requests, frozen)
 
     def _train_step(self, batch: dict[str, tf.Tensor], requests: tf.Tensor, frozen: bool = False):
         """One optimizer step on one batch."""
-        return self._join(self._gradients_and_metrics(batch, frozen), self._finish_step, requests)
+        return self._join(self._gradients_and_metrics(batch, frozen), self._finish_batch_step,
+                          requests, frozen)
 
     def _accumulate(self, batch: dict[str, tf.Tensor], frozen: bool = False) -> dict[str, tf.Tensor]:
         """Adds one micro-batch's gradients, divided by the number of micro-batches, to the
-        accumulators. Nothing crosses ranks here: the all-reduce happens once per step."""
+        accumulators."""
         outputs, grads = self._gradients_and_metrics(batch, frozen)
+        self._add_to_accumulators(grads)
+        return outputs
+
+    def _add_to_accumulators(self, grads) -> None:
+        """Data parallelism and ZeRO-1: nothing crosses ranks here, the all-reduce happens once
+        per step. ZeRO-2: the micro-batch is reduce-scattered now, into 1/n-sized accumulators."""
+        grads = self.sync.micro_batch_gradients(grads)
         for accumulator, grad in zip(self.accumulators, grads):
             if grad is None:
                 continue
@@ -303,13 +375,12 @@ class Pretrainer:
             # accumulation is always the dense accumulator.
             grad = tf.convert_to_tensor(grad) / self.accumulation_steps
             accumulator.assign_add(tf.cast(grad, accumulator.dtype))
-        return outputs
 
     def _apply_accumulated(self, requests: tf.Tensor, frozen: bool = False) -> dict[str, tf.Tensor]:
         """The optimizer step over the accumulated gradients; then clears the accumulators."""
-        grads = [None if self._is_frozen(v, frozen) else tf.cast(a, tf.float32)
-                 for v, a in zip(self.variables, self.accumulators)]
-        result = self._finish_step(grads, requests)
+        grads = self.sync.accumulated_gradients(
+            self.accumulators, [self._is_frozen(v, frozen) for v in self.variables])
+        result = self._finish_step(grads, requests, frozen)
         for accumulator in self.accumulators:
             accumulator.assign(tf.zeros_like(accumulator))
         return result
@@ -338,7 +409,12 @@ class Pretrainer:
         """The traced graphs of one optimizer step (tracing them now if needed; the training
         loop then reuses these traces)."""
         requests = tf.TensorSpec([2], tf.float32)
-        if self.accumulation_steps > 1:
+        if hasattr(self, "micro_gradients_step"):
+            gradients = self.micro_gradients_step.get_concrete_function(self._batch_spec)
+            grad_specs = [tf.type_spec_from_value(g) for g in gradients.structured_outputs[1]]
+            functions = [gradients, self.add_micro_step.get_concrete_function(grad_specs),
+                         self.apply_accumulated_step.get_concrete_function(requests)]
+        elif self.accumulation_steps > 1:
             functions = [self.accumulate_step.get_concrete_function(self._batch_spec),
                          self.apply_accumulated_step.get_concrete_function(requests)]
         elif hasattr(self, "finish_step"):
@@ -355,7 +431,7 @@ class Pretrainer:
         the bytes this rank sends."""
         collectives = []
         for graph in self.step_graphs():
-            for op in graph.get_operations():
+            for op in _operations_with_branches(graph):
                 if not op.type.startswith("Horovod"):
                     continue
                 tensor = op.inputs[0]
@@ -390,6 +466,7 @@ class Pretrainer:
         """Every rank writes its own state, then rank 0 writes the shared state and moves the
         index: a job killed at any point resumes from a complete, matching pair."""
         self.rank_checkpoints.save(step)
+        self.sync.save(step)  # ZeRO: this rank's part of the optimizer state
         self.group.barrier()
         if self.group.is_chief:
             logging.info("Saved checkpoint %s", self.checkpoints.save(step))
@@ -503,8 +580,10 @@ class Pretrainer:
         steps_timed = timed["steps"]
         examples_per_sec = examples_per_step * steps_timed / elapsed if steps_timed else 0.0
         # Per-rank figures, gathered on every rank (all ranks must take part).
+        state_bytes = self.state_bytes()
         per_rank = self.group.allgather_values(
-            [examples_per_sec, memory.run_peak_bytes, peak_rss_bytes(), self.weights_checksum()])
+            [examples_per_sec, memory.run_peak_bytes, peak_rss_bytes(), self.weights_checksum()]
+            + list(state_bytes.values()))
         summary = dict(
             steps=int(self.global_step), steps_this_run=step - start_step,
             first_loss=first["loss"] if first else None,
@@ -524,7 +603,12 @@ class Pretrainer:
             per_rank=dict(examples_per_sec=per_rank[:, 0].tolist(),
                           peak_memory_bytes=per_rank[:, 1].astype(int).tolist(),
                           peak_rss_bytes=per_rank[:, 2].astype(int).tolist(),
-                          weights_checksum=per_rank[:, 3].astype(int).tolist()),
+                          weights_checksum=per_rank[:, 3].astype(int).tolist(),
+                          **{name: per_rank[:, 4 + i].astype(int).tolist()
+                             for i, name in enumerate(state_bytes)}),
+            zero_stage=self.config.distribution.zero_stage,
+            state_split_strategy=(self.config.distribution.state_split_strategy
+                                  if self.config.distribution.zero_stage else None),
             memory_device=memory.device, skipped_steps=int(self.skipped_steps),
             loss_scale=float(self.loss_scale.scale) if self.loss_scale is not None else None,
             checkpoint=self.checkpoints.latest, num_processes=self.group.size,
@@ -539,6 +623,16 @@ class Pretrainer:
             atomic_write_text(os.path.join(runtime.output_dir, "summary.json"),
                               json.dumps(summary, indent=2) + "\n")
         return summary
+
+    def state_bytes(self) -> dict[str, int]:
+        """What this rank holds between steps, in bytes: param_bytes, optimizer_state_bytes
+        (m and v: all of them, or this rank's shard under ZeRO), gradient_bytes (the float32
+        gradients a step hands to the update: all, or the shard under ZeRO-2) and
+        accumulator_bytes (gradient accumulation)."""
+        figures = self.sync.state_bytes()
+        figures["accumulator_bytes"] = sum(a.shape.num_elements() * a.dtype.size
+                                           for a in getattr(self, "accumulators", []))
+        return figures
 
     def weights_checksum(self) -> int:
         """A 48-bit hash of the model weights' bytes: equal on two ranks iff bit-identical."""

@@ -10,20 +10,16 @@
 #include <cmath>
 #include <cstdint>
 
+#include "lamb_variables.h"  // LambStepHyperparams
 #include "tensorflow/core/framework/op_kernel.h"
 
 namespace tfbert {
 namespace functor {
 
-// The step's scalars, with the bias corrections 1 - beta^t already taken on the host.
-struct LambHyperparams {
+// The step's scalars: LambStepHyperparams (bias corrections taken on the host), the learning rate
+// and the op's attributes.
+struct LambHyperparams : LambStepHyperparams {
   float lr;
-  float beta1;
-  float beta2;
-  float epsilon;
-  float weight_decay;
-  float bias_correction1;  // 1 - beta1^step
-  float bias_correction2;  // 1 - beta2^step
   bool use_layer_adaptation;
   bool apply_weight_decay;
 };

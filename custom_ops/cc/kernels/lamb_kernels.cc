@@ -1,27 +1,22 @@
-// Kernel of TfBert>FusedLambUpdate (cc/ops/lamb_ops.cc): the resource-variable handling, the CPU
-// functor and, in a WITH_CUDA=1 build, the GPU registration that calls the CUDA kernels of
-// cuda/lamb.cu through the C ABI in cuda/lamb_launch.h.
+// Kernel of TfBert>FusedLambUpdate (cc/ops/lamb_ops.cc): the input checks, the CPU functor and,
+// in a WITH_CUDA=1 build, the GPU registration that calls the CUDA kernels of cuda/lamb.cu
+// through the C ABI in cuda/lamb_launch.h. The scalar inputs and the resource-variable handling
+// (copy-on-write) are shared with the shard ops, in lamb_variables.h.
 //
 // Legend: n = the number of elements of the parameter (see lamb.h).
 
 #include "kernel_common.h"  // first: it sets Eigen's device switches
 
 #include "lamb.h"
+#include "lamb_variables.h"
 
 #include <cmath>
-
-#include "tensorflow/core/framework/resource_mgr.h"
-#include "tensorflow/core/framework/resource_var.h"
-#include "tensorflow/core/kernels/training_op_helpers.h"
 
 #if GOOGLE_CUDA
 #include "lamb_launch.h"
 #endif
 
 namespace tfbert {
-
-using ::tensorflow::Var;
-
 namespace functor {
 
 namespace {
@@ -117,15 +112,6 @@ struct FusedLambUpdate<CPUDevice> {
 #if GOOGLE_CUDA
 using GPUDevice = Eigen::GpuDevice;
 
-namespace {
-
-Status CudaStatus(cudaError_t error, const char* what) {
-  if (error == cudaSuccess) return ::tensorflow::OkStatus();
-  return errors::Internal(what, " failed to launch: ", cudaGetErrorString(error));
-}
-
-}  // namespace
-
 template <>
 struct FusedLambUpdate<GPUDevice> {
   Status operator()(OpKernelContext* context, const float* grad, int64_t n,
@@ -149,81 +135,6 @@ struct FusedLambUpdate<GPUDevice> {
 
 }  // namespace functor
 
-namespace {
-
-// Copies a variable's buffer that a pending read still shares, so the in-place update does not
-// change what that read sees (copy-on-write, as PrepareToUpdateVariable does).
-template <typename Device>
-struct CopyOnWrite;
-
-template <>
-struct CopyOnWrite<CPUDevice> {
-  Status operator()(OpKernelContext* context, Var* variable) {
-    return ::tensorflow::PrepareToUpdateVariable<CPUDevice, float>(
-        context, variable->tensor(), variable->copy_on_read_mode.load());
-  }
-};
-
-#if GOOGLE_CUDA
-// training_op_helpers' PrepareToUpdateVariable<GpuDevice> would call DenseUpdate<GpuDevice>,
-// whose definition lives in TensorFlow's main library and is not exported to custom ops: the
-// WITH_CUDA=1 library would not load. The same logic with a cudaMemcpyAsync instead.
-template <>
-struct CopyOnWrite<functor::GPUDevice> {
-  Status operator()(OpKernelContext* context, Var* variable) {
-    Tensor* tensor = variable->tensor();
-    if (!variable->copy_on_read_mode.load() && tensor->RefCountIsOne()) {
-      return ::tensorflow::OkStatus();
-    }
-    ::tensorflow::AllocatorAttributes attr;
-    attr.set_gpu_compatible(true);
-    attr.set_nic_compatible(true);
-    Tensor copy;
-    TF_RETURN_IF_ERROR(context->allocate_temp(tensor->dtype(), tensor->shape(), &copy, attr));
-    TF_RETURN_IF_ERROR(functor::CudaStatus(
-        tfbert_lamb_copy_f32(copy.flat<float>().data(), tensor->flat<float>().data(),
-                             tensor->NumElements(),
-                             context->eigen_device<functor::GPUDevice>().stream()),
-        "FusedLambUpdate's copy-on-write"));
-    *tensor = copy;
-    return ::tensorflow::OkStatus();
-  }
-};
-#endif  // GOOGLE_CUDA
-
-// The float32 tensor of the resource variable at `input`, ready to be written in place.
-// REQUIRES: the variable's mutex is held.
-template <typename Device>
-Status TensorForUpdate(OpKernelContext* context, int input, const char* name, Tensor* out) {
-  ::tensorflow::core::RefCountPtr<Var> variable;
-  TF_RETURN_IF_ERROR(::tensorflow::LookupResource(
-      context, ::tensorflow::HandleFromInput(context, input), &variable));
-  const Tensor& tensor = *variable->tensor();
-  if (!tensor.IsInitialized()) {
-    return errors::FailedPrecondition("FusedLambUpdate: variable ", name,
-                                      " is not initialized");
-  }
-  if (tensor.dtype() != ::tensorflow::DT_FLOAT) {
-    return errors::InvalidArgument("FusedLambUpdate: variable ", name, " must be float32, got ",
-                                   ::tensorflow::DataTypeString(tensor.dtype()));
-  }
-  TF_RETURN_IF_ERROR(CopyOnWrite<Device>()(context, variable.get()));
-  *out = *variable->tensor();  // shares the variable's buffer
-  return ::tensorflow::OkStatus();
-}
-
-Status ScalarInput(OpKernelContext* context, int input, const char* name, float* value) {
-  const Tensor& t = context->input(input);
-  if (!::tensorflow::TensorShapeUtils::IsScalar(t.shape())) {
-    return errors::InvalidArgument("FusedLambUpdate: ", name, " must be a scalar, got shape ",
-                                   t.shape().DebugString());
-  }
-  *value = t.scalar<float>()();
-  return ::tensorflow::OkStatus();
-}
-
-}  // namespace
-
 template <typename Device>
 class FusedLambUpdateOp : public OpKernel {
  public:
@@ -233,21 +144,10 @@ class FusedLambUpdateOp : public OpKernel {
   }
 
   void Compute(OpKernelContext* context) override {
+    constexpr const char* kOp = "FusedLambUpdate";
     functor::LambHyperparams hp;
-    float step = 0.0f;
-    OP_REQUIRES_OK(context, ScalarInput(context, 4, "lr", &hp.lr));
-    OP_REQUIRES_OK(context, ScalarInput(context, 5, "beta1", &hp.beta1));
-    OP_REQUIRES_OK(context, ScalarInput(context, 6, "beta2", &hp.beta2));
-    OP_REQUIRES_OK(context, ScalarInput(context, 7, "epsilon", &hp.epsilon));
-    OP_REQUIRES_OK(context, ScalarInput(context, 8, "weight_decay", &hp.weight_decay));
-    OP_REQUIRES_OK(context, ScalarInput(context, 9, "step", &step));
-    // tfa: 1 - pow(beta, t) in float32.
-    hp.bias_correction1 = 1.0f - std::pow(hp.beta1, step);
-    hp.bias_correction2 = 1.0f - std::pow(hp.beta2, step);
-    OP_REQUIRES(context, hp.bias_correction1 != 0.0f && hp.bias_correction2 != 0.0f,
-                errors::InvalidArgument("FusedLambUpdate: the bias corrections 1 - beta^step "
-                                        "are 0 (step ", step, ", beta1 ", hp.beta1, ", beta2 ",
-                                        hp.beta2, "); step is 1-based"));
+    OP_REQUIRES_OK(context, ScalarInput(context, kOp, 4, "lr", &hp.lr));
+    OP_REQUIRES_OK(context, HyperparamInputs(context, kOp, 5, &hp));
     hp.use_layer_adaptation = use_layer_adaptation_;
     hp.apply_weight_decay = apply_weight_decay_;
 
@@ -257,16 +157,16 @@ class FusedLambUpdateOp : public OpKernel {
     auto locks = ::tensorflow::MaybeLockVariableInputMutexesInOrder<CPUDevice, float>(
         context, /*do_lock=*/true, /*sparse=*/false, {0, 1, 2});
     Tensor var, m, v;
-    OP_REQUIRES_OK(context, TensorForUpdate<Device>(context, 0, "var", &var));
-    OP_REQUIRES_OK(context, TensorForUpdate<Device>(context, 1, "m", &m));
-    OP_REQUIRES_OK(context, TensorForUpdate<Device>(context, 2, "v", &v));
+    OP_REQUIRES_OK(context, VariableTensor<Device>(context, kOp, 0, "var", true, &var));
+    OP_REQUIRES_OK(context, VariableTensor<Device>(context, kOp, 1, "m", true, &m));
+    OP_REQUIRES_OK(context, VariableTensor<Device>(context, kOp, 2, "v", true, &v));
     const Tensor& grad = context->input(3);
     OP_REQUIRES(context, var.shape() == grad.shape(),
-                errors::InvalidArgument("FusedLambUpdate: grad must have var's shape ",
+                errors::InvalidArgument(kOp, ": grad must have var's shape ",
                                         var.shape().DebugString(), ", got ",
                                         grad.shape().DebugString()));
     OP_REQUIRES(context, m.shape() == var.shape() && v.shape() == var.shape(),
-                errors::InvalidArgument("FusedLambUpdate: m and v must have var's shape ",
+                errors::InvalidArgument(kOp, ": m and v must have var's shape ",
                                         var.shape().DebugString(), ", got ",
                                         m.shape().DebugString(), " and ",
                                         v.shape().DebugString()));
