@@ -266,6 +266,26 @@ def test_training_checkpoints_are_keyed_by_documented_names(tmp_path, hf_dir, we
     assert reader.get_tensor("global_step") == 1
 
 
+def test_a_relative_run_directory_finds_its_own_checkpoints(tmp_path, monkeypatch):
+    # `make run` writes to runs/tfbert-<time>, a relative path: the index must name checkpoints
+    # relative to the run directory, not to the working directory ("../../ckpt-2").
+    from tfbert.checkpoints import NamedCheckpointKeeper
+
+    monkeypatch.chdir(tmp_path)
+    os.makedirs(os.path.join("runs", "x"))
+    variable = tf.Variable([1.0, 2.0])
+    keeper = NamedCheckpointKeeper(os.path.join("runs", "x"), 2, {"w": variable})
+    for step in (1, 2, 3):
+        keeper.save(step)
+    assert keeper.latest == os.path.join("runs", "x", "ckpt-3")
+    variable.assign([0.0, 0.0])
+    assert keeper.restore_latest() == os.path.join("runs", "x", "ckpt-3")
+    assert variable.numpy().tolist() == [1.0, 2.0]
+    assert sorted(os.path.basename(p) for p in tf.train.get_checkpoint_state(
+        "runs/x").all_model_checkpoint_paths) == ["ckpt-2", "ckpt-3"]
+    assert not (tmp_path / "runs" / "x" / "ckpt-1.index").exists()
+
+
 def test_object_based_checkpoints_of_tfbert_0_1_still_restore(tmp_path):
     config = run_config(tmp_path, num_train_steps=2)
     old = Pretrainer(config, synthetic_dataset())

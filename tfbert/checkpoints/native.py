@@ -55,6 +55,14 @@ def write_tensors(prefix: str, tensors: dict) -> None:
                           shape_and_slices=[""] * len(names), tensors=values)
 
 
+def write_index(directory: str, latest: str, kept: list[str]) -> None:
+    """Writes `directory`'s `checkpoint` index (atomically: a temporary file, then renamed):
+    `latest` and `kept` are checkpoint names in it, stored relative to it."""
+    # An absolute directory: given a relative one, TensorFlow would store the names relative to
+    # the working directory ("../../ckpt-500"), which no reader of the index then finds.
+    tf.compat.v1.train.update_checkpoint_state(os.path.abspath(directory), latest, list(kept))
+
+
 def open_reader(prefix: str, what: str):
     """A `tf.train.load_checkpoint` reader, or a CheckpointError saying why there is none."""
     try:
@@ -139,8 +147,7 @@ class _Index:
         """Makes `name` the newest checkpoint, then deletes the ones beyond max_to_keep."""
         kept = [n for n in self._kept if n != name] + [name]
         dropped, kept = kept[:-self.max_to_keep], kept[-self.max_to_keep:]
-        # Atomic (written under a temporary name, then renamed).
-        tf.compat.v1.train.update_checkpoint_state(self.directory, name, kept)
+        write_index(self.directory, name, kept)
         self._kept = kept
         for old in dropped:
             for path in tf.io.gfile.glob(os.path.join(self.directory, old + ".*")):

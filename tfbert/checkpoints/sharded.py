@@ -22,10 +22,9 @@ import os
 import shutil
 
 import numpy as np
-import tensorflow as tf
 
 from tfbert.checkpoints.errors import CheckpointError
-from tfbert.checkpoints.native import latest_checkpoint, open_reader, write_tensors
+from tfbert.checkpoints.native import latest_checkpoint, open_reader, write_index, write_tensors
 
 STATE_DIR = "zero_state"
 MARKER_PREFIX = "zero/"
@@ -126,5 +125,5 @@ def gather(run_dir: str, output_dir: str, step: int | None = None) -> str:
             shutil.copy2(source, os.path.join(output_dir, entry))
     name = f"ckpt-{step}"
     write_tensors(os.path.join(output_dir, name), tensors)
-    tf.compat.v1.train.update_checkpoint_state(output_dir, name, [name])
+    write_index(output_dir, name, [name])
     return os.path.join(output_dir, name)
