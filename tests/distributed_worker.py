@@ -44,8 +44,10 @@ def worker_config(out_dir, group, batch: int, steps: int, precision: str = "fp32
     model = odd_model_config(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
     config = run_config(out_dir, model, num_train_steps=steps, precision=precision,
                         train_batch_size=batch, initial_loss_scale=2.0 ** 10,
-                        # A hang (a collective one rank never joins) fails with a traceback.
-                        first_step_timeout_secs=120, step_timeout_secs=60,
+                        # A hang (a collective one rank never joins) fails with a traceback;
+                        # generous: under a loaded CI machine rank 0 traces the step's graphs for
+                        # its start-up log while the other ranks already wait in the first step.
+                        first_step_timeout_secs=600, step_timeout_secs=300,
                         optimizer=cfg.OptimizerConfig(learning_rate=1e-3, optimizer=optimizer))
     return cfg.Config(
         model=config.model, data=config.data, optimizer=config.optimizer, runtime=config.runtime,
