@@ -342,6 +342,11 @@ class DistributionConfig:
                  "--hvd_stall_shutdown_secs needs the stall check: --hvd_stall_check_secs=0 "
                  "turns it off")
         _require(self.tensor_parallel_size >= 1, "--tensor_parallel_size must be >= 1")
+        # Before ZeRO's checks: a tensor-parallel setup (tp2.cfg includes optimald.cfg) should
+        # hear first that tensor parallelism is not built.
+        _require(self.tensor_parallel_size == 1,
+                 f"--tensor_parallel_size={self.tensor_parallel_size}: tensor parallelism is not "
+                 f"built in this version of tfbert")
         from tfbert.training.sharding import parse_split_strategy  # it imports this module
 
         try:
@@ -358,9 +363,6 @@ class DistributionConfig:
                  f"--custom_memory_optimization (ZeRO-{self.zero_stage}) splits the optimizer "
                  f"state across data-parallel ranks, and this run has one process: launch it "
                  f"with horovodrun -np N (N >= 2) or drop the flag")
-        _require(self.tensor_parallel_size == 1,
-                 f"--tensor_parallel_size={self.tensor_parallel_size}: tensor parallelism is not "
-                 f"built in this version of tfbert")
 
     @property
     def uses_accumulation(self) -> bool:
