@@ -30,6 +30,7 @@ def test_default_run_trains_and_the_loss_falls(tmp_path, sample):
     assert summary["final_mlm_loss"] < summary["first_mlm_loss"] - 1.0, summary
     assert summary["examples_per_sec"] > 0 and summary["tokens_per_sec"] > 0
     assert summary["peak_memory_bytes"] > 2 ** 20  # batch 32 x seq 128 activations are counted
+    assert summary["op_determinism"] is False  # on with --deterministic only
     for name in ("config.json", "bert_config.json", "spm.model", "checkpoint", "log.jsonl"):
         assert (out / name).exists(), name
     config = json.loads((out / "config.json").read_text())
@@ -122,16 +123,14 @@ def test_records_of_another_sequence_length_fail_at_start(tmp_path, sample):
 
 
 def test_deterministic_turns_on_op_determinism_and_repeats_the_run(tmp_path, sample):
+    # (Without the flag it is off: test_default_run_trains_and_the_loss_falls.)
     checksums = []
     for name in ("first", "second"):
         out = tmp_path / name
-        result = run_tfbert(f"--output_dir={out}", "--deterministic", "--num_train_steps=3",
+        result = run_tfbert(f"--output_dir={out}", "--deterministic", "--num_train_steps=2",
                             *TINY_STEPS)
         assert result.returncode == 0, result.stderr[-3000:]
         summary = json.loads((out / "summary.json").read_text())
         assert summary["op_determinism"] is True
         checksums.append(summary["per_rank"]["weights_checksum"])
     assert checksums[0] == checksums[1]
-    plain = run_tfbert(f"--output_dir={tmp_path / 'plain'}", "--num_train_steps=1", *TINY_STEPS)
-    assert plain.returncode == 0, plain.stderr[-3000:]
-    assert json.loads((tmp_path / "plain" / "summary.json").read_text())["op_determinism"] is False
