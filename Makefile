@@ -37,13 +37,14 @@ test: setup
 	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=15 tests
 
 # The notes' ablation table (flags/ setups at a CPU size), tfbert vs tf-models-official, the
-# precision/XLA, data-parallel and ZeRO tables. Results under runs/bench/.
+# precision/XLA, data-parallel, ZeRO and tensor-parallel tables. Results under runs/bench/.
 bench: setup
 	$(PY) benchmarks/ablation.py
 	$(PY) benchmarks/compare_reference.py
 	$(PY) benchmarks/throughput.py
 	$(PY) benchmarks/distributed.py
 	$(PY) benchmarks/zero.py
+	$(PY) benchmarks/tensor_parallel.py
 
 clean:
 	$(MAKE) -C custom_ops clean

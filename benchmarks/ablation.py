@@ -13,7 +13,7 @@ built yet, e.g. tensor parallelism) gets a row with the reason.
 
 The ZeRO setups (--custom_memory_optimization, --split_opt_state, --split_grad_accum) split the
 optimizer state across data-parallel ranks and refuse one process: under --np=1 they run with 2
-ranks, and say so. Their examples/s are per rank with two ranks sharing the machine; on a CPU
+ranks, and say so; a tensor-parallel setup runs with T ranks per replica (2T with ZeRO). Their examples/s are per rank with two ranks sharing the machine; on a CPU
 compare their memory, not their speed, with the 1-rank rows (benchmarks/zero.py compares ZeRO
 with data parallelism at the same rank count).
 
@@ -45,13 +45,15 @@ FLAGS_DIR = os.path.join(REPO_ROOT, "flags")
 
 # The default set for a CPU: each switch of the notes that can run here, one row each. Of the
 # ZeRO rows only optimald (ZeRO-2, 2 ranks): benchmarks/zero.py compares the stages and the
-# split strategies against data parallelism at the same rank count.
+# split strategies against data parallelism at the same rank count. tp2 (the notes' row, fused
+# LayerNorm and softmax off) and tp2_fused run with 4 ranks (TP=2 x ZeRO-2 over 2 replicas);
+# tp4 would need 8 ranks.
 CPU_SETUPS = [
     "baseline", "fp16", "fp16_xla", "base", "base_ln_ytf", "base_fattsoftmax", "base_flamb",
     "basef", "optimal", "basef_memopt_heuristic", "basef_memopt_recomputation",
     "basef_recomputation_suppress_grappler", "optimal_bias_keys", "optimal_attn_dropout",
     "optimal_hidden_dropout", "optimal_memopt_recomputation", "optimal_gradaccum_fp32",
-    "optimal_adamw", "optimald",
+    "optimal_adamw", "optimald", "tp2", "tp2_fused",
 ]
 CPU_SIZE = ("--model=mini --max_seq_length=128 --max_predictions_per_seq=20 "
             "--train_batch_size=16")
@@ -141,11 +143,15 @@ def run_setups(setups: list[str], size: list[str], steps: int, ranks: int, fp16_
         setup_values = setup_flags(setup, extra)
         substituted_flags, changes = substitutions(setup_values, fp16_as)
         extra += substituted_flags
-        setup_ranks = ranks
-        if ranks < 2 and zero_stage(setup_values):
-            # ZeRO splits the optimizer state across ranks: one process is a config error.
-            setup_ranks = 2
-            changes.append(f"ranks {ranks}->2 (ZeRO needs 2)")
+        # ZeRO splits the optimizer state across data-parallel ranks, tensor parallelism each
+        # model across its group: too few ranks are a config error.
+        tensor_parallel = setup_values.tensor_parallel_size
+        replicas = 2 if zero_stage(setup_values) else 1
+        setup_ranks = max(ranks, tensor_parallel * replicas)
+        if setup_ranks > ranks:
+            reasons = ([f"TP={tensor_parallel}"] if tensor_parallel > 1 else []) + (
+                ["ZeRO needs 2 replicas"] if replicas > 1 else [])
+            changes.append(f"ranks {ranks}->{setup_ranks} ({' x '.join(reasons)})")
         flags = [f"--flagfile={flagfile(setup)}", *extra, f"--num_train_steps={steps + 1}",
                  f"--log_every_n_steps={steps + 1}", f"--save_checkpoints_steps={steps + 1}"]
         precision = setup_values.precision

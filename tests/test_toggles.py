@@ -181,6 +181,7 @@ def test_each_dropout_adds_its_random_ops_and_zero_removes_them():
     assert attention == layers
 
 
-def test_tensor_parallelism_fails_with_a_message_that_names_it():
-    with pytest.raises(cfg.ConfigError, match="--tensor_parallel_size.*not built"):
-        cfg.DistributionConfig(num_processes=2, tensor_parallel_size=2)
+def test_tensor_parallelism_on_one_process_fails_with_a_message_that_names_it():
+    with pytest.raises(cfg.ConfigError, match="--tensor_parallel_size=2 splits each model.*has 1"):
+        cfg.DistributionConfig(num_processes=1, tensor_parallel_size=2)
+    assert cfg.DistributionConfig(num_processes=4, tensor_parallel_size=2).data_parallel_size == 2

@@ -322,7 +322,8 @@ class DistributionConfig:
     # 2 gradients and accumulators too; --state_split_strategy says who owns what.
     zero_stage: int = 0
     state_split_strategy: str = "naive"  # naive | greedy:N | flat (tfbert.training.sharding)
-    # Tensor parallelism: the flag exists so that setups naming it fail clearly.
+    # Tensor parallelism (tfbert.modeling.tensor_parallel): ranks per tensor-parallel group;
+    # the num_processes / tensor_parallel_size groups are the data-parallel replicas.
     tensor_parallel_size: int = 1
 
     def __post_init__(self):
@@ -341,12 +342,8 @@ class DistributionConfig:
         _require(self.hvd_stall_shutdown_secs == 0 or self.hvd_stall_check_secs > 0,
                  "--hvd_stall_shutdown_secs needs the stall check: --hvd_stall_check_secs=0 "
                  "turns it off")
-        _require(self.tensor_parallel_size >= 1, "--tensor_parallel_size must be >= 1")
-        # Before ZeRO's checks: a tensor-parallel setup (tp2.cfg includes optimald.cfg) should
-        # hear first that tensor parallelism is not built.
-        _require(self.tensor_parallel_size == 1,
-                 f"--tensor_parallel_size={self.tensor_parallel_size}: tensor parallelism is not "
-                 f"built in this version of tfbert")
+        problem = tensor_parallel_problem(self.num_processes, self.tensor_parallel_size)
+        _require(problem is None, problem or "")
         from tfbert.training.sharding import parse_split_strategy  # it imports this module
 
         try:
@@ -359,14 +356,33 @@ class DistributionConfig:
         _require(self.zero_stage or self.state_split_strategy == "naive",
                  "--state_split_strategy shapes the sharding of --custom_memory_optimization "
                  "(ZeRO), which is off")
-        _require(not self.zero_stage or self.num_processes >= 2,
+        _require(not self.zero_stage or self.data_parallel_size >= 2,
                  f"--custom_memory_optimization (ZeRO-{self.zero_stage}) splits the optimizer "
-                 f"state across data-parallel ranks, and this run has one process: launch it "
-                 f"with horovodrun -np N (N >= 2) or drop the flag")
+                 f"state across data-parallel ranks, and this run has "
+                 f"{self.data_parallel_size} ({self.num_processes} processes / "
+                 f"--tensor_parallel_size={self.tensor_parallel_size}): launch it with "
+                 f"horovodrun -np N (N >= {2 * self.tensor_parallel_size}) or drop the flag")
 
     @property
     def uses_accumulation(self) -> bool:
         return self.num_accumulation_steps > 1
+
+    @property
+    def data_parallel_size(self) -> int:
+        """Model replicas: each a tensor-parallel group of tensor_parallel_size ranks."""
+        return self.num_processes // self.tensor_parallel_size
+
+
+def tensor_parallel_problem(num_processes: int, tensor_parallel_size: int) -> str | None:
+    """Why `num_processes` ranks cannot form tensor-parallel groups of `tensor_parallel_size`
+    (None when they can)."""
+    if tensor_parallel_size < 1:
+        return "--tensor_parallel_size must be >= 1"
+    if num_processes % tensor_parallel_size:
+        return (f"--tensor_parallel_size={tensor_parallel_size} splits each model over that many "
+                f"ranks, and this job has {num_processes} process(es): launch it with "
+                f"horovodrun -np N, N a multiple of {tensor_parallel_size}")
+    return None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -403,6 +419,36 @@ class Config:
         _require(self.data.max_seq_length <= self.model.max_position_embeddings,
                  f"--max_seq_length={self.data.max_seq_length} exceeds "
                  f"--max_position_embeddings={self.model.max_position_embeddings}")
+        self._check_tensor_parallelism()
+
+    def _check_tensor_parallelism(self) -> None:
+        t = self.distribution.tensor_parallel_size
+        if t == 1:
+            return
+        model = self.model
+        for flag, count, what in (
+                ("--num_attention_heads", model.num_attention_heads, "heads"),
+                ("--intermediate_size", model.intermediate_size, "FFN features"),
+                ("--vocab_size", model.vocab_size, "vocabulary rows")):
+            _require(count % t == 0,
+                     f"--tensor_parallel_size={t} splits the {what} across ranks, and "
+                     f"{flag}={count} is not divisible by {t}"
+                     + (f": pad the vocabulary to {-(-count // t) * t} tokens (a tokenizer "
+                        f"trained with --vocab_size={-(-count // t) * t}, or unused tokens "
+                        f"appended to the vocabulary file)" if what == "vocabulary rows" else ""))
+        _require(self.optimizer.optimizer != "fused_lamb" or self.distribution.zero_stage,
+                 f"--optimizer=fused_lamb with --tensor_parallel_size={t}: the fused per-tensor "
+                 f"LAMB op computes its trust ratio from the norms of its own part of a split "
+                 f"tensor. Add ZeRO (--zero_stage=1 or 2), whose fused shard ops take the "
+                 f"whole tensor's norms, or use --optimizer=lamb")
+        _require(self.runtime.xla != "jit",
+                 f"--xla=jit compiles the forward and backward pass whole, and with "
+                 f"--tensor_parallel_size={t} they hold Horovod all-reduces, which XLA cannot "
+                 f"compile; use --xla=auto (clusters around them) or --xla=off")
+        _require(not self.runtime.init_embeddings_from,
+                 f"--init_embeddings_from builds the whole embedding table on one rank, and "
+                 f"--tensor_parallel_size={t} splits it; initialise a run without tensor "
+                 f"parallelism and start from its checkpoint (--init_checkpoint)")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

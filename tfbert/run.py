@@ -208,8 +208,10 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
                                                          "tensors over 1/N of a share split by "
                                                          "rows) or flat (all variables "
                                                          "concatenated, split evenly).", **fv)
-    flags.DEFINE_integer("tensor_parallel_size", 1, "Ranks per tensor-parallel group (not built "
-                                                    "yet).", **fv)
+    flags.DEFINE_integer("tensor_parallel_size", 1, "Ranks per tensor-parallel group: each model "
+                         "replica is split (Megatron-style: attention heads, FFN features, "
+                         "vocabulary) over that many consecutive ranks; the number of ranks "
+                         "must be a multiple of it.", **fv)
     flags.DEFINE_integer("debug_fail_at_step", 0, "Testing only: raise at this step on "
                                                   "--debug_fail_rank (0 = never).", **fv)
     flags.DEFINE_integer("debug_fail_rank", 0, "Testing only: the rank that fails.", **fv)
@@ -320,6 +322,8 @@ def zero_stage_from_flags(fv) -> int:
 
 
 def build_config(fv: flags.FlagValues, group=None):
+    # `group`: the run's ProcessGroups, or one group (then the world).
+    group = getattr(group, "world", group)
     """Flags -> (validated Config, tokenizer or None). Prepares the sample data when
     --input_files is empty."""
     from tfbert import config as cfg
@@ -504,18 +508,20 @@ def main(argv):
     from tfbert.training.embedding_init import VectorFileError
     from tfbert.training.trainer import Preempted, TrainingDiverged
 
-    from tfbert.distributed import create_group
+    from tfbert.distributed import create_process_groups
 
     fv = flags.FLAGS
-    # Horovod is initialised before anything else touches TensorFlow's devices.
-    group = create_group(fv.hvd_fp16_compression, fv.sparse_as_dense,
-                         fv.hvd_fusion_threshold_mb, fv.hvd_cycle_time_ms,
-                         fv.hvd_stall_check_secs, fv.hvd_stall_shutdown_secs)
-    if not group.is_chief:
-        logging.set_verbosity(logging.WARNING)  # the console log comes from rank 0
     try:
-        config, tokenizer = build_config(fv, group)
-        return train(config, tokenizer, group)
+        # Horovod is initialised before anything else touches TensorFlow's devices, with the
+        # process sets of tensor parallelism.
+        groups = create_process_groups(fv.tensor_parallel_size, fv.hvd_fp16_compression,
+                                       fv.sparse_as_dense, fv.hvd_fusion_threshold_mb,
+                                       fv.hvd_cycle_time_ms, fv.hvd_stall_check_secs,
+                                       fv.hvd_stall_shutdown_secs)
+        if not groups.world.is_chief:
+            logging.set_verbosity(logging.WARNING)  # the console log comes from rank 0
+        config, tokenizer = build_config(fv, groups)
+        return train(config, tokenizer, groups)
     except (ConfigError, DataError, TokenizerError, CheckpointError, VectorFileError) as e:
         return _fail(f"{type(e).__name__}: {e}", EXIT_BAD_INPUT)
     except TrainingDiverged as e:
@@ -530,7 +536,9 @@ def _fail(message: str, status: int) -> int:
     return status
 
 
-def train(config, tokenizer, group) -> int:
+def train(config, tokenizer, groups) -> int:
+    """Trains `config` on the run's `ProcessGroups` (or one group: the world, no tensor
+    parallelism); returns the exit status."""
     import tensorflow as tf
 
     from tfbert.data.pretraining_dataset import (MaskingSpec, check_records, check_token_ids,
@@ -538,6 +546,9 @@ def train(config, tokenizer, group) -> int:
     from tfbert.training.run_dir import check_output_dir, write_run_files
     from tfbert.training.trainer import Pretrainer
 
+    world = getattr(groups, "world", groups)
+    # The ranks of one tensor-parallel group read the same shard of the data.
+    data_group = getattr(groups, "data", groups)
     logging.info("Configuration:\n%s", config.to_json())
     # Before the input pipeline is built: tf.data's shuffle seeds combine with the global seed.
     tf.keras.utils.set_random_seed(config.runtime.seed)
@@ -557,15 +568,15 @@ def train(config, tokenizer, group) -> int:
         files, batch_size=data.train_batch_size, max_seq_length=data.max_seq_length,
         max_predictions_per_seq=data.max_predictions_per_seq, is_training=True,
         num_readers=data.num_readers, shuffle_buffer=data.shuffle_buffer,
-        seed=config.runtime.seed + group.rank, input_pipeline_id=group.rank,
-        num_input_pipelines=group.size, dynamic_masking=masking)
-    trainer = Pretrainer(config, dataset, group, tokenizer=tokenizer)
+        seed=config.runtime.seed + data_group.rank, input_pipeline_id=data_group.rank,
+        num_input_pipelines=data_group.size, dynamic_masking=masking)
+    trainer = Pretrainer(config, dataset, groups, tokenizer=tokenizer)
     trainer.restore_or_initialize()
     # Only now, with the checkpoint restored: a failed resume leaves the run directory as it was.
-    if group.is_chief:
+    if world.is_chief:
         write_run_files(config, tokenizer)
     summary = trainer.train()
-    if group.is_chief:
+    if world.is_chief:
         print_summary(config, summary)
     return 0
 

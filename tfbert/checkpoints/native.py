@@ -187,7 +187,10 @@ class NamedCheckpointKeeper:
 
     def restore_latest(self) -> str | None:
         """Restores the newest checkpoint, if any (either format); returns its prefix."""
-        prefix = self.latest
+        return self.restore(self.latest)
+
+    def restore(self, prefix: str | None) -> str | None:
+        """Restores the checkpoint at `prefix` (either format; None: nothing); returns it."""
         if prefix is None:
             return None
         reader = open_reader(prefix, "checkpoint")

@@ -67,6 +67,10 @@ def _tfbert_run_dir(path: str) -> str | None:
 def detect_format(path: str) -> str:
     if not os.path.exists(path) and not tf.io.gfile.exists(path + ".index"):
         raise CheckpointError(f"{path} does not exist")
+    if os.path.isdir(path):
+        from tfbert.checkpoints.sharded import check_no_tensor_parallel_parts
+
+        check_no_tensor_parallel_parts(path)  # a tensor-parallel run's parts: gather them first
     if _tfbert_run_dir(path):
         return "tfbert"
     if os.path.isdir(path):
@@ -146,13 +150,15 @@ def assign_pretrained(model, pretrained: Pretrained, what: str = "") -> list[str
                                   f"weights: {e}") from None
         return []
     source = pretrained.weights
+    # Whole shapes: under tensor parallelism each rank takes its part of every whole tensor.
+    shapes = model.whole_shapes()
     optional = [n for n in variables if n.startswith(("bert/pooler/", "cls/"))]
-    required = {n: tuple(v.shape) for n, v in variables.items() if n not in optional}
+    required = {n: shapes[n] for n in variables if n not in optional}
     check_shapes(required, source.shapes, f"{what} ({source.description})")
-    present = {n: tuple(variables[n].shape) for n in optional if n in source}
+    present = {n: shapes[n] for n in optional if n in source}
     check_shapes(present, source.shapes, f"{what} ({source.description})")
     for name in list(required) + list(present):
-        variables[name].assign(source.read(name))
+        variables[name].assign(model.part_of_whole(name, source.read(name)))
     left = [n for n in optional if n not in source]
     if left:
         logging.warning("%s has no %s: left at their initialisation", what, left)

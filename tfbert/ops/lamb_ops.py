@@ -216,3 +216,55 @@ class FusedLambUpdate:
         from tfbert.training.optimization import named_optimizer_state
 
         return named_optimizer_state(self.optimizer, variables)
+
+
+class LambWithSummedNorms(FusedLambUpdate):
+    """LAMB whose trust ratios come from norms added over other ranks: the update of a tensor
+    split across a tensor-parallel group (each rank holds a part) needs the norms of the whole
+    tensor. The same state and checkpoint names as `FusedLambUpdate`; the arithmetic is the TF
+    reference's, with the squared norms of all variables summed in one call of `sum_norms`.
+
+    Args:
+      config, learning_rate: as `FusedLambUpdate`.
+      sum_norms: float32 [V, 2] (per variable: this rank's sums of var^2 and update^2) ->
+        [V, 2], the sums over the parts of each tensor (`gradient_sync.TensorNorms.total`).
+    """
+
+    def __init__(self, config: OptimizerConfig, learning_rate, sum_norms):
+        super().__init__(config, learning_rate, use_fused_op=False)
+        self.sum_norms = sum_norms
+
+    def apply(self, grads, variables) -> None:
+        from tfbert.ops.lamb_shard_ops import lamb_direction
+
+        variables = list(variables)
+        state, c = self.optimizer, self.config
+        lr = tf.cast(self.learning_rate(), tf.float32)
+        step = tf.cast(state.iterations + 1, tf.float32)
+        updates, sums = [], []
+        for grad, var, key, adapted in zip(grads, variables, self._keys, self._flags):
+            if grad is None:  # frozen: no update, moments kept, nothing added to the norms
+                updates.append(None)
+                sums.append(tf.zeros([2], tf.float32))
+                continue
+            grad = tf.cast(tf.convert_to_tensor(grad), tf.float32)
+            m, v = state.m[key], state.v[key]
+            m.assign(m * c.beta_1 + grad * (1.0 - c.beta_1))
+            v.assign(v * c.beta_2 + (grad * grad) * (1.0 - c.beta_2))
+            param = tf.convert_to_tensor(var)
+            update = lamb_direction(tf.convert_to_tensor(m), tf.convert_to_tensor(v), param,
+                                    tf.constant(adapted), c.beta_1, c.beta_2, c.epsilon,
+                                    c.weight_decay_rate, step)
+            updates.append(update)
+            sums.append(tf.stack([tf.reduce_sum(tf.square(param)),
+                                  tf.reduce_sum(tf.square(update))]))
+        norms = tf.sqrt(self.sum_norms(tf.stack(sums)))  # (V, 2)
+        for i, (var, update, adapted) in enumerate(zip(variables, updates, self._flags)):
+            if update is None:
+                continue
+            ratio = 1.0
+            if adapted:
+                w_norm, u_norm = norms[i, 0], norms[i, 1]
+                ratio = tf.where(w_norm > 0, tf.where(u_norm > 0, w_norm / u_norm, 1.0), 1.0)
+            var.assign_sub(ratio * lr * update)
+        state.iterations.assign_add(1)

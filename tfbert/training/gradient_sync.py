@@ -49,6 +49,7 @@ from tfbert.checkpoints import CheckpointError, CheckpointKeeper
 from tfbert.checkpoints.native import open_reader
 from tfbert.checkpoints.sharded import GATHER_TOOL, MARKER_PREFIX
 from tfbert.config import OptimizerConfig
+from tfbert.distributed import SingleProcess
 from tfbert.ops import lamb_shard_ops
 from tfbert.training import sharding
 from tfbert.training.precision import deduplicate_indexed_slices
@@ -60,6 +61,45 @@ def variable_name(variable) -> str:
     return re.sub(r":\d+$", "", variable.name)
 
 
+class TensorNorms:
+    """Norms of tensors that tensor parallelism splits across a group of ranks.
+
+    A rank's sums of squares over its part of a split tensor are added over the group; a
+    replicated tensor (the same on every rank of the group) is counted once, from the group's
+    first rank. With a group of one this is the identity.
+
+    Args:
+      group: the tensor-parallel group.
+      split: per variable, whether it is split across the group.
+    """
+
+    def __init__(self, group, split: list[bool]):
+        self.group = group
+        self.split = list(split)
+        counted = [s or group.rank == 0 for s in self.split]
+        self._counted = tf.constant(counted, tf.float32, shape=[len(counted)])
+
+    @property
+    def parts(self) -> int:
+        return self.group.size
+
+    def total(self, squares: tf.Tensor) -> tf.Tensor:
+        """float32 [V] or [V, k] sums of squares over this rank's parts -> the same over the
+        whole tensors, equal on every rank of the group."""
+        if self.group.size == 1:
+            return squares
+        counted = tf.reshape(self._counted, [-1] + [1] * (squares.shape.rank - 1))
+        return self.group.sum(squares * counted, name="tensor_parallel_norms")
+
+
+def _squares(grad) -> tf.Tensor:
+    """float32 scalar: the sum of squares of a gradient (0 for None)."""
+    if grad is None:
+        return tf.constant(0.0)
+    values = grad.values if isinstance(grad, tf.IndexedSlices) else grad
+    return tf.reduce_sum(tf.square(tf.cast(values, tf.float32)))
+
+
 class DataParallel:
     """Plain data parallelism: whole gradients all-reduced, every rank updates everything.
 
@@ -67,14 +107,16 @@ class DataParallel:
       group: the data-parallel process group (`tfbert.distributed`).
       update: the optimizer update (`KerasOptimizerUpdate` or `FusedLambUpdate`), built here.
       variables: the trainable variables, in model order.
+      norms: `TensorNorms` of the variables under tensor parallelism (None: not split).
     """
 
     zero_stage = 0
 
-    def __init__(self, group, update, variables):
+    def __init__(self, group, update, variables, norms: TensorNorms | None = None):
         self.group = group
         self.update = update
         self.variables = list(variables)
+        self.norms = norms
         update.build(self.variables)
         self.optimizer = update.optimizer
 
@@ -93,8 +135,11 @@ class DataParallel:
         return [deduplicate_indexed_slices(g) for g in grads]
 
     def global_norm(self, grads: list) -> tf.Tensor:
-        """The same on every rank: the gradients were all-reduced."""
-        return tf.linalg.global_norm(grads)
+        """The same on every rank: the gradients were all-reduced (and under tensor
+        parallelism the parts' squares are added over the group, replicated tensors once)."""
+        if self.norms is None or self.norms.parts == 1:
+            return tf.linalg.global_norm(grads)
+        return tf.sqrt(tf.reduce_sum(self.norms.total(tf.stack([_squares(g) for g in grads]))))
 
     def apply(self, grads: list, frozen: list[bool]) -> None:
         del frozen  # the frozen variables' gradients are None already
@@ -150,17 +195,19 @@ class ShardedOptimizer:
       learning_rate: a zero-argument callable returning the current learning rate.
       state_dir: where each rank keeps its shard checkpoints (`<dir>/rank-<r>/ckpt-<step>`).
       keep_checkpoint_max: how many shard checkpoints each rank keeps.
+      norms: `TensorNorms` of the variables under tensor parallelism (None: not split).
     """
 
     def __init__(self, group, variables, plan: sharding.PartitionPlan, zero_stage: int,
                  config: OptimizerConfig, learning_rate, state_dir: str,
-                 keep_checkpoint_max: int = 5):
+                 keep_checkpoint_max: int = 5, norms: TensorNorms | None = None):
         if zero_stage not in sharding.ZERO_STAGES:
             raise ValueError(f"zero_stage must be one of {sharding.ZERO_STAGES}, got {zero_stage}")
         if config.optimizer not in ("lamb", "fused_lamb", "adamw"):
             raise ValueError(f"ZeRO implements lamb, fused_lamb and adamw, not {config.optimizer!r}")
         self.group = group
         self.variables = list(variables)
+        self.norms = norms or TensorNorms(_SINGLE, [False] * len(self.variables))
         self.zero_stage = zero_stage
         self.config = config
         self.learning_rate = learning_rate
@@ -290,7 +337,15 @@ class ShardedOptimizer:
         """The norm of the whole averaged gradient: each rank's squared sum, added over ranks.
         The same on every rank, so every rank takes the same skip decision."""
         (shard,) = grads
-        return tf.sqrt(self.group.sum(tf.reduce_sum(tf.square(shard)), name="zero_grad_norm"))
+        if self.norms.parts == 1:
+            return tf.sqrt(self.group.sum(tf.reduce_sum(tf.square(shard)), name="zero_grad_norm"))
+        # Per variable, so that tensor parallelism counts a replicated tensor once.
+        ids = tf.gather(self._segment_variable,
+                        lamb_shard_ops.segment_ids(self._segment_ends, self.shard_size))
+        per_variable = tf.math.unsorted_segment_sum(tf.square(shard), ids,
+                                                    len(self.variables))  # (V,)
+        per_variable = self.group.sum(per_variable, name="zero_grad_norm")
+        return tf.sqrt(tf.reduce_sum(self.norms.total(per_variable)))
 
     def apply(self, grads: list, frozen: list[bool]) -> None:
         """Updates this rank's elements, then all-gathers them into every rank's variables."""
@@ -322,7 +377,7 @@ class ShardedOptimizer:
         # Whole-tensor squared norms: the segments of each variable, added over ranks.
         per_variable = tf.math.unsorted_segment_sum(sums, self._segment_variable,
                                                     len(self.variables))  # (V, 2)
-        per_variable = self.group.sum(per_variable, name="zero_lamb_norms")
+        per_variable = self.norms.total(self.group.sum(per_variable, name="zero_lamb_norms"))
         var_norm, update_norm = tf.sqrt(per_variable[:, 0]), tf.sqrt(per_variable[:, 1])
         ratio = tf.where(var_norm > 0, tf.where(update_norm > 0,
                                                 var_norm / tf.maximum(update_norm, 1e-38), 1.0),
@@ -413,6 +468,9 @@ class ShardedOptimizer:
                     gradient_bytes=4 * (self.shard_size if self.zero_stage == 2 else full))
 
 
+_SINGLE = SingleProcess()
+
+
 class _ShardState(tf.Module):
     """A rank's optimizer state under ZeRO: the step counter and the flat m and v of its
     shard, plus the description of the layout they were written for (checked on restore)."""
@@ -440,19 +498,28 @@ def plan_fingerprint(plan: sharding.PartitionPlan, rank: int) -> str:
 
 def build_gradient_sync(group, variables, optimizer_config: OptimizerConfig, learning_rate,
                         zero_stage: int, state_split_strategy: str, state_dir: str,
-                        keep_checkpoint_max: int):
-    """DataParallel (zero_stage 0) or ShardedOptimizer (1, 2) over `variables`."""
+                        keep_checkpoint_max: int, norms: TensorNorms | None = None):
+    """DataParallel (zero_stage 0) or ShardedOptimizer (1, 2) over `variables`, synchronised
+    over the data-parallel `group`; `norms` adds the parts of tensor-parallel tensors."""
+    split = norms is not None and norms.parts > 1
     if zero_stage == 0:
         from tfbert.training.optimization import KerasOptimizerUpdate, build_optimizer
 
         if optimizer_config.optimizer == "fused_lamb":
+            if split:
+                raise ValueError("the fused per-tensor LAMB op cannot take the norms of a "
+                                 "tensor split across ranks; use ZeRO's fused shard ops")
             from tfbert.ops.lamb_ops import FusedLambUpdate
 
             update = FusedLambUpdate(optimizer_config, learning_rate, use_fused_op=True)
+        elif optimizer_config.optimizer == "lamb" and split:
+            from tfbert.ops.lamb_ops import LambWithSummedNorms
+
+            update = LambWithSummedNorms(optimizer_config, learning_rate, norms.total)
         else:
             update = KerasOptimizerUpdate(build_optimizer(optimizer_config, learning_rate))
-        return DataParallel(group, update, variables)
+        return DataParallel(group, update, variables, norms)
     shapes = [(variable_name(v), tuple(v.shape)) for v in variables]
     plan = sharding.partition_plan(shapes, group.size, state_split_strategy)
     return ShardedOptimizer(group, variables, plan, zero_stage, optimizer_config, learning_rate,
-                            state_dir, keep_checkpoint_max)
+                            state_dir, keep_checkpoint_max, norms)

@@ -15,17 +15,18 @@ from absl import logging
 from tensorflow.python.framework import config as tf_config
 
 from tfbert.config import Config, ConfigError, atomic_write_text
-from tfbert.distributed import SingleProcess
+from tfbert.distributed import ProcessGroups, SingleProcess
 from tfbert.modeling.layers.dropout import DropoutRng
+from tfbert.modeling import tensor_parallel
 from tfbert.modeling.models.bert_pretrainer import BertPretrainer
 from tfbert.checkpoints import sharded
-from tfbert.checkpoints import (CheckpointKeeper, NamedCheckpointKeeper, checkpoint_step,
-                                init_from_pretrained)
+from tfbert.checkpoints import (CheckpointError, CheckpointKeeper, NamedCheckpointKeeper,
+                                checkpoint_step, init_from_pretrained)
 from tfbert.training.grappler import StepGrapplerOptions
 from tfbert.training.interruption import StepWatchdog, StopRequests
 from tfbert.training.memory import PeakMemory, peak_rss_bytes
 from tfbert.training import sharding
-from tfbert.training.gradient_sync import build_gradient_sync, variable_name
+from tfbert.training.gradient_sync import TensorNorms, build_gradient_sync, variable_name
 from tfbert.training.optimization import WarmupPolynomialDecay
 from tfbert.training.precision import DynamicLossScale
 from tfbert.training.xla import configure_xla
@@ -82,13 +83,25 @@ class Pretrainer:
       dataset: tf.data.Dataset of feature dicts (see `tfbert.data.pretraining_dataset`), already
         sharded for this rank. Its iterator is checkpointed, so a resumed run reads on where
         the interrupted one stopped.
-      group: the process group (`tfbert.distributed`).
+      group: the run's `ProcessGroups` (world, data-parallel, tensor-parallel), or one group,
+        which is then both the world and the data-parallel group (no tensor parallelism).
       tokenizer: the run's tokenizer; needed by --init_embeddings_from.
+
+    Under tensor parallelism each tensor-parallel rank keeps its part of the model and of the
+    optimizer state in its own directory, `<output_dir>/tensor_parallel/tp-<k>` (written by
+    the first data-parallel rank of that part); `tfbert.tools.gather_checkpoint` joins them.
     """
 
     def __init__(self, config: Config, dataset: tf.data.Dataset, group=None, tokenizer=None):
         self.config = config
-        self.group = group or SingleProcess()
+        group = group or SingleProcess()
+        if not isinstance(group, ProcessGroups):
+            group = ProcessGroups(world=group, data=group,
+                                  tensor=SingleProcess(global_rank=group.rank))
+        self.groups = group
+        self.group = group.world  # logs, summaries, stop requests, per-rank figures
+        self.data_group = group.data  # gradients, ZeRO, the input shard, shared state
+        self.tensor_group = group.tensor  # the model's parts
         runtime = config.runtime
         if runtime.init_embeddings_from and tokenizer is None:
             raise ConfigError("--init_embeddings_from maps words to tokens with the run's "
@@ -100,15 +113,31 @@ class Pretrainer:
         self.grappler = StepGrapplerOptions(runtime.memory_optimization, runtime.suppress_grappler)
         if runtime.deterministic:
             tf.config.experimental.enable_op_determinism()
-        # Same initial weights on every rank; per-rank dropout masks.
+        # Same initial weights on every rank (a tensor-parallel part is its slice of them);
+        # dropout masks per data-parallel replica. The masks of replicated activations are the
+        # same on the ranks of a tensor-parallel group; those of a rank's own attention heads
+        # come from a generator of its own.
         tf.keras.utils.set_random_seed(runtime.seed)
-        self.rng = DropoutRng(runtime.seed + 1_000_003 * self.group.rank)
+        self.rng = DropoutRng(runtime.seed + 1_000_003 * self.data_group.rank)
+        tensor_parallel_size = self.tensor_group.size
+        self.attention_rng = (DropoutRng(runtime.seed + 1_000_003 * self.data_group.rank
+                                         + 7_919 * (1 + self.tensor_group.rank))
+                              if tensor_parallel_size > 1 else None)
 
         self.model = BertPretrainer(
             config.model, self.rng, precision=runtime.precision, ops=config.ops,
-            one_hot_token_types=config.distribution.sparse_as_dense)
+            one_hot_token_types=config.distribution.sparse_as_dense,
+            tensor_group=self.tensor_group, attention_rng=self.attention_rng)
         self.model.build(config.data.max_seq_length, config.data.max_predictions_per_seq)
         self.variables = self.model.trainable_variables
+        gated = config.model.hidden_act == "geglu"
+        self.tensor_norms = TensorNorms(self.tensor_group, [
+            tensor_parallel_size > 1 and tensor_parallel.split_of(variable_name(v), gated)
+            is not None for v in self.variables])
+        # Where this rank's part of the shared state lives.
+        self.checkpoint_dir = runtime.output_dir
+        if tensor_parallel_size > 1:
+            self.checkpoint_dir = sharded.part_dir(runtime.output_dir, self.tensor_group.rank)
 
         # Counts training steps, including steps skipped for non-finite gradients.
         self.global_step = tf.Variable(0, dtype=tf.int64, trainable=False, name="global_step")
@@ -118,7 +147,7 @@ class Pretrainer:
                                             name="nonfinite_streak")
         distribution = config.distribution
         peak_learning_rate = config.optimizer.learning_rate * (
-            self.group.size if distribution.scale_learning_rate else 1)
+            self.data_group.size if distribution.scale_learning_rate else 1)
         self.schedule = WarmupPolynomialDecay(
             peak_learning_rate, runtime.num_train_steps,
             config.optimizer.num_warmup_steps, config.optimizer.end_learning_rate,
@@ -126,11 +155,11 @@ class Pretrainer:
         learning_rate = lambda: self.schedule(self.global_step)  # noqa: E731
         # How gradients cross ranks and update the weights: data parallelism or ZeRO-1/2.
         self.sync = build_gradient_sync(
-            self.group, self.variables, config.optimizer, learning_rate,
+            self.data_group, self.variables, config.optimizer, learning_rate,
             zero_stage=distribution.zero_stage,
             state_split_strategy=distribution.state_split_strategy,
-            state_dir=os.path.join(runtime.output_dir, sharded.STATE_DIR),
-            keep_checkpoint_max=runtime.keep_checkpoint_max)
+            state_dir=os.path.join(self.checkpoint_dir, sharded.STATE_DIR),
+            keep_checkpoint_max=runtime.keep_checkpoint_max, norms=self.tensor_norms)
         if distribution.zero_stage and self.group.is_chief:
             self.log_sharding()
         self.loss_scale = (DynamicLossScale(runtime.initial_loss_scale,
@@ -147,18 +176,27 @@ class Pretrainer:
                       **self.sync.checkpoint_items())
         if self.loss_scale is not None:
             legacy["loss_scale"] = self.loss_scale
-        self.checkpoints = NamedCheckpointKeeper(runtime.output_dir, runtime.keep_checkpoint_max,
-                                                 self.named_state(), legacy_objects=legacy,
-                                                 markers=self.sync.checkpoint_markers())
+        markers = dict(self.sync.checkpoint_markers())
+        if tensor_parallel_size > 1:
+            markers.update(sharded.tensor_parallel_markers(
+                self.tensor_group.rank, tensor_parallel_size, gated))
+        os.makedirs(self.checkpoint_dir, exist_ok=True)
+        # A tensor-parallel part keeps one checkpoint more: a job stopped while the parts were
+        # being written resumes from the step before, which every part then still has.
+        self.checkpoints = NamedCheckpointKeeper(
+            self.checkpoint_dir, runtime.keep_checkpoint_max + (tensor_parallel_size > 1),
+            self.named_state(), legacy_objects=legacy, markers=markers)
         # ... and the state of each rank: its position in its data shard and its dropout RNG.
         # One more is kept than of the shared state: each rank writes its state before rank 0
         # commits the shared checkpoint, so a job killed in between still finds the rank state
         # that matches the newest shared checkpoint.
         rank_dir = os.path.join(runtime.output_dir, "rank_state", f"rank-{self.group.rank}")
         os.makedirs(rank_dir, exist_ok=True)
+        rank_objects = dict(dropout_rng=self.rng.generator, data_iterator=self.iterator)
+        if self.attention_rng is not None:
+            rank_objects["attention_dropout_rng"] = self.attention_rng.generator
         self.rank_checkpoints = CheckpointKeeper(
-            rank_dir, runtime.keep_checkpoint_max + 1, dropout_rng=self.rng.generator,
-            data_iterator=self.iterator)
+            rank_dir, runtime.keep_checkpoint_max + 1, **rank_objects)
 
         self.accumulation_steps = distribution.num_accumulation_steps
         # XLA cannot compile Horovod's collectives on every device (not at all on a CPU): under
@@ -196,7 +234,7 @@ class Pretrainer:
     def restore_or_initialize(self) -> int:
         """Resumes from the newest checkpoint in output_dir, else loads --init_checkpoint's
         weights, else keeps the fresh initialisation. Returns the step training starts at."""
-        restored = self.checkpoints.restore_latest()
+        restored = self.checkpoints.restore(self._agreed_checkpoint())
         if restored and self.sync.zero_stage == 0:
             sharded.check_not_sharded(restored)
         if restored:
@@ -213,13 +251,39 @@ class Pretrainer:
             logging.info("Initialised weights from %s", source)
         elif self.config.runtime.init_embeddings_from and self.group.is_chief:
             self._init_embeddings_from_vectors()  # rank 0 reads; the broadcast below shares
-        # Every rank starts from rank 0's weights, optimizer state and counters (also when only
-        # rank 0 can read the checkpoint). Slots exist already, so no first step is needed.
-        self.group.broadcast_variables(self.shared_variables())
+        # Every rank starts from its replica's first rank's weights, optimizer state and counters
+        # (also when only that rank can read the checkpoint). Slots exist already, so no first
+        # step is needed.
+        self.data_group.broadcast_variables(self.shared_variables())
         # ZeRO: each rank's own part of the optimizer state (after the broadcast of the step).
         self.sync.restore(restored or None, int(self.global_step))
         self._start_step = int(self.global_step)
         return self._start_step
+
+    def _agreed_checkpoint(self) -> str | None:
+        """The checkpoint to resume from: the newest one, or under tensor parallelism the newest
+        step every part has (a job stopped while the parts were being written has the newer
+        step in some parts only)."""
+        latest = self.checkpoints.latest
+        if self.tensor_group.size == 1:
+            if latest is None:
+                sharded.check_no_tensor_parallel_parts(self.config.runtime.output_dir)
+            return latest
+        sharded.check_not_whole(self.config.runtime.output_dir)
+        steps = self.group.allgather_values([checkpoint_step(latest) if latest else -1])[:, 0]
+        if steps.max() < 0:
+            return None
+        if steps.min() < 0:
+            raise CheckpointError(
+                f"{self.config.runtime.output_dir}: some tensor-parallel parts have checkpoints "
+                f"and others none (tensor_parallel/tp-*): was --tensor_parallel_size changed? "
+                f"Resume with the value the run was written with")
+        step = int(steps.min())
+        prefix = os.path.join(self.checkpoint_dir, f"ckpt-{step}")
+        if not tf.io.gfile.exists(prefix + ".index"):
+            raise CheckpointError(f"{prefix} is missing: the tensor-parallel parts of "
+                                  f"{self.config.runtime.output_dir} share no checkpoint step")
+        return prefix
 
     def log_sharding(self) -> None:
         """Rank 0's start-up table of what each rank holds under ZeRO (from shapes)."""
@@ -227,11 +291,13 @@ class Pretrainer:
         shapes = [(variable_name(v), tuple(v.shape)) for v in self.variables]
         grad_bytes = (tf.as_dtype(distribution.grad_accum_dtype).size
                       if distribution.uses_accumulation else 4)
-        table = sharding.byte_table(shapes, self.group.size, distribution.state_split_strategy,
+        table = sharding.byte_table(shapes, self.data_group.size,
+                                    distribution.state_split_strategy,
                                     distribution.zero_stage, grad_bytes=grad_bytes)
         logging.info("ZeRO-%d: what each rank holds (activations not counted)\n%s",
                      distribution.zero_stage, sharding.format_byte_table(table, (
-                         f"vocab_size={self.config.model.vocab_size}, {self.group.size} ranks, "
+                         f"vocab_size={self.config.model.vocab_size}, {self.data_group.size} "
+                         f"data-parallel ranks, "
                          f"--state_split_strategy={distribution.state_split_strategy}")))
 
     def _init_embeddings_from_vectors(self) -> None:
@@ -468,8 +534,10 @@ class Pretrainer:
         self.rank_checkpoints.save(step)
         self.sync.save(step)  # ZeRO: this rank's part of the optimizer state
         self.group.barrier()
-        if self.group.is_chief:
-            logging.info("Saved checkpoint %s", self.checkpoints.save(step))
+        if self.data_group.is_chief:  # one writer per tensor-parallel part
+            prefix = self.checkpoints.save(step)
+            if self.group.is_chief:
+                logging.info("Saved checkpoint %s", prefix)
 
     def train(self, max_steps: int | None = None) -> dict:
         """Trains to --num_train_steps (or `max_steps` more steps, to stop early as a preempted
@@ -595,8 +663,10 @@ class Pretrainer:
             examples_per_sec=examples_per_sec,
             tokens_per_sec=examples_per_sec * data.max_seq_length,
             peak_memory_bytes=memory.run_peak_bytes, peak_rss_bytes=peak_rss_bytes(),
-            examples_per_sec_total=float(per_rank[:, 0].sum()),
-            tokens_per_sec_total=float(per_rank[:, 0].sum()) * data.max_seq_length,
+            # Each replica's examples once (its tensor-parallel ranks read the same batch).
+            examples_per_sec_total=float(per_rank[:, 0].sum()) / self.tensor_group.size,
+            tokens_per_sec_total=(float(per_rank[:, 0].sum()) / self.tensor_group.size
+                                  * data.max_seq_length),
             peak_memory_bytes_min=int(per_rank[:, 1].min()),
             peak_memory_bytes_max=int(per_rank[:, 1].max()),
             peak_memory_bytes_total=int(per_rank[:, 1].sum()),
@@ -612,9 +682,11 @@ class Pretrainer:
             memory_device=memory.device, skipped_steps=int(self.skipped_steps),
             loss_scale=float(self.loss_scale.scale) if self.loss_scale is not None else None,
             checkpoint=self.checkpoints.latest, num_processes=self.group.size,
+            tensor_parallel_size=self.tensor_group.size,
+            data_parallel_size=self.data_group.size,
             train_batch_size=data.train_batch_size,
             num_accumulation_steps=self.accumulation_steps,
-            global_batch_size=examples_per_step * self.group.size,
+            global_batch_size=examples_per_step * self.data_group.size,
             max_seq_length=data.max_seq_length, precision=runtime.precision, xla=runtime.xla,
             memory_optimization=runtime.memory_optimization,
             # As TensorFlow reports it (--deterministic turns it on for the whole process).
@@ -660,7 +732,8 @@ class Pretrainer:
         window.update(start_time=now, start_step=step)
         record.update(step=step, learning_rate=float(outputs["learning_rate"]),
                       examples_per_sec=examples_per_step * steps / seconds,
-                      examples_per_sec_total=examples_per_step * steps / seconds * self.group.size,
+                      examples_per_sec_total=(examples_per_step * steps / seconds
+                                              * self.data_group.size),
                       tokens_per_sec=tokens_per_step * steps / seconds,
                       peak_memory_bytes=int(peaks[self.group.rank]),
                       peak_memory_bytes_min=int(peaks.min()),

@@ -1,6 +1,7 @@
 """Multi-head self-attention.
 
-Shape legend: B batch, S sequence length, N heads, H head size, D = N * H hidden size.
+Shape legend: B batch, S sequence length, N heads, H head size, D = N * H hidden size; under
+tensor parallelism (T ranks) a rank computes n = N / T of the heads.
 """
 
 from __future__ import annotations
@@ -38,13 +39,14 @@ class SelfAttention(tf.keras.layers.Layer):
     """Multi-head self-attention with its output projection, residual and LayerNorm excluded.
 
     Args:
-      num_heads: N.
+      num_heads: N, over the whole model (the factory says how many this rank computes).
       head_size: H.
       dense_factory: builds the Q/K/V (column-parallel) and output (row-parallel) projections.
       attention_dropout: dropout rate on the attention probabilities.
       use_bias_in_keys: whether the key projection has a bias. A key bias adds the same amount
         to every score of a query, which softmax cancels, so it can be dropped to save memory.
-      rng: DropoutRng for the attention dropout.
+      rng: DropoutRng for the attention dropout (masks of this rank's heads: under tensor
+        parallelism its own generator, different on every rank of the group).
       fused_softmax: compute scale, mask, softmax and dropout in one fused op
         (tfbert.ops.attention_softmax_ops), which regenerates the dropout mask from its seed in
         the backward pass instead of storing it.
@@ -59,9 +61,11 @@ class SelfAttention(tf.keras.layers.Layer):
         self.fused_softmax = fused_softmax
         self._rng = rng
         self.num_heads = num_heads
+        self.local_heads = dense_factory.local(num_heads)
         self.head_size = head_size
         self.attention_dropout = attention_dropout
         self.use_bias_in_keys = use_bias_in_keys
+        self._factory = dense_factory
         hidden = num_heads * head_size
         self.query = dense_factory.column_parallel(hidden, name="query")
         self.key = dense_factory.column_parallel(hidden, name="key", use_bias=use_bias_in_keys)
@@ -71,8 +75,8 @@ class SelfAttention(tf.keras.layers.Layer):
 
     def _split_heads(self, x: tf.Tensor) -> tf.Tensor:
         batch, seq = tf.shape(x)[0], tf.shape(x)[1]
-        x = tf.reshape(x, [batch, seq, self.num_heads, self.head_size])  # (B, S, N, H)
-        return tf.transpose(x, [0, 2, 1, 3])  # (B, N, S, H)
+        x = tf.reshape(x, [batch, seq, self.local_heads, self.head_size])  # (B, S, n, H)
+        return tf.transpose(x, [0, 2, 1, 3])  # (B, n, S, H)
 
     def call(self, hidden_states, mask_bias, training=False):
         """
@@ -82,29 +86,31 @@ class SelfAttention(tf.keras.layers.Layer):
         Returns: Tensor [B, S, D], the attention output after its dense projection.
         """
         with tf.name_scope("self"):
-            query = self._split_heads(self.query(hidden_states))  # (B, N, S, H)
-            key = self._split_heads(self.key(hidden_states))  # (B, N, S, H)
-            value = self._split_heads(self.value(hidden_states))  # (B, N, S, H)
+            inputs = self._factory.enter_parallel(hidden_states)  # (B, S, D)
+            query = self._split_heads(self.query(inputs))  # (B, n, S, H)
+            key = self._split_heads(self.key(inputs))  # (B, n, S, H)
+            value = self._split_heads(self.value(inputs))  # (B, n, S, H)
 
-        # Scale the query rather than the scores: fewer elements ([B,N,S,H] vs [B,N,S,S]).
+        # Scale the query rather than the scores: fewer elements ([B,n,S,H] vs [B,n,S,S]).
         query = query * tf.cast(self.head_size ** -0.5, query.dtype)
-        scores = tf.einsum("bnqh,bnkh->bnqk", query, key)  # (B, N, S, S)
+        scores = tf.einsum("bnqh,bnkh->bnqk", query, key)  # (B, n, S, S)
         if self.fused_softmax:
             from tfbert.ops.attention_softmax_ops import fused_attention_softmax
 
             rate = self.attention_dropout if training else 0.0
             seed = self._rng.next_seed() if rate > 0 else tf.zeros([2], tf.int64)
             probs = fused_attention_softmax(scores, tf.cast(mask_bias, scores.dtype), seed,
-                                            scale=1.0, dropout_rate=rate)  # (B, N, S, S)
+                                            scale=1.0, dropout_rate=rate)  # (B, n, S, S)
         else:
-            probs = masked_softmax(scores, mask_bias)  # (B, N, S, S)
+            probs = masked_softmax(scores, mask_bias)  # (B, n, S, S)
             probs = self.dropout(probs, training=training)
-        context = tf.einsum("bnqk,bnkh->bnqh", probs, value)  # (B, N, S, H)
-        context = tf.transpose(context, [0, 2, 1, 3])  # (B, S, N, H)
+        context = tf.einsum("bnqk,bnkh->bnqh", probs, value)  # (B, n, S, H)
+        context = tf.transpose(context, [0, 2, 1, 3])  # (B, S, n, H)
         batch, seq = tf.shape(context)[0], tf.shape(context)[1]
-        context = tf.reshape(context, [batch, seq, self.num_heads * self.head_size])  # (B, S, D)
+        context = tf.reshape(context, [batch, seq, self.local_heads * self.head_size])  # (B, S, nH)
 
         with tf.name_scope("output"):
+            # Row-parallel: the heads' partial projections summed over the group.
             return self.output_dense(context)  # (B, S, D)
 
     def get_config(self):

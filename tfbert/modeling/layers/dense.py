@@ -51,12 +51,15 @@ class Dense(tf.keras.layers.Layer):
                      if self.use_bias else None)
         super().build(input_shape)
 
-    def call(self, inputs):
+    def _matmul(self, inputs):
         # A 2-D matmul: the gradient of an ellipsis einsum ("...i,io->...o") broadcasts the
         # kernel over the batch and was measured 30x slower and 60x larger here.
         flat = tf.reshape(inputs, [-1, tf.shape(inputs)[-1]])  # (B*S, in)
         outputs = tf.matmul(flat, self.kernel)  # (B*S, units)
-        outputs = tf.reshape(outputs, tf.concat([tf.shape(inputs)[:-1], [self.units]], axis=0))
+        return tf.reshape(outputs, tf.concat([tf.shape(inputs)[:-1], [self.units]], axis=0))
+
+    def call(self, inputs):
+        outputs = self._matmul(inputs)
         if self.fused_activation is not None:
             from tfbert.ops import gelu_ops
 
@@ -78,14 +81,36 @@ class Dense(tf.keras.layers.Layer):
         return config
 
 
+class RowParallelDense(Dense):
+    """A projection whose input features are split across a tensor-parallel group: each rank
+    multiplies its slice of the input by its rows of the kernel, the partial products are
+    summed over the group, and the bias (replicated) is added once, after the sum.
+
+    Inputs: [..., in / T], this rank's slice. Output: [..., units], the same on every rank.
+    """
+
+    def __init__(self, units: int, group, **kwargs):
+        super().__init__(units, **kwargs)
+        self.group = group
+
+    def call(self, inputs):
+        from tfbert.modeling.tensor_parallel import reduce_from_region
+
+        outputs = reduce_from_region(self._matmul(inputs), self.group)
+        return outputs + self.bias if self.bias is not None else outputs
+
+
 class DenseFactory:
-    """Builds the encoder's dense layers. Replace it (e.g. with a tensor-parallel factory) to
-    change how every projection is computed.
+    """Builds the encoder's dense layers, and says how many heads, features and vocabulary rows
+    a rank holds. `TensorParallelDenseFactory` replaces it to split them across ranks; the
+    layers that use a factory do not change.
 
     Args:
       initializer_range: stddev of the truncated-normal kernel initializer.
       dtype: the Keras dtype policy the layers compute in.
     """
+
+    parts = 1  # ranks of the tensor-parallel group
 
     def __init__(self, initializer_range: float, dtype=None):
         self.initializer_range = initializer_range
@@ -94,6 +119,23 @@ class DenseFactory:
     def _initializer(self):
         return tf.keras.initializers.TruncatedNormal(stddev=self.initializer_range)
 
+    def local(self, count: int) -> int:
+        """How many of `count` heads or features this rank holds in a parallel region."""
+        return count
+
+    def enter_parallel(self, x: tf.Tensor) -> tf.Tensor:
+        """Hands a replicated activation to the column-parallel projections that read it (once
+        for Q, K and V together: under tensor parallelism their input gradients are summed
+        across ranks in one all-reduce)."""
+        return x
+
+    def vocab_shard(self, vocab_size: int):
+        """The rows of the vocabulary this rank holds (`tensor_parallel.VocabShard`)."""
+        from tfbert.modeling.tensor_parallel import VocabShard
+        from tfbert.distributed import SingleProcess
+
+        return VocabShard(SingleProcess(), 0, vocab_size)
+
     def dense(self, units: int, name: str, use_bias: bool = True,
               fused_activation: str | None = None) -> tf.keras.layers.Layer:
         """A projection replicated on every rank (poolers, heads)."""
@@ -101,11 +143,73 @@ class DenseFactory:
                      fused_activation=fused_activation, dtype=self.dtype)
 
     def column_parallel(self, units: int, name: str, use_bias: bool = True,
-                        fused_activation: str | None = None) -> tf.keras.layers.Layer:
-        """A projection whose output features a tensor-parallel factory splits across ranks."""
+                        fused_activation: str | None = None,
+                        gated: bool = False) -> tf.keras.layers.Layer:
+        """A projection whose output features a tensor-parallel factory splits across ranks.
+        Its input comes through `enter_parallel`. `gated`: the outputs are [gate, value]
+        halves (each rank then holds matching slices of both)."""
+        del gated
         return self.dense(units, name=name, use_bias=use_bias, fused_activation=fused_activation)
 
     def row_parallel(self, units: int, name: str, use_bias: bool = True) -> tf.keras.layers.Layer:
         """A projection whose input features a tensor-parallel factory splits across ranks
         (its partial outputs are then summed)."""
         return self.dense(units, name=name, use_bias=use_bias)
+
+
+class TensorParallelDenseFactory(DenseFactory):
+    """Megatron's split of a transformer block over `group` (`tfbert.modeling.tensor_parallel`):
+    column-parallel projections hold units / T output features, row-parallel ones in / T input
+    features, and the vocabulary V / T rows. Every kernel is initialised as this rank's slice of
+    the whole kernel one process would draw.
+    """
+
+    def __init__(self, initializer_range: float, dtype=None, group=None):
+        super().__init__(initializer_range, dtype)
+        self.group = group
+        self.parts = group.size
+
+    def local(self, count: int) -> int:
+        if count % self.parts:
+            raise ValueError(f"{count} heads or features do not split over {self.parts} "
+                             f"tensor-parallel ranks")
+        return count // self.parts
+
+    def enter_parallel(self, x: tf.Tensor) -> tf.Tensor:
+        from tfbert.modeling.tensor_parallel import copy_to_region
+
+        return copy_to_region(x, self.group)
+
+    def vocab_shard(self, vocab_size: int):
+        from tfbert.modeling.tensor_parallel import VocabShard
+
+        self.local(vocab_size)  # the error, if it does not split
+        return VocabShard.of(self.group, vocab_size)
+
+    def _sliced(self, split):
+        from tfbert.modeling.tensor_parallel import ShardInitializer
+
+        return ShardInitializer(self._initializer(), split, self.group.rank, self.parts)
+
+    def column_parallel(self, units: int, name: str, use_bias: bool = True,
+                        fused_activation: str | None = None,
+                        gated: bool = False) -> tf.keras.layers.Layer:
+        from tfbert.modeling.tensor_parallel import Split
+
+        return Dense(self.local(units), use_bias=use_bias, name=name, dtype=self.dtype,
+                     kernel_initializer=self._sliced(Split(1, halves=gated)),
+                     fused_activation=fused_activation)
+
+    def row_parallel(self, units: int, name: str, use_bias: bool = True) -> tf.keras.layers.Layer:
+        from tfbert.modeling.tensor_parallel import Split
+
+        return RowParallelDense(units, self.group, use_bias=use_bias, name=name,
+                                dtype=self.dtype, kernel_initializer=self._sliced(Split(0)))
+
+
+def make_dense_factory(initializer_range: float, dtype=None, tensor_group=None) -> DenseFactory:
+    """The one place that decides how projections are computed: split over `tensor_group` when
+    it has more than one rank, else whole."""
+    if tensor_group is not None and tensor_group.size > 1:
+        return TensorParallelDenseFactory(initializer_range, dtype, tensor_group)
+    return DenseFactory(initializer_range, dtype)

@@ -22,6 +22,8 @@ class Embeddings(tf.keras.layers.Layer):
         ranks in the gradients' all-reduce. A gather's gradient is sparse: one row of D per
         token (B*S rows, 64 MiB at batch 32 x 512 x 1024 in float32), which Horovod all-gathers
         from every rank unless it is densified (--sparse_as_dense).
+      vocab_shard: the rows of the word table this rank holds (`tensor_parallel.VocabShard`);
+        None holds them all.
 
     Variables (google-research/bert names): word_embeddings [V, D], token_type_embeddings [T, D],
     position_embeddings [P, D], LayerNorm/{gamma,beta}.
@@ -31,8 +33,9 @@ class Embeddings(tf.keras.layers.Layer):
                  type_vocab_size: int, initializer_range: float, dropout: float = 0.0,
                  layer_norm_eps: float = 1e-12, rng: DropoutRng | None = None,
                  fused_layer_norm: bool = False, layer_norm_dtype: str = "float32",
-                 one_hot_token_types: bool = True, **kwargs):
+                 one_hot_token_types: bool = True, vocab_shard=None, **kwargs):
         super().__init__(**kwargs)
+        self.vocab_shard = vocab_shard
         self.one_hot_token_types = one_hot_token_types
         self.vocab_size = vocab_size
         self.hidden_size = hidden_size
@@ -46,13 +49,16 @@ class Embeddings(tf.keras.layers.Layer):
         self.dropout = Dropout(dropout, rng, name="dropout", dtype=self.dtype_policy)
 
     def build(self, input_shape):
-        def table(name, rows):
+        def table(name, rows, shard=None):
+            initializer = tf.keras.initializers.TruncatedNormal(stddev=self.initializer_range)
             # No autocast: a gather from an autocast table would first cast the whole table.
             return self.add_weight(
                 name, shape=[rows, self.hidden_size], experimental_autocast=False,
-                initializer=tf.keras.initializers.TruncatedNormal(stddev=self.initializer_range))
+                initializer=shard.initializer(initializer) if shard else initializer)
 
-        self.word_embeddings = table("word_embeddings", self.vocab_size)
+        shard = self.vocab_shard
+        self.word_embeddings = table("word_embeddings", shard.rows if shard else self.vocab_size,
+                                     shard)
         self.token_type_embeddings = table("token_type_embeddings", self.type_vocab_size)
         self.position_embeddings = table("position_embeddings", self.max_position_embeddings)
         super().build(input_shape)
@@ -60,7 +66,11 @@ class Embeddings(tf.keras.layers.Layer):
     def call(self, input_ids, segment_ids, training=False):
         """input_ids, segment_ids: int32 [B, S]. Returns [B, S, D] in the compute dtype."""
         seq_length = tf.shape(input_ids)[1]
-        embeddings = tf.gather(self.word_embeddings, input_ids)  # (B, S, D)
+        if self.vocab_shard is not None:
+            # The rows of every rank's part of the table, summed: the same on every rank.
+            embeddings = self.vocab_shard.lookup(self.word_embeddings, input_ids)  # (B, S, D)
+        else:
+            embeddings = tf.gather(self.word_embeddings, input_ids)  # (B, S, D)
         if self.one_hot_token_types:
             one_hot = tf.one_hot(segment_ids, self.type_vocab_size, dtype=embeddings.dtype)
             embeddings += tf.einsum("bst,td->bsd", one_hot, self.token_type_embeddings)  # (B, S, D)

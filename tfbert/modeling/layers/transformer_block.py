@@ -24,7 +24,10 @@ class TransformerBlock(tf.keras.layers.Layer):
       hidden_dropout, attention_dropout: dropout rates.
       use_bias_in_keys, layer_norm_eps: see SelfAttention / LayerNorm.
       dense_factory: builds every projection.
-      rng: DropoutRng.
+      rng: DropoutRng of the masks on replicated activations (the hidden dropouts).
+      attention_rng: DropoutRng of the attention-probability masks (this rank's heads); None
+        uses `rng`. Under tensor parallelism the two differ: masks of a rank's own heads differ
+        across the group, masks of replicated activations must not.
       ops: which computations use the fused custom ops (FusedOpsConfig).
 
     Variables (google-research/bert names): attention/self/{query,key,value},
@@ -35,6 +38,7 @@ class TransformerBlock(tf.keras.layers.Layer):
                  dense_factory: DenseFactory, hidden_dropout: float = 0.0,
                  attention_dropout: float = 0.0, use_bias_in_keys: bool = True,
                  layer_norm_eps: float = 1e-12, rng: DropoutRng | None = None,
+                 attention_rng: DropoutRng | None = None,
                  ops: FusedOpsConfig = FusedOpsConfig(), **kwargs):
         super().__init__(**kwargs)
         hidden = num_heads * head_size
@@ -49,16 +53,20 @@ class TransformerBlock(tf.keras.layers.Layer):
         policy = self.dtype_policy
         self.attention = SelfAttention(num_heads, head_size, dense_factory,
                                        attention_dropout=attention_dropout,
-                                       use_bias_in_keys=use_bias_in_keys, rng=rng,
+                                       use_bias_in_keys=use_bias_in_keys,
+                                       rng=attention_rng or rng,
                                        fused_softmax=ops.attn_softmax_ytf_impl,
                                        name="attention", dtype=policy)
         self.attention_dropout = Dropout(hidden_dropout, rng, name="dropout", dtype=policy)
         self.attention_layer_norm = LayerNorm(layer_norm_eps, stats_dtype=ops.ln_dtype,
                                               fused=ops.ln_ytf_impl, name="LayerNorm",
                                               dtype=policy)
-        ffn_width = intermediate_size * (2 if hidden_act in GATED_ACTIVATIONS else 1)
+        gated = hidden_act in GATED_ACTIVATIONS
+        ffn_width = intermediate_size * (2 if gated else 1)
+        self._factory = dense_factory
         self.intermediate = dense_factory.column_parallel(ffn_width, name="dense",
-                                                          fused_activation=fused_activation)
+                                                          fused_activation=fused_activation,
+                                                          gated=gated)
         self.ffn_output = dense_factory.row_parallel(hidden, name="dense")
         self.ffn_dropout = Dropout(hidden_dropout, rng, name="dropout", dtype=policy)
         self.ffn_layer_norm = LayerNorm(layer_norm_eps, stats_dtype=ops.ln_dtype,
@@ -72,8 +80,9 @@ class TransformerBlock(tf.keras.layers.Layer):
             attention_output = self.attention_layer_norm(attention_output + hidden_states)
         with tf.name_scope("intermediate"):
             # The activation's ops may be recomputed in backward (--memory_optimization=manual).
-            intermediate = recomputable(self.activation,
-                                        self.intermediate(attention_output))  # (B, S, I)
+            # (B, S, I / T): this rank's slice of the FFN under tensor parallelism.
+            intermediate = recomputable(self.activation, self.intermediate(
+                self._factory.enter_parallel(attention_output)))
         with tf.name_scope("output"):
             output = self.ffn_dropout(self.ffn_output(intermediate), training=training)
             return self.ffn_layer_norm(output + attention_output)  # (B, S, D)

@@ -7,7 +7,7 @@ import tensorflow as tf
 from tfbert.config import FusedOpsConfig, ModelConfig
 from tfbert.modeling import losses
 from tfbert.modeling.layers.activations import get_activation
-from tfbert.modeling.layers.dense import DenseFactory
+from tfbert.modeling.layers.dense import DenseFactory, make_dense_factory
 from tfbert.modeling.layers.dropout import DropoutRng
 from tfbert.modeling.layers.layer_norm import LayerNorm
 from tfbert.modeling.networks.bert_encoder import BertEncoder
@@ -23,7 +23,9 @@ class PretrainingHeads(tf.keras.layers.Layer):
 
     The MLM output projection is the transposed word-embedding table (tied weights) plus a bias.
     Gathering the masked positions before the head means the vocabulary-sized logits are
-    computed for P predictions per sequence, not all S positions.
+    computed for P predictions per sequence, not all S positions. Under tensor parallelism the
+    table and the bias hold this rank's rows of the vocabulary (`vocab_shard`), and so do the
+    logits: the losses are computed from the split logits (`VocabShard.cross_entropy`).
 
     Variables: cls/predictions/transform/{dense,LayerNorm}/*, cls/predictions/output_bias [V],
     cls/seq_relationship/output_weights [2, D], cls/seq_relationship/output_bias [2].
@@ -35,6 +37,8 @@ class PretrainingHeads(tf.keras.layers.Layer):
         super().__init__(**kwargs)
         self.config = config
         self._word_embeddings = word_embeddings
+        self._factory = dense_factory
+        self.vocab_shard = dense_factory.vocab_shard(config.vocab_size)
         # The transform's activation is the plain (non-gated) one for a gated FFN activation.
         act = "gelu" if config.hidden_act == "geglu" else config.hidden_act
         self.transform_activation = get_activation(act)
@@ -45,7 +49,7 @@ class PretrainingHeads(tf.keras.layers.Layer):
 
     def build(self, input_shape):
         with tf.name_scope("predictions"):
-            self.mlm_bias = self.add_weight("output_bias", shape=[self.config.vocab_size],
+            self.mlm_bias = self.add_weight("output_bias", shape=[self.vocab_shard.rows],
                                             initializer="zeros", experimental_autocast=False)
         with tf.name_scope("seq_relationship"):
             self.nsp_weights = self.add_weight(
@@ -61,12 +65,14 @@ class PretrainingHeads(tf.keras.layers.Layer):
         Args:
           masked_sequence: [B, P, D] encoder outputs at the masked positions.
           pooled: [B, D] pooled [CLS] output.
-        Returns: (mlm_logits float32 [B, P, V], nsp_logits float32 [B, 2]).
+        Returns: (mlm_logits float32 [B, P, V / T], this rank's vocabulary columns,
+          nsp_logits float32 [B, 2]).
         """
         with tf.name_scope("predictions/transform"):
             x = self.transform_layer_norm(self.transform_activation(self.transform(masked_sequence)))
-        table = tf.cast(self._word_embeddings, x.dtype)  # (V, D)
-        mlm_logits = tf.einsum("bpd,vd->bpv", x, table)  # (B, P, V)
+        x = self._factory.enter_parallel(x)  # (B, P, D)
+        table = tf.cast(self._word_embeddings, x.dtype)  # (V / T, D)
+        mlm_logits = tf.einsum("bpd,vd->bpv", x, table)  # (B, P, V / T)
         # Logits and the losses in float32: a float16 log-softmax over a large vocabulary is lossy.
         mlm_logits = tf.cast(mlm_logits, tf.float32) + self.mlm_bias
         nsp_logits = tf.einsum("bd,cd->bc", tf.cast(pooled, tf.float32), self.nsp_weights)
@@ -84,24 +90,33 @@ class BertPretrainer(tf.Module):
       config: model shape.
       rng: DropoutRng (None when all dropouts are 0).
       precision: "fp32", "fp16" or "bf16" (mixed precision: float32 variables).
-      dense_factory_cls: the factory class for every projection (replaced for tensor parallelism).
+      dense_factory_cls: the factory class for every projection; None lets `make_dense_factory`
+        choose (split over `tensor_group` when it has more than one rank).
       ops: which computations use the fused custom ops.
       one_hot_token_types: token-type lookup by one-hot matmul, whose gradient is dense (see
         `Embeddings`); False looks it up with a gather, whose gradient is sparse.
+      tensor_group: the tensor-parallel process group (None: the model is whole on this rank).
+      attention_rng: DropoutRng of the attention-probability masks; None uses `rng`.
     """
 
     POLICIES = {"fp32": "float32", "fp16": "mixed_float16", "bf16": "mixed_bfloat16"}
 
     def __init__(self, config: ModelConfig, rng: DropoutRng | None = None, precision: str = "fp32",
-                 dense_factory_cls=DenseFactory, ops: FusedOpsConfig = FusedOpsConfig(),
-                 one_hot_token_types: bool = True):
+                 dense_factory_cls=None, ops: FusedOpsConfig = FusedOpsConfig(),
+                 one_hot_token_types: bool = True, tensor_group=None,
+                 attention_rng: DropoutRng | None = None):
         super().__init__(name=None)
         self.config = config
         policy = tf.keras.mixed_precision.Policy(self.POLICIES[precision])
-        factory = dense_factory_cls(config.initializer_range, dtype=policy)
+        if dense_factory_cls is None:
+            factory = make_dense_factory(config.initializer_range, policy, tensor_group)
+        else:
+            factory = dense_factory_cls(config.initializer_range, dtype=policy)
         self.bert = BertEncoder(config, rng=rng, dense_factory=factory, dtype=policy, name="bert",
-                                ops=ops, one_hot_token_types=one_hot_token_types)
+                                ops=ops, one_hot_token_types=one_hot_token_types,
+                                attention_rng=attention_rng)
         self._ops = ops
+        self.tensor_group = tensor_group
         self._built = False
         self._factory = factory
         self._policy = policy
@@ -128,7 +143,8 @@ class BertPretrainer(tf.Module):
         """
         Args:
           features: input_ids, input_mask, segment_ids int32 [B, S]; masked_lm_positions int32 [B, P].
-        Returns: (mlm_logits float32 [B, P, V], nsp_logits float32 [B, 2]).
+        Returns: (mlm_logits float32 [B, P, V / T] (this rank's vocabulary columns under tensor
+          parallelism), nsp_logits float32 [B, 2]).
         """
         encoded = self.bert(features, training=training)
         masked = gather_positions(encoded["sequence_output"],
@@ -139,7 +155,32 @@ class BertPretrainer(tf.Module):
         """Returns a dict of float32 scalars: loss (= mlm_loss + nsp_loss), mlm_loss, nsp_loss,
         mlm_accuracy, nsp_accuracy."""
         mlm_logits, nsp_logits = self(features, training=training)
-        return losses.pretraining_losses(mlm_logits, nsp_logits, features)
+        return losses.pretraining_losses(mlm_logits, nsp_logits, features,
+                                         vocab_shard=self.cls.vocab_shard)
+
+    def part_of_whole(self, name: str, whole):
+        """This rank's part of the whole value (numpy) of variable `name`: the value itself
+        unless tensor parallelism splits that variable."""
+        from tfbert.modeling.tensor_parallel import part_of_whole
+
+        if self.tensor_group is None or self.tensor_group.size == 1:
+            return whole
+        return part_of_whole(name, whole, self.tensor_group, self.config.hidden_act == "geglu")
+
+    def whole_shapes(self) -> dict[str, tuple]:
+        """{documented name: the shape of the whole variable} (under tensor parallelism, the
+        shape before the split)."""
+        from tfbert.modeling.tensor_parallel import split_of
+
+        shapes = {}
+        parts = 1 if self.tensor_group is None else self.tensor_group.size
+        for name, variable in self.variables_by_name().items():
+            shape = list(variable.shape)
+            split = split_of(name, self.config.hidden_act == "geglu") if parts > 1 else None
+            if split is not None:
+                shape[split.axis] *= parts
+            shapes[name] = tuple(shape)
+        return shapes
 
     def variables_by_name(self) -> dict[str, tf.Variable]:
         """{"bert/embeddings/word_embeddings": variable, ...}: the documented names."""

@@ -16,7 +16,10 @@ class BertEncoder(tf.keras.Model):
     """Args:
       config: the model's shape and dropouts.
       rng: DropoutRng seeding every dropout mask (may be None when all dropouts are 0).
-      dense_factory: builds every projection; defaults to a plain `DenseFactory`.
+      attention_rng: DropoutRng of the attention-probability masks; None uses `rng` (see
+        `TransformerBlock`).
+      dense_factory: builds every projection and says what a rank holds (heads, FFN features,
+        vocabulary rows); defaults to a plain `DenseFactory`.
       dtype: Keras dtype policy ("float32", "mixed_float16", "mixed_bfloat16").
       ops: which computations use the fused custom ops.
       one_hot_token_types: token-type lookup by one-hot matmul (dense gradient) rather than a
@@ -32,7 +35,8 @@ class BertEncoder(tf.keras.Model):
 
     def __init__(self, config: ModelConfig, rng: DropoutRng | None = None,
                  dense_factory: DenseFactory | None = None, dtype="float32", name: str = "bert",
-                 ops: FusedOpsConfig = FusedOpsConfig(), one_hot_token_types: bool = True):
+                 ops: FusedOpsConfig = FusedOpsConfig(), one_hot_token_types: bool = True,
+                 attention_rng: DropoutRng | None = None):
         super().__init__(name=name, dtype=dtype)
         self.config = config
         policy = self.dtype_policy
@@ -42,14 +46,17 @@ class BertEncoder(tf.keras.Model):
             config.type_vocab_size, config.initializer_range,
             dropout=config.hidden_dropout_prob, layer_norm_eps=config.layer_norm_eps, rng=rng,
             fused_layer_norm=ops.ln_ytf_impl, layer_norm_dtype=ops.ln_dtype,
-            one_hot_token_types=one_hot_token_types, name="embeddings", dtype=policy)
+            one_hot_token_types=one_hot_token_types,
+            vocab_shard=factory.vocab_shard(config.vocab_size) if factory.parts > 1 else None,
+            name="embeddings", dtype=policy)
         self.blocks = [
             TransformerBlock(config.num_attention_heads, config.head_size,
                              config.intermediate_size, config.hidden_act, factory,
                              hidden_dropout=config.hidden_dropout_prob,
                              attention_dropout=config.attention_probs_dropout_prob,
                              use_bias_in_keys=config.use_bias_in_keys,
-                             layer_norm_eps=config.layer_norm_eps, rng=rng, ops=ops,
+                             layer_norm_eps=config.layer_norm_eps, rng=rng,
+                             attention_rng=attention_rng, ops=ops,
                              name=f"layer_{i}", dtype=policy)
             for i in range(config.num_hidden_layers)
         ]
