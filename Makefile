@@ -30,11 +30,12 @@ $(VENV)/.tfbert-installed: setup.cfg pyproject.toml
 run: setup
 	$(PY) -m tfbert.run $(ARGS)
 
-# Two test processes; a file's tests stay together (they share module fixtures).
+# Two test processes; a file's tests stay together (they share module fixtures), and the files
+# start in tests/conftest.py's order, longest first (xdist would reorder them by test count).
 TEST_WORKERS ?= 2
 
 test: setup
-	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=15 tests
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder --durations=15 tests
 
 # The notes' ablation table (flags/ setups at a CPU size), tfbert vs tf-models-official, the
 # precision/XLA, data-parallel, ZeRO and tensor-parallel tables. Results under runs/bench/.
