@@ -79,8 +79,9 @@ def summary(out, tag) -> dict:
 ])
 def test_tensor_parallelism_reaches_the_weights_and_losses_of_one_process(job, tag, ranks,
                                                                           reference):
-    # With every fused op (LayerNorm, attention softmax, bias+GELU/GeGLU; FusedLAMB on ZeRO
-    # shards) against one process on the reference ops.
+    # With every fused op (LayerNorm, attention softmax, bias+GELU/GeGLU; FusedLAMB's shard ops
+    # on the tensor-parallel parts, with and without ZeRO) against one process on the reference
+    # ops and tensorflow_addons' LAMB.
     got = whole(job, tag, ranks, gated="geglu" in tag)
     expected = load(job, reference, 0)
     expected.pop("rng/attention")
@@ -202,6 +203,13 @@ def test_the_gathered_checkpoint_loads_on_one_process_with_the_same_outputs(job,
     parts = load(job, "tp2_dp2_z2_fused_accum2", 0)
     for name, value in losses.items():
         np.testing.assert_allclose(value.numpy(), parts[f"eval/{name}"], rtol=1e-5, err_msg=name)
+    # Without ZeRO the parts keep LAMB's moments flat: gathered, they have the weights' shapes.
+    flat = sharded.gather(os.path.join(job, "tp2_fused.pair0"), str(tmp_path / "flat"))
+    flat_reader = tf.train.load_checkpoint(flat)
+    kernel = "bert/encoder/layer_0/intermediate/dense/kernel"
+    assert flat_reader.get_variable_to_shape_map()[f"{kernel}/adam_v"] == [32, 36]
+    np.testing.assert_array_equal(flat_reader.get_tensor(kernel),
+                                  whole(job, "tp2_fused.pair0", [0, 1])[kernel])
     # A run without tensor parallelism refuses the parts as they are, and says what to do.
     with pytest.raises(CheckpointError, match="gather_checkpoint"):
         sharded.check_no_tensor_parallel_parts(run_dir)
@@ -253,8 +261,6 @@ def test_modes_that_cannot_hold_tensor_parallelism_fail_at_start_up(tmp_path):
     values = tp_config(tmp_path, 2, 2)
     with pytest.raises(cfg.ConfigError, match="--xla=jit .* Horovod all-reduces"):
         cfg.Config(**dict(values, runtime=run_config(tmp_path, xla="jit").runtime))
-    with pytest.raises(cfg.ConfigError, match="--optimizer=fused_lamb with --tensor_parallel"):
-        cfg.Config(**dict(values, optimizer=cfg.OptimizerConfig(optimizer="fused_lamb")))
     with pytest.raises(cfg.ConfigError, match="ZeRO-1.*N >= 4"):
         cfg.Config(**dict(values, distribution=cfg.DistributionConfig(
             num_processes=2, tensor_parallel_size=2, zero_stage=1)))

@@ -44,7 +44,7 @@ FUSED = cfg.FusedOpsConfig(ln_ytf_impl=True, attn_softmax_ytf_impl=True, ytf_gel
 SETUPS = {
     "ref": (1, 1, 1, {}, {}),
     "ref_geglu": (1, 1, 1, dict(hidden_act="geglu"), {}),
-    "tp2_fused": (2, 2, 1, {}, dict(ops=FUSED)),
+    "tp2_fused": (2, 2, 1, {}, dict(ops=FUSED, optimizer="fused_lamb")),
     "tp2_dp2_z2_fused_accum2": (4, 2, 2, {}, dict(ops=FUSED, zero_stage=2,
                                                   optimizer="fused_lamb",
                                                   state_split_strategy="flat")),

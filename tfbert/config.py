@@ -436,11 +436,6 @@ class Config:
                      + (f": pad the vocabulary to {-(-count // t) * t} tokens (a tokenizer "
                         f"trained with --vocab_size={-(-count // t) * t}, or unused tokens "
                         f"appended to the vocabulary file)" if what == "vocabulary rows" else ""))
-        _require(self.optimizer.optimizer != "fused_lamb" or self.distribution.zero_stage,
-                 f"--optimizer=fused_lamb with --tensor_parallel_size={t}: the fused per-tensor "
-                 f"LAMB op computes its trust ratio from the norms of its own part of a split "
-                 f"tensor. Add ZeRO (--zero_stage=1 or 2), whose fused shard ops take the "
-                 f"whole tensor's norms, or use --optimizer=lamb")
         _require(self.runtime.xla != "jit",
                  f"--xla=jit compiles the forward and backward pass whole, and with "
                  f"--tensor_parallel_size={t} they hold Horovod all-reduces, which XLA cannot "

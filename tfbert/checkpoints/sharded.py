@@ -179,6 +179,9 @@ def _gather_tensor_parallel(run_dir: str, parts: list[str], step: int | None):
             name: reader.get_tensor(name) for name in reader.get_variable_to_shape_map()
             if not name.startswith((MARKER_PREFIX, TENSOR_PARALLEL_PREFIX))}
         for name, value in tensors.items():
+            weight = tensors.get(name.rsplit("/", 1)[0]) if name.endswith(SLOTS) else None
+            if weight is not None and value.shape != weight.shape:
+                value = value.reshape(weight.shape)  # moments kept flat (LambWithSummedNorms)
             pieces.setdefault(name, []).append(value)
     whole = {}
     for name, values in pieces.items():

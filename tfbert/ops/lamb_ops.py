@@ -147,6 +147,9 @@ class FusedLambUpdate:
     def _excluded(self, variable) -> bool:
         return any(p.search(variable.name) for p in self._exclude)
 
+    def _slot_shape(self, variable) -> tf.TensorShape:
+        return variable.shape
+
     def build(self, variables) -> None:
         """Creates the step counter and the zero m and v slots eagerly (before any checkpoint
         restore and before the step is traced)."""
@@ -164,9 +167,9 @@ class FusedLambUpdate:
             state.iterations = tf.Variable(0, dtype=tf.int64, trainable=False, name="iterations")
             for key, variable in zip(keys, variables):
                 with tf.device(variable.device):
-                    state.m[key] = tf.Variable(tf.zeros(variable.shape, tf.float32),
+                    state.m[key] = tf.Variable(tf.zeros(self._slot_shape(variable), tf.float32),
                                                trainable=False, name=key + "/m")
-                    state.v[key] = tf.Variable(tf.zeros(variable.shape, tf.float32),
+                    state.v[key] = tf.Variable(tf.zeros(self._slot_shape(variable), tf.float32),
                                                trainable=False, name=key + "/v")
         self._keys = keys
         self._flags = [not self._excluded(variable) for variable in variables]
@@ -221,50 +224,59 @@ class FusedLambUpdate:
 class LambWithSummedNorms(FusedLambUpdate):
     """LAMB whose trust ratios come from norms added over other ranks: the update of a tensor
     split across a tensor-parallel group (each rank holds a part) needs the norms of the whole
-    tensor. The same state and checkpoint names as `FusedLambUpdate`; the arithmetic is the TF
-    reference's, with the squared norms of all variables summed in one call of `sum_norms`.
+    tensor. Each variable is one segment of the shard ops (`lamb_shard_ops`: fused, or their TF
+    reference), so its moments are kept flat ([elements]) under `FusedLambUpdate`'s names, and
+    the squared norms of all variables are summed in one call of `sum_norms` between the two
+    halves of the step.
 
     Args:
       config, learning_rate: as `FusedLambUpdate`.
       sum_norms: float32 [V, 2] (per variable: this rank's sums of var^2 and update^2) ->
         [V, 2], the sums over the parts of each tensor (`gradient_sync.TensorNorms.total`).
+      use_fused_op: the fused shard ops (TfBert>FusedLambShardMoments/Apply) rather than their
+        TF reference.
     """
 
-    def __init__(self, config: OptimizerConfig, learning_rate, sum_norms):
-        super().__init__(config, learning_rate, use_fused_op=False)
+    def __init__(self, config: OptimizerConfig, learning_rate, sum_norms, use_fused_op: bool):
+        super().__init__(config, learning_rate, use_fused_op=use_fused_op)
         self.sum_norms = sum_norms
 
+    def _slot_shape(self, variable) -> tf.TensorShape:
+        return tf.TensorShape([variable.shape.num_elements()])
+
     def apply(self, grads, variables) -> None:
-        from tfbert.ops.lamb_shard_ops import lamb_direction
+        from tfbert.ops.lamb_shard_ops import lamb_shard_apply, lamb_shard_moments
 
         variables = list(variables)
         state, c = self.optimizer, self.config
         lr = tf.cast(self.learning_rate(), tf.float32)
-        step = tf.cast(state.iterations + 1, tf.float32)
-        updates, sums = [], []
+        hyper = (c.beta_1, c.beta_2, c.epsilon, c.weight_decay_rate,
+                 tf.cast(state.iterations + 1, tf.float32))
+        segments, sums = [], []
         for grad, var, key, adapted in zip(grads, variables, self._keys, self._flags):
             if grad is None:  # frozen: no update, moments kept, nothing added to the norms
-                updates.append(None)
+                segments.append(None)
                 sums.append(tf.zeros([2], tf.float32))
                 continue
-            grad = tf.cast(tf.convert_to_tensor(grad), tf.float32)
-            m, v = state.m[key], state.v[key]
-            m.assign(m * c.beta_1 + grad * (1.0 - c.beta_1))
-            v.assign(v * c.beta_2 + (grad * grad) * (1.0 - c.beta_2))
-            param = tf.convert_to_tensor(var)
-            update = lamb_direction(tf.convert_to_tensor(m), tf.convert_to_tensor(v), param,
-                                    tf.constant(adapted), c.beta_1, c.beta_2, c.epsilon,
-                                    c.weight_decay_rate, step)
-            updates.append(update)
-            sums.append(tf.stack([tf.reduce_sum(tf.square(param)),
-                                  tf.reduce_sum(tf.square(update))]))
+            # One segment: the whole variable (constants: the GPU op reads them on the host).
+            segment = (tf.constant([var.shape.num_elements()], tf.int64),
+                       tf.constant([adapted]), tf.constant([True]))
+            param = tf.reshape(tf.convert_to_tensor(var), [-1])
+            grad = tf.reshape(tf.cast(tf.convert_to_tensor(grad), tf.float32), [-1])
+            sums.append(lamb_shard_moments(state.m[key], state.v[key], grad, param, *segment,
+                                           *hyper, use_fused_op=self.use_fused_op)[0])
+            segments.append((param, segment))
         norms = tf.sqrt(self.sum_norms(tf.stack(sums)))  # (V, 2)
-        for i, (var, update, adapted) in enumerate(zip(variables, updates, self._flags)):
-            if update is None:
+        for i, (var, key, adapted) in enumerate(zip(variables, self._keys, self._flags)):
+            if segments[i] is None:
                 continue
-            ratio = 1.0
+            param, segment = segments[i]
+            ratio = tf.constant(1.0)
             if adapted:
                 w_norm, u_norm = norms[i, 0], norms[i, 1]
                 ratio = tf.where(w_norm > 0, tf.where(u_norm > 0, w_norm / u_norm, 1.0), 1.0)
-            var.assign_sub(ratio * lr * update)
+            new_param = lamb_shard_apply(param, state.m[key], state.v[key], *segment,
+                                         tf.reshape(ratio * lr, [1]), *hyper,
+                                         use_fused_op=self.use_fused_op)
+            var.assign(tf.reshape(new_param, var.shape))
         state.iterations.assign_add(1)

@@ -505,17 +505,15 @@ def build_gradient_sync(group, variables, optimizer_config: OptimizerConfig, lea
     if zero_stage == 0:
         from tfbert.training.optimization import KerasOptimizerUpdate, build_optimizer
 
-        if optimizer_config.optimizer == "fused_lamb":
-            if split:
-                raise ValueError("the fused per-tensor LAMB op cannot take the norms of a "
-                                 "tensor split across ranks; use ZeRO's fused shard ops")
+        if optimizer_config.optimizer in ("lamb", "fused_lamb") and split:
+            from tfbert.ops.lamb_ops import LambWithSummedNorms
+
+            update = LambWithSummedNorms(optimizer_config, learning_rate, norms.total,
+                                         use_fused_op=optimizer_config.optimizer == "fused_lamb")
+        elif optimizer_config.optimizer == "fused_lamb":
             from tfbert.ops.lamb_ops import FusedLambUpdate
 
             update = FusedLambUpdate(optimizer_config, learning_rate, use_fused_op=True)
-        elif optimizer_config.optimizer == "lamb" and split:
-            from tfbert.ops.lamb_ops import LambWithSummedNorms
-
-            update = LambWithSummedNorms(optimizer_config, learning_rate, norms.total)
         else:
             update = KerasOptimizerUpdate(build_optimizer(optimizer_config, learning_rate))
         return DataParallel(group, update, variables, norms)
