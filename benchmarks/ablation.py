@@ -266,7 +266,9 @@ def main() -> None:
                                     - 1) * 100
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     table.to_csv(args.out + ".csv", index=False)
-    zero_ranks = " (ZeRO setups 2)" if args.np < 2 and (table["ranks"] > args.np).any() else ""
+    # ZeRO and tensor-parallel setups need more ranks: each row's "ranks" says how many.
+    zero_ranks = " (some setups more: see 'substituted')" if (table["ranks"] > args.np).any() \
+        else ""
     title = (f"{' '.join(size) or 'setup sizes'}, {args.np} rank(s){zero_ranks}, {args.steps} "
              f"steps, fp16 setups as {fp16_as}")
     markdown = f"Changes against `{base}`; {title}.\n\n" + markdown_table(table, base)

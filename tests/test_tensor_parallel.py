@@ -6,7 +6,6 @@ start-up errors."""
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 
@@ -16,14 +15,12 @@ import tensorflow as tf
 
 from conftest import REPO_ROOT, odd_model_config, run_config
 from test_distributed import assert_close, assert_not_close
+from test_zero import HOROVODRUN, needs_horovod
 from tfbert import config as cfg
 from tfbert.checkpoints import CheckpointError, sharded
 from tfbert.modeling import tensor_parallel as tp
 
 WORKER = os.path.join(REPO_ROOT, "tests", "tp_worker.py")
-HOROVODRUN = shutil.which("horovodrun", path=os.path.dirname(sys.executable)) or shutil.which(
-    "horovodrun")
-needs_horovod = pytest.mark.skipif(HOROVODRUN is None, reason="horovodrun is not installed")
 
 # Float32 sums in another order (partial products summed across ranks, norms added over parts):
 # after 3 steps the weights differ by about 1e-7.
