@@ -53,16 +53,20 @@ def main(out_dir):
     # Ranks reach the clock at different seconds; the run directory must still be one.
     time.sleep(1.1 * group.rank)
     results["output_dirs"] = hvd.allgather_object(default_output_dir(group))
-    if group.rank == 0:  # tracing only: no collective runs, so one rank is enough
-        setups = dict(sparse_as_dense=dict(sparse_as_dense=True),
-                      gather_lookup=dict(sparse_as_dense=False),
-                      gather_lookup_accumulation=dict(sparse_as_dense=False,
-                                                      num_accumulation_steps=2),
-                      zero2_flat=dict(zero_stage=2, state_split_strategy="flat"))
-        results["collectives"] = {}
-        for name, distribution in setups.items():
-            found, results["trainable_bytes"] = collectives(group, out_dir, **distribution)
-            results["collectives"][name] = found
+    # Tracing only: no collective runs, so each setup needs one rank, and the ranks trace them
+    # side by side, rank 0 ZeRO-2's (the test checks rank 0's part of its all-gather).
+    setups = dict(zero2_flat=dict(zero_stage=2, state_split_strategy="flat"),
+                  sparse_as_dense=dict(sparse_as_dense=True),
+                  gather_lookup=dict(sparse_as_dense=False),
+                  gather_lookup_accumulation=dict(sparse_as_dense=False,
+                                                  num_accumulation_steps=2))
+    traced, sparse_as_dense = {}, group.sparse_as_dense
+    for name in list(setups)[group.rank::group.size]:
+        traced[name] = collectives(group, out_dir, **setups[name])
+    group.sparse_as_dense = sparse_as_dense  # as on every rank, for the training below
+    traced = {name: t for per_rank in hvd.allgather_object(traced) for name, t in per_rank.items()}
+    results["collectives"] = {name: found for name, (found, _) in traced.items()}
+    (results["trainable_bytes"],) = {trainable for _, trainable in traced.values()}
     # ZeRO at 4 ranks (test_distributed compares it with data parallelism at 2), and a large
     # reduce-scatter against the all-reduce.
     check_reducescatter(group, out_dir)

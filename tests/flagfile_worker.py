@@ -4,8 +4,14 @@
 
 Started by tests/test_flagfiles.py under horovodrun, because most setups use Horovod's fp16
 compression. Writes {flagfile name: {"status": "ok" | "config_error", ...}} to RESULTS.json.
+
+Several workers may share OUT_DIR and the list of flagfiles: each takes the next flagfile no
+worker has taken yet (so they finish together). A flagfile whose config (at the tiny size, the
+output directory aside) is one that a worker already trains is the same run: it is not trained
+again, and its outcome says {"status": "ok", "same_as": that flagfile, "config": ...}.
 """
 
+import hashlib
 import json
 import os
 import sys
@@ -31,10 +37,29 @@ TINY = ["--model=tiny", "--num_hidden_layers=1", "--max_seq_length=32",
         "--log_every_n_steps=1"]
 
 
+def claim(output_root, kind, key, owner) -> str | None:
+    """Takes `key` for `owner` if no worker has; returns the owner that has it, or None."""
+    folder = os.path.join(output_root, kind)
+    os.makedirs(folder, exist_ok=True)
+    note = os.path.join(folder, f".{key}.{os.getpid()}")
+    with open(note, "w") as f:
+        f.write(owner)
+    try:
+        os.link(note, os.path.join(folder, key))  # atomic, and the name comes with its owner
+    except FileExistsError:
+        with open(os.path.join(folder, key)) as f:
+            return f.read()
+    finally:
+        os.remove(note)
+    return None
+
+
 def main(results_path, output_root, flagfiles):
     results = {}
     for path in flagfiles:
         name = os.path.basename(path)
+        if claim(output_root, "flagfiles", name, name) is not None:
+            continue  # another worker runs it
         flag_values = flags.FlagValues()
         run.define_flags(flag_values)
         flag_values(run.expand_flagfiles(
@@ -45,6 +70,13 @@ def main(results_path, output_root, flagfiles):
             config, tokenizer = run.build_config(flag_values, group)
         except ConfigError as e:
             results[name] = dict(status="config_error", message=str(e))
+            continue
+        settings = config.to_dict()
+        del settings["runtime"]["output_dir"]
+        key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
+        same_as = claim(output_root, "configs", key, name)
+        if same_as is not None:
+            results[name] = dict(status="ok", same_as=same_as, config=config.to_dict())
             continue
         run.train(config, tokenizer, group)
         with open(os.path.join(config.runtime.output_dir, "summary.json")) as f:

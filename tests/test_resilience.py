@@ -14,12 +14,16 @@ import time
 import pytest
 
 from conftest import REPO_ROOT
+from test_distributed import HOROVOD_ENV
 
 HOROVODRUN = shutil.which("horovodrun", path=os.path.dirname(sys.executable)) or shutil.which(
     "horovodrun")
 pytestmark = pytest.mark.skipif(HOROVODRUN is None, reason="horovodrun is not installed")
 
-TINY = ["--train_batch_size=4", "--max_seq_length=128", "--log_every_n_steps=1"]
+# One layer and the short records: these tests check the job's behaviour, not the model's, and
+# tracing (or compiling, under --xla=jit) the step is most of a launch's time.
+TINY = ["--train_batch_size=4", "--max_seq_length=32", "--max_predictions_per_seq=5",
+        "--num_hidden_layers=1", "--log_every_n_steps=1"]
 
 
 @pytest.fixture(scope="module")
@@ -27,8 +31,7 @@ def sample(tfbert_cache):
     from tfbert.data.sample import prepare_sample_data
 
     # Outside the timed launches (and not by two ranks at once).
-    prepare_sample_data(max_seq_length=32, max_predictions_per_seq=5)
-    return prepare_sample_data()
+    return prepare_sample_data(max_seq_length=32, max_predictions_per_seq=5)
 
 
 def tfbert_command(ranks: int, *args) -> list[str]:
@@ -41,7 +44,8 @@ def run_job(command, cwd=REPO_ROOT, timeout=300, env=None) -> subprocess.Complet
     otherwise keep the output pipes open) and fails."""
     job = subprocess.Popen(command, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                            text=True, start_new_session=True,
-                           env=dict(os.environ, PYTHONPATH=REPO_ROOT, **(env or {})))
+                           env={**os.environ, "PYTHONPATH": REPO_ROOT, **HOROVOD_ENV,
+                                **(env or {})})
     try:
         stdout, stderr = job.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -93,14 +97,15 @@ def test_the_step_watchdog_ends_a_stuck_process(tmp_path):
 # fp16 with its loss scale, float16 gradient compression, 2 micro-batches, the fused LAMB and the
 # fused attention softmax with dropout (the model's default 0.1): every piece of state a resume
 # must bring back. keep_checkpoint_max=1: the rank state must still match the shared checkpoint.
-# A small model and short sequences: horovodrun kills the ranks 5 s after it forwards SIGTERM
-# (they need up to two steps and a save by then), and float16 is emulated, slowly, on a CPU.
+# A small model (one layer) and short sequences: horovodrun kills the ranks 5 s after it forwards
+# SIGTERM (they need up to two steps and a save by then), and float16 is emulated, slowly, on a
+# CPU.
 RESUME_FLAGS = ["--precision=fp16", "--hvd_fp16_compression", "--num_accumulation_steps=2",
                 "--optimizer=fused_lamb", "--attn_softmax_ytf_impl", "--keep_checkpoint_max=1",
                 "--num_train_steps=10", "--initial_loss_scale=1024",
                 "--loss_scale_growth_interval=2", "--train_batch_size=2", "--max_seq_length=32",
                 "--max_predictions_per_seq=5", "--log_every_n_steps=1", "--hidden_size=64",
-                "--intermediate_size=256"]
+                "--intermediate_size=256", "--num_hidden_layers=1"]
 
 
 @pytest.fixture(scope="module")
@@ -117,7 +122,7 @@ def test_sigterm_saves_a_checkpoint_and_the_resumed_run_continues_exactly(tmp_pa
     job = subprocess.Popen(tfbert_command(2, f"--output_dir={out}", *RESUME_FLAGS),
                            cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                            text=True, start_new_session=True,
-                           env=dict(os.environ, PYTHONPATH=REPO_ROOT))
+                           env=dict(os.environ, PYTHONPATH=REPO_ROOT, **HOROVOD_ENV))
     deadline = time.monotonic() + 240
     while max(logged_steps(out), default=0) < 3 and job.poll() is None:
         if time.monotonic() > deadline:

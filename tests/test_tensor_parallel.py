@@ -14,7 +14,7 @@ import pytest
 import tensorflow as tf
 
 from conftest import REPO_ROOT, odd_model_config, run_config
-from test_distributed import assert_close, assert_not_close
+from test_distributed import HOROVOD_ENV, assert_close, assert_not_close
 from test_zero import HOROVODRUN, needs_horovod
 from tfbert import config as cfg
 from tfbert.checkpoints import CheckpointError, sharded
@@ -39,7 +39,7 @@ def job(tmp_path_factory):
                str(out), *SETUPS]
     # A 10 ms Horovod cycle (1 ms by default): four ranks on two cores spend less time polling.
     result = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=1200,
-                            env=dict(os.environ, PYTHONPATH=REPO_ROOT, HOROVOD_CYCLE_TIME="10"))
+                            env=dict(os.environ, PYTHONPATH=REPO_ROOT, **HOROVOD_ENV))
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
     return out
 

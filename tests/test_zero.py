@@ -13,7 +13,7 @@ import pytest
 import tensorflow as tf
 
 from conftest import REPO_ROOT
-from test_distributed import assert_close, assert_not_close
+from test_distributed import HOROVOD_ENV, assert_close, assert_not_close
 
 WORKER = os.path.join(REPO_ROOT, "tests", "zero_worker.py")
 HOROVODRUN = shutil.which("horovodrun", path=os.path.dirname(sys.executable)) or shutil.which(
@@ -31,10 +31,12 @@ TWO_RANK_SETUPS = ["dp", "z1_greedy2_fused", "z2_flat", "z2_flat@resumed", "z2_g
 
 def launch(ranks: int, out_dir, *setups, timeout=900) -> subprocess.CompletedProcess:
     command = [sys.executable, WORKER, str(out_dir), *setups]
+    env = dict(os.environ, PYTHONPATH=REPO_ROOT)
     if ranks > 1:
         command = [HOROVODRUN, "-np", str(ranks), "-H", f"localhost:{ranks}", "--gloo", *command]
+        env.update(HOROVOD_ENV)
     result = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True,
-                            timeout=timeout, env=dict(os.environ, PYTHONPATH=REPO_ROOT))
+                            timeout=timeout, env=env)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
     return result
 

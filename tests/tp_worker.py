@@ -5,7 +5,8 @@ test_tensor_parallel.py:
     horovodrun -np 4 -H localhost:4 --gloo python tests/tp_worker.py OUT_DIR ref tp2_fused ...
 
 Every setup trains 3 LAMB steps on the examples of tests/distributed_worker.py with a global
-batch of 8: a "ref*" setup in one process (rank 0 alone, no Horovod in its step), the others with
+batch of 8: a "ref*" setup in one process (one rank alone, no Horovod in its step; the "ref*"
+setups run first, side by side on different ranks), the others with
 --tensor_parallel_size=T over the 4 ranks (4/T data-parallel replicas), or over 2 ranks: each
 pair of ranks then runs the setup as a 2-rank job of its own, side by side. Setups with the same
 model start from the same weights: a tensor-parallel rank initialises its part as the slice of
@@ -164,20 +165,25 @@ def main(out_dir: str, names: list[str]):
         (4, 2): groups,
         (4, 4): ProcessGroups(world=world, data=single,
                               tensor=HorovodGroup(hvd=world._hvd, name="tensor"))}
+    # The one-process setups first, each on a rank of its own: side by side, not one after the
+    # other while the other ranks wait. (Each trainer seeds itself: a rank draws the same
+    # weights as any other.)
+    alone = [n for n in names if n != "vocab_ce" and SETUPS[n.split("@")[0]][0] == 1]
+    for name in alone[world.rank::world.size]:
+        one = SingleProcess()
+        train(ProcessGroups(world=one, data=one, tensor=one), out_dir, name, name)
+    world.barrier()
     for name in names:
         if name == "vocab_ce":
             check_vocab_cross_entropy(pair, out_dir)
             continue
         ranks, size = SETUPS[name.split("@")[0]][:2]
         if ranks == 1:
-            if world.rank == 0:
-                alone = SingleProcess()
-                train(ProcessGroups(world=alone, data=alone, tensor=alone), out_dir, name, name)
-        else:
-            tag = name if ranks == 4 else f"{name}.pair{world.rank // 2}"
-            if name.endswith("@resumed"):
-                train(by_ranks[ranks, size], out_dir, name, tag, stop_after=2)
-            train(by_ranks[ranks, size], out_dir, name, tag)
+            continue  # done above
+        tag = name if ranks == 4 else f"{name}.pair{world.rank // 2}"
+        if name.endswith("@resumed"):
+            train(by_ranks[ranks, size], out_dir, name, tag, stop_after=2)
+        train(by_ranks[ranks, size], out_dir, name, tag)
         world.barrier()
 
 
