@@ -72,9 +72,10 @@ def run_config(output_dir, model=None, **runtime) -> cfg.Config:
 # `make test` runs two pytest-xdist workers, each taking whole files in collection order: the
 # longest files go first, so that the workers finish together instead of one running a long
 # file alone at the end.
-LONGEST_FIRST = ("test_flagfiles.py", "test_tensor_parallel.py", "test_benchmarks.py",
-                 "test_distributed.py", "test_zero.py", "test_run.py", "test_resilience.py",
-                 "test_training.py", "test_checkpoints.py")
+LONGEST_FIRST = ("test_flagfiles.py", "test_tensor_parallel.py", "test_finetuning.py",
+                 "test_benchmarks.py", "test_distributed.py", "test_zero.py", "test_run.py",
+                 "test_resilience.py", "test_training.py", "test_checkpoints.py",
+                 "test_multitask.py")
 
 
 def pytest_collection_modifyitems(items):

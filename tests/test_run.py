@@ -23,7 +23,8 @@ def test_default_run_trains_and_the_loss_falls(tmp_path, sample):
     out = tmp_path / "run"
     result = run_tfbert(f"--output_dir={out}", "--num_train_steps=80", "--log_every_n_steps=20")
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "MLM loss:" in result.stdout and "checkpoint:" in result.stdout
+    assert "last window:  loss" in result.stdout and "mlm_loss" in result.stdout
+    assert "checkpoint:" in result.stdout
     summary = json.loads((out / "summary.json").read_text())
     assert summary["steps"] == 80
     # From ln(4000) ~ 8.3 at the start: the model must have learnt token frequencies at least.

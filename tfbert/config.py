@@ -156,7 +156,9 @@ class FusedOpsConfig:
 
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
-    """Where the pretraining records come from and how they are batched."""
+    """Where the training data come from and how they are batched: pretraining records, or a
+    fine-tuning table (`input_files` is then that one file, and there are no masked
+    predictions: `max_predictions_per_seq` is 0)."""
 
     input_files: tuple[str, ...]
     max_seq_length: int = 128
@@ -172,7 +174,7 @@ class DataConfig:
     def __post_init__(self):
         _require(len(self.input_files) > 0, "--input_files is empty")
         _require(self.max_seq_length > 2, f"--max_seq_length must be > 2, got {self.max_seq_length}")
-        _require(0 < self.max_predictions_per_seq <= self.max_seq_length,
+        _require(0 <= self.max_predictions_per_seq <= self.max_seq_length,
                  f"--max_predictions_per_seq={self.max_predictions_per_seq} must be in "
                  f"(0, --max_seq_length={self.max_seq_length}]")
         _require(self.train_batch_size > 0, f"--train_batch_size must be positive, got "
@@ -294,6 +296,148 @@ class RuntimeConfig:
                  f"--debug_fail_mode={self.debug_fail_mode!r} is not 'raise' or 'hang'")
 
 
+TASKS = ("pretraining", "classification", "regression", "token_classification",
+         "question_answering")
+# Evaluation metrics that are better when lower; every other one is better when higher.
+LOWER_IS_BETTER = ("loss", "mlm_loss", "nsp_loss", "cls_loss", "distil_mse", "mse")
+# What --best_metric defaults to, per task (pretraining keeps no best checkpoint by default).
+DEFAULT_BEST_METRIC = {"pretraining": "", "classification": "accuracy", "regression": "pearson",
+                       "token_classification": "f1", "question_answering": "f1"}
+EVAL_METRICS = {
+    # Plus cls_loss, cls_accuracy and distil_mse when multi-task pretraining adds them.
+    "pretraining": ("loss", "mlm_loss", "mlm_accuracy", "nsp_loss", "nsp_accuracy"),
+    "classification": ("loss", "accuracy", "f1"),
+    "regression": ("loss", "mse", "pearson", "spearman"),
+    # Entity-level precision, recall and F1 (seqeval, CoNLL's rules); accuracy per word.
+    "token_classification": ("loss", "accuracy", "precision", "recall", "f1"),
+    # SQuAD's exact match and F1 (percent), by the official scripts.
+    "question_answering": ("exact_match", "f1"),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskConfig:
+    """What is trained (pretraining or a fine-tuning task) and how it is evaluated.
+
+    A fine-tuning run reads its training table from `DataConfig.input_files` (--train_file).
+    """
+
+    task: str = "pretraining"
+    # Fine-tuning tables (TSV, CSV or JSONL) and their columns.
+    eval_file: str = ""
+    text_column: str = "text"
+    text_b_column: str = "text_b"  # used when the table has it: sentence pairs
+    label_column: str = "label"
+    # Classification: the label names (token classification: the tags) in id order, read from
+    # the training table at start-up.
+    labels: tuple[str, ...] = ()
+    pooler_dropout_prob: float = 0.1
+    # Start a 2-class classifier from the pretraining next-sentence head.
+    reuse_head: bool = False
+    # Pretraining: held-out records evaluated on `max_eval_steps` batches per data-parallel rank.
+    eval_files: tuple[str, ...] = ()
+    max_eval_steps: int = 20
+    eval_batch_size: int = 32  # per rank
+    eval_every_n_steps: int = 0  # 0: at the end only
+    # The checkpoint with the best value of this evaluation metric is kept in <output_dir>/best.
+    best_metric: str = ""
+    early_stopping_patience: int = 0  # evaluations without improvement; 0: never stop early
+    # Multi-task pretraining: a sequence classification over `num_cls_labels` classes of the
+    # records' "cls_label" (cls_loss) and a regression to their "teacher_score" (distil_mse),
+    # each added to the loss with its weight (0: off).
+    cls_loss_weight: float = 0.0
+    num_cls_labels: int = 2
+    distil_loss_weight: float = 0.0
+    # Question answering (tfbert.data.squad): windows `doc_stride` tokens apart, questions cut
+    # to `max_query_length` tokens, answers of at most `max_answer_length` tokens, and (SQuAD
+    # v2.0) "no answer" when it beats the best span by more than `null_score_diff_threshold`.
+    doc_stride: int = 128
+    max_query_length: int = 64
+    max_answer_length: int = 30
+    null_score_diff_threshold: float = 0.0
+
+    def __post_init__(self):
+        _require(self.task in TASKS, f"--task={self.task!r} is not one of {TASKS[1:]}")
+        pretraining = self.task == "pretraining"
+        _require(not (pretraining and self.eval_file),
+                 "--eval_file is a fine-tuning table; pretraining evaluates --eval_files "
+                 "(records)")
+        _require(pretraining or not self.eval_files,
+                 f"--eval_files holds pretraining records; --task={self.task} evaluates "
+                 f"--eval_file")
+        labelled = self.task in ("classification", "token_classification")
+        _require(not labelled or len(self.labels) >= 2,
+                 f"--task={self.task} needs at least 2 labels, the training table has "
+                 f"{list(self.labels)}")
+        _require(labelled or not self.labels, f"--task={self.task} has no label set")
+        _require(0.0 <= self.pooler_dropout_prob < 1.0,
+                 f"--pooler_dropout_prob must be in [0, 1), got {self.pooler_dropout_prob}")
+        _require(not self.reuse_head or (self.task == "classification" and len(self.labels) == 2),
+                 f"--reuse_head starts a 2-class classifier from the next-sentence head; this "
+                 f"run is --task={self.task} with {len(self.labels)} labels")
+        for name in ("max_eval_steps", "eval_batch_size", "doc_stride", "max_query_length",
+                     "max_answer_length"):
+            _require(getattr(self, name) > 0, f"--{name} must be positive")
+        _require(self.eval_every_n_steps >= 0, "--eval_every_n_steps must be >= 0 (0: at the end)")
+        _require(self.early_stopping_patience >= 0, "--early_stopping_patience must be >= 0")
+        _require(not self.eval_every_n_steps or self.has_evaluation,
+                 "--eval_every_n_steps needs something to evaluate: --eval_file (fine-tuning) "
+                 "or --eval_files (pretraining)")
+        _require(self.cls_loss_weight >= 0 and self.distil_loss_weight >= 0,
+                 "--cls_loss_weight and --distil_loss_weight must be >= 0 (0: off)")
+        _require(pretraining or not (self.cls_loss_weight or self.distil_loss_weight),
+                 "--cls_loss_weight and --distil_loss_weight add tasks to pretraining; "
+                 "fine-tuning trains --task alone")
+        _require(self.num_cls_labels >= 2, "--num_cls_labels must be >= 2")
+        metrics = self.eval_metrics
+        _require(not self.best_metric or self.best_metric in metrics,
+                 f"--best_metric={self.best_metric!r} is not an evaluation metric of "
+                 f"--task={self.task}: {metrics}")
+        _require(not self.best_metric or self.has_evaluation,
+                 f"--best_metric={self.best_metric} needs an evaluation set (--eval_file or "
+                 f"--eval_files)")
+        _require(not self.early_stopping_patience or (self.best_metric and
+                                                      self.eval_every_n_steps),
+                 "--early_stopping_patience counts evaluations without a better --best_metric: "
+                 "it needs --eval_every_n_steps and --best_metric (a fine-tuning task has one "
+                 "by default)")
+
+    @property
+    def is_pretraining(self) -> bool:
+        return self.task == "pretraining"
+
+    @property
+    def record_labels(self) -> tuple[str, ...]:
+        """The label features multi-task pretraining reads from its records."""
+        return (("cls_label",) if self.cls_loss_weight else ()) + (
+            ("teacher_score",) if self.distil_loss_weight else ())
+
+    @property
+    def eval_metrics(self) -> tuple[str, ...]:
+        extra = (("cls_loss", "cls_accuracy") if self.cls_loss_weight else ()) + (
+            ("distil_mse",) if self.distil_loss_weight else ())
+        return EVAL_METRICS[self.task] + extra
+
+    @property
+    def has_evaluation(self) -> bool:
+        return bool(self.eval_file or self.eval_files)
+
+    @property
+    def num_labels(self) -> int:
+        """Outputs of the classifier head (1 for regression)."""
+        return len(self.labels) if self.labels else 1
+
+
+def better(metric: str, value: float, best: float | None) -> bool:
+    """Whether `value` of evaluation metric `metric` improves on `best` (None: nothing yet).
+    A NaN never does."""
+    if value != value:
+        return False
+    if best is None:
+        return True
+    return value < best if metric in LOWER_IS_BETTER else value > best
+
+
 GRAD_ACCUM_DTYPES = ("float32", "float16")
 
 
@@ -393,6 +537,7 @@ class Config:
     runtime: RuntimeConfig
     distribution: DistributionConfig = DistributionConfig()
     ops: FusedOpsConfig = FusedOpsConfig()
+    task: TaskConfig = TaskConfig()
 
     def __post_init__(self):
         custom_ops = self.ops.enabled_flags() + (
@@ -420,6 +565,15 @@ class Config:
                  f"--max_seq_length={self.data.max_seq_length} exceeds "
                  f"--max_position_embeddings={self.model.max_position_embeddings}")
         self._check_tensor_parallelism()
+        _require(not self.task.is_pretraining or self.data.max_predictions_per_seq > 0,
+                 "--max_predictions_per_seq must be positive for pretraining")
+        _require(not self.task.reuse_head or self.runtime.init_checkpoint,
+                 "--reuse_head copies the next-sentence head of --init_checkpoint; give one")
+        _require(self.task.is_pretraining or self.distribution.tensor_parallel_size == 1,
+                 f"--task={self.task.task} runs without tensor parallelism "
+                 f"(--tensor_parallel_size={self.distribution.tensor_parallel_size}): gather the "
+                 f"pretrained checkpoint (python -m tfbert.tools.gather_checkpoint) and fine-tune "
+                 f"it data-parallel")
 
     def _check_tensor_parallelism(self) -> None:
         t = self.distribution.tensor_parallel_size
@@ -465,7 +619,8 @@ class Config:
                    optimizer=build(OptimizerConfig, d["optimizer"]),
                    runtime=build(RuntimeConfig, d["runtime"]),
                    distribution=build(DistributionConfig, d.get("distribution", {})),
-                   ops=build(FusedOpsConfig, d.get("ops", {})))
+                   ops=build(FusedOpsConfig, d.get("ops", {})),
+                   task=build(TaskConfig, d.get("task", {})))
 
     @classmethod
     def load(cls, path: str) -> "Config":

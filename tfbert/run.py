@@ -1,9 +1,12 @@
-"""tfbert's pretraining entry point.
+"""tfbert's entry point: pretraining, fine-tuning and prediction.
 
     python -m tfbert.run                                  # the embedded default: tiny model,
                                                           # sample corpus, a few hundred steps
     python -m tfbert.run --flagfile=my_run.cfg --input_files='data/*.tfrecord' ...
     horovodrun -np 8 -H host1:8 python -m tfbert.run --flagfile=my_run.cfg ...
+    python -m tfbert.run --mode=finetune --task=classification --init_checkpoint=RUN_DIR \
+        --train_file=train.tsv --eval_file=dev.tsv --output_dir=...
+    python -m tfbert.run --mode=predict --init_checkpoint=FINETUNED_DIR --predict_file=test.tsv
 
 The only module that reads flags: it turns them into one frozen `Config`, validates it, logs it,
 saves it as `<output_dir>/config.json` and hands it to the library.
@@ -38,8 +41,73 @@ MODEL_OVERRIDES = {
 }
 
 
+MODES = ("pretrain", "finetune", "predict")
+FINETUNING_TASKS = ("classification", "regression", "token_classification",
+                    "question_answering")
+
+
 def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
     fv = dict(flag_values=flag_values)
+    # What runs.
+    flags.DEFINE_enum("mode", "pretrain", MODES, "pretrain on records; finetune a pretrained "
+                                                 "model on a table (--task); predict a table "
+                                                 "with a fine-tuned model.", **fv)
+    flags.DEFINE_enum("task", None, FINETUNING_TASKS, "--mode=finetune: classification (single "
+                                                      "texts or pairs, labels any strings), "
+                                                      "regression (a number per example) or "
+                                                      "token_classification (a tag per word: "
+                                                      "NER) or question_answering (SQuAD v1.1/"
+                                                      "v2.0 JSON files).", **fv)
+    # Fine-tuning and prediction tables (tfbert/data/finetuning_dataset.py).
+    flags.DEFINE_string("train_file", "", "--mode=finetune: the training table (.tsv, .csv or "
+                                          ".jsonl with a header).", **fv)
+    flags.DEFINE_string("eval_file", "", "--mode=finetune: the evaluation table.", **fv)
+    flags.DEFINE_string("predict_file", "", "--mode=predict: the table to predict.", **fv)
+    flags.DEFINE_string("predictions_file", "", "--mode=predict: where predictions go (JSON "
+                                                "lines); default <predict_file "
+                                                "stem>.predictions.jsonl.", **fv)
+    flags.DEFINE_string("text_column", "text", "Tables: the text column.", **fv)
+    flags.DEFINE_string("text_b_column", "text_b", "Tables: the second text of a pair (used when "
+                                                   "the table has it).", **fv)
+    flags.DEFINE_string("label_column", "label", "Tables: the label column.", **fv)
+    flags.DEFINE_float("pooler_dropout_prob", 0.1, "Fine-tuning: dropout on the pooled output "
+                                                   "(token classification: on each token's "
+                                                   "output) before the classifier.", **fv)
+    flags.DEFINE_integer("doc_stride", 128, "Question answering: tokens between the windows of "
+                                            "a long context.", **fv)
+    flags.DEFINE_integer("max_query_length", 64, "Question answering: question tokens kept.",
+                         **fv)
+    flags.DEFINE_integer("max_answer_length", 30, "Question answering: longest answer, in "
+                                                  "tokens.", **fv)
+    flags.DEFINE_float("null_score_diff_threshold", 0.0, "SQuAD v2.0: answer nothing when that "
+                                                         "scores this much above the best "
+                                                         "span.", **fv)
+    flags.DEFINE_boolean("reuse_head", False, "Fine-tuning: start a 2-class classifier from "
+                                              "--init_checkpoint's next-sentence head.", **fv)
+    # Evaluation (tfbert/training/evaluation.py).
+    flags.DEFINE_list("eval_files", [], "Pretraining: held-out records (globs), evaluated every "
+                                        "--eval_every_n_steps and at the end.", **fv)
+    flags.DEFINE_integer("max_eval_steps", 20, "Pretraining: evaluation batches per "
+                                               "data-parallel rank.", **fv)
+    flags.DEFINE_integer("eval_batch_size", 32, "Evaluation and prediction batch size per rank.",
+                         **fv)
+    flags.DEFINE_integer("eval_every_n_steps", 0, "Evaluate every N steps (0: at the end only).",
+                         **fv)
+    flags.DEFINE_string("best_metric", None, "Keep the checkpoint with the best value of this "
+                                             "evaluation metric in <output_dir>/best (default: "
+                                             "accuracy for classification, pearson for "
+                                             "regression, none in pretraining).", **fv)
+    flags.DEFINE_integer("early_stopping_patience", 0, "Stop after this many evaluations "
+                                                       "without a better --best_metric (0: "
+                                                       "never).", **fv)
+    # Multi-task pretraining (records from create_pretraining_data --label_columns).
+    flags.DEFINE_float("cls_loss_weight", 0.0, "Pretraining: add a sequence classification of "
+                                               "the records' cls_label (cls_loss) with this "
+                                               "weight (0: off).", **fv)
+    flags.DEFINE_integer("num_cls_labels", 2, "Classes of cls_label.", **fv)
+    flags.DEFINE_float("distil_loss_weight", 0.0, "Pretraining: add the mean squared error to "
+                                                  "the records' teacher_score (distil_mse) with "
+                                                  "this weight (0: off).", **fv)
     # Model.
     flags.DEFINE_string("model", "tiny", "Size preset: one of tfbert.config.MODEL_PRESETS.", **fv)
     flags.DEFINE_string("bert_config_file", "", "google-style bert_config.json; overrides --model.",
@@ -321,15 +389,78 @@ def zero_stage_from_flags(fv) -> int:
     return stage
 
 
+# Flags that only one --mode reads; given in another mode, they are an error, not ignored.
+MODE_FLAGS = {
+    "pretrain": ("input_files", "max_predictions_per_seq", "dynamic_masking", "masked_lm_prob",
+                 "num_readers", "shuffle_buffer", "eval_files", "max_eval_steps",
+                 "cls_loss_weight", "num_cls_labels", "distil_loss_weight"),
+    "finetune": ("task", "train_file", "eval_file", "pooler_dropout_prob", "reuse_head"),
+    "predict": ("predict_file", "predictions_file"),
+}
+# ... and those two modes read.
+MODE_FLAGS_SHARED = {("finetune", "predict"): ("text_column", "text_b_column", "label_column",
+                                              "doc_stride", "max_query_length",
+                                              "max_answer_length", "null_score_diff_threshold")}
+
+
+def check_mode_flags(fv: flags.FlagValues) -> None:
+    """Refuses flags that --mode does not read."""
+    from tfbert.config import ConfigError
+
+    owners = {name: (mode,) for mode, names in MODE_FLAGS.items() for name in names}
+    owners.update({name: modes for modes, names in MODE_FLAGS_SHARED.items() for name in names})
+    for name, modes in owners.items():
+        # A flag written out with its default (absl's flags_into_string) is not a request.
+        if fv[name].present and fv[name].value != fv[name].default and fv.mode not in modes:
+            raise ConfigError(f"--{name} is read by --mode={' / --mode='.join(modes)}, not by "
+                              f"--mode={fv.mode}; drop it")
+    if fv.mode == "finetune" and not fv.task:
+        raise ConfigError(f"--mode=finetune needs --task (one of {FINETUNING_TASKS})")
+    if fv.mode == "finetune" and not fv.train_file:
+        raise ConfigError("--mode=finetune needs --train_file (a table: .tsv, .csv or .jsonl)")
+
+
+def task_config(fv: flags.FlagValues):
+    """The TaskConfig of --mode / --task and the evaluation flags (fine-tuning: the label set
+    comes from the training table)."""
+    from tfbert import config as cfg
+    from tfbert.data.finetuning_dataset import label_names, read_table
+
+    task = "pretraining" if fv.mode == "pretrain" else fv.task
+    labels = ()
+    if task in ("classification", "token_classification"):
+        labels = label_names(read_table(fv.train_file, "--train_file"), fv.train_file,
+                             fv.label_column, task)
+    has_evaluation = bool(fv.eval_file or fv.eval_files)
+    best_metric = (fv.best_metric if fv.best_metric is not None
+                   else cfg.DEFAULT_BEST_METRIC[task] if has_evaluation else "")
+    return cfg.TaskConfig(
+        task=task, eval_file=os.path.abspath(fv.eval_file) if fv.eval_file else "",
+        text_column=fv.text_column, text_b_column=fv.text_b_column,
+        label_column=fv.label_column, labels=labels, pooler_dropout_prob=fv.pooler_dropout_prob,
+        reuse_head=fv.reuse_head, eval_files=tuple(fv.eval_files),
+        max_eval_steps=fv.max_eval_steps, eval_batch_size=fv.eval_batch_size,
+        eval_every_n_steps=fv.eval_every_n_steps, best_metric=best_metric,
+        early_stopping_patience=fv.early_stopping_patience, doc_stride=fv.doc_stride,
+        max_query_length=fv.max_query_length, max_answer_length=fv.max_answer_length,
+        null_score_diff_threshold=fv.null_score_diff_threshold, cls_loss_weight=fv.cls_loss_weight,
+        num_cls_labels=fv.num_cls_labels, distil_loss_weight=fv.distil_loss_weight)
+
+
 def build_config(fv: flags.FlagValues, group=None):
-    # `group`: the run's ProcessGroups, or one group (then the world).
-    group = getattr(group, "world", group)
     """Flags -> (validated Config, tokenizer or None). Prepares the sample data when
-    --input_files is empty."""
+    pretraining --input_files is empty.
+
+    group: the run's ProcessGroups, or one group (then the world)."""
+    group = getattr(group, "world", group)
     from tfbert import config as cfg
     from tfbert.tokenization import from_pretrained, load_tokenizer, tokenizer_files
 
+    check_mode_flags(fv)
+    pretraining = fv.mode == "pretrain"
     input_files, vocab_file, tokenizer_type = list(fv.input_files), fv.vocab_file, fv.tokenizer_type
+    if not pretraining:
+        input_files = [os.path.abspath(fv.train_file)]
     pretrained_config = None
     if fv.init_checkpoint:
         from tfbert.checkpoints import pretrained_model_config
@@ -345,6 +476,9 @@ def build_config(fv: flags.FlagValues, group=None):
         tokenizer_type=tokenizer_type if fv["tokenizer_type"].present else None,
         do_lower_case=fv.do_lower_case if fv["do_lower_case"].present else None)
     tokenizer = from_pretrained(vocab_file, **tokenizer_options) if vocab_file else None
+    if not pretraining and tokenizer is None:
+        raise cfg.ConfigError("fine-tuning tokenises text with the model's tokenizer: give "
+                              "--init_checkpoint (a directory that holds one) or --vocab_file")
     if not input_files:
         from tfbert.data.sample import prepare_sample_data
 
@@ -366,7 +500,8 @@ def build_config(fv: flags.FlagValues, group=None):
     model = _model_config(fv, pretrained_config, tokenizer.vocab_size if tokenizer else None)
     data = cfg.DataConfig(
         input_files=tuple(input_files), max_seq_length=fv.max_seq_length,
-        max_predictions_per_seq=fv.max_predictions_per_seq, train_batch_size=fv.train_batch_size,
+        max_predictions_per_seq=fv.max_predictions_per_seq if pretraining else 0,
+        train_batch_size=fv.train_batch_size,
         num_readers=fv.num_readers, shuffle_buffer=fv.shuffle_buffer,
         dynamic_masking=fv.dynamic_masking, masked_lm_prob=fv.masked_lm_prob,
         tokenizer_type=tokenizer_type, vocab_file=os.path.abspath(vocab_file) if vocab_file else "")
@@ -416,7 +551,7 @@ def build_config(fv: flags.FlagValues, group=None):
                              attn_softmax_ytf_impl=fv.attn_softmax_ytf_impl, ytf_gelu=fv.ytf_gelu,
                              ln_dtype=fv.ln_dtype)
     config = cfg.Config(model=model, data=data, optimizer=optimizer, runtime=runtime,
-                        distribution=distribution, ops=ops)
+                        distribution=distribution, ops=ops, task=task_config(fv))
     check_custom_ops(config)
     if fv.init_embeddings_from and not os.path.isfile(fv.init_embeddings_from):
         # Checked on every rank: only rank 0 reads the file, later.
@@ -459,19 +594,33 @@ def check_custom_ops(config) -> None:
                           f"built without CUDA kernels; rebuild with `make ops WITH_CUDA=1`")
 
 
-def print_summary(config, summary: dict) -> None:
+def print_summary(config, summary: dict, metrics=None) -> None:
+    """metrics: the model's metric names (`BertTaskModel.metric_names`)."""
     gb = 2 ** 30
+    metrics = metrics or [name[len("final_"):] for name in summary if name.startswith("final_")]
     if summary["steps_this_run"] == 0:
         print(f"\ntfbert: nothing to train: {config.runtime.output_dir} is at step "
               f"{summary['steps']} and --num_train_steps={config.runtime.num_train_steps}\n"
               f"  checkpoint:   {summary['checkpoint']}", flush=True)
         return
+    first, final = ([f"{name} {summary[f'{key}_{name}']:.4f}" for name in metrics]
+                    for key in ("first", "final"))
+    evaluation = [f"{name[len('eval_'):]} {value:.4f}" for name, value in summary.items()
+                  if name.startswith("eval_") and name != "eval_step"]
+    best = ""
+    if summary.get("best_step") is not None:
+        best = (f"\n  best:         {summary['best_metric']} "
+                f"{summary['best_eval_' + summary['best_metric']]:.4f} at step "
+                f"{summary['best_step']} ({summary['best_checkpoint']})"
+                + (" (stopped early)" if summary["stopped_early"] else ""))
     print(
-        f"\ntfbert: {summary['steps_this_run']} steps of the {config.model.num_hidden_layers}x"
-        f"{config.model.hidden_size} model (now at step {summary['steps']})\n"
-        f"  MLM loss:     {summary['first_mlm_loss']:.4f} (first step) -> "
-        f"{summary['final_mlm_loss']:.4f} (last logging window)\n"
-        f"  total loss:   {summary['first_loss']:.4f} -> {summary['final_loss']:.4f}\n"
+        f"\ntfbert: {summary['steps_this_run']} steps of {summary['task']}, the "
+        f"{config.model.num_hidden_layers}x{config.model.hidden_size} model (now at step "
+        f"{summary['steps']})\n"
+        f"  first step:   {' | '.join(first)}\n"
+        f"  last window:  {' | '.join(final)}\n"
+        + (f"  evaluation:   {' | '.join(evaluation)} (step {summary['eval_step']})" + best + "\n"
+           if evaluation else "") +
         f"  throughput:   {summary['examples_per_sec']:.1f} examples/s, "
         f"{summary['tokens_per_sec']:.0f} tokens/s per rank (first step excluded); "
         f"{summary['examples_per_sec_total']:.1f} examples/s over {summary['num_processes']} "
@@ -520,6 +669,9 @@ def main(argv):
                                        fv.hvd_stall_shutdown_secs)
         if not groups.world.is_chief:
             logging.set_verbosity(logging.WARNING)  # the console log comes from rank 0
+        if fv.mode == "predict":
+            check_mode_flags(fv)
+            return predict(fv, groups.world)
         config, tokenizer = build_config(fv, groups)
         return train(config, tokenizer, groups)
     except (ConfigError, DataError, TokenizerError, CheckpointError, VectorFileError) as e:
@@ -536,27 +688,26 @@ def _fail(message: str, status: int) -> int:
     return status
 
 
-def train(config, tokenizer, groups) -> int:
-    """Trains `config` on the run's `ProcessGroups` (or one group: the world, no tensor
-    parallelism); returns the exit status."""
+def pretraining_data(config, tokenizer, data_group):
+    """This rank's pretraining batches, and the evaluator of --eval_files (or None)."""
     import tensorflow as tf
 
-    from tfbert.data.pretraining_dataset import (MaskingSpec, check_records, check_token_ids,
-                                                 pretraining_dataset, resolve_input_files)
-    from tfbert.training.run_dir import check_output_dir, write_run_files
-    from tfbert.training.trainer import Pretrainer
+    from tfbert.data.pretraining_dataset import (MaskingSpec, check_class_labels, check_records,
+                                                 check_token_ids, pretraining_dataset,
+                                                 resolve_input_files)
+    from tfbert.training.evaluation import PretrainingEvaluator
 
-    world = getattr(groups, "world", groups)
-    # The ranks of one tensor-parallel group read the same shard of the data.
-    data_group = getattr(groups, "data", groups)
-    logging.info("Configuration:\n%s", config.to_json())
-    # Before the input pipeline is built: tf.data's shuffle seeds combine with the global seed.
-    tf.keras.utils.set_random_seed(config.runtime.seed)
-    data = config.data
+    data, task = config.data, config.task
+    labels = task.record_labels  # multi-task pretraining's
+
+    def check(files):
+        check_records(files, data.max_seq_length, data.max_predictions_per_seq, labels)
+        check_token_ids(files, config.model.vocab_size)
+        if task.cls_loss_weight:
+            check_class_labels(files, task.num_cls_labels)
+
     files = resolve_input_files(list(data.input_files))
-    check_records(files, data.max_seq_length, data.max_predictions_per_seq)
-    check_token_ids(files, config.model.vocab_size)
-    check_output_dir(config)
+    check(files)
     masking = None
     if data.dynamic_masking:
         special = tokenizer.special_ids
@@ -569,8 +720,96 @@ def train(config, tokenizer, groups) -> int:
         max_predictions_per_seq=data.max_predictions_per_seq, is_training=True,
         num_readers=data.num_readers, shuffle_buffer=data.shuffle_buffer,
         seed=config.runtime.seed + data_group.rank, input_pipeline_id=data_group.rank,
-        num_input_pipelines=data_group.size, dynamic_masking=masking)
-    trainer = Pretrainer(config, dataset, groups, tokenizer=tokenizer)
+        num_input_pipelines=data_group.size, dynamic_masking=masking, labels=labels)
+    if not task.eval_files:
+        return dataset, None
+    eval_files = resolve_input_files(list(task.eval_files))
+    check(eval_files)
+
+    def eval_dataset() -> tf.data.Dataset:
+        # The masks written in the records: every evaluation scores the same predictions.
+        return pretraining_dataset(
+            eval_files, batch_size=task.eval_batch_size, max_seq_length=data.max_seq_length,
+            max_predictions_per_seq=data.max_predictions_per_seq, is_training=False,
+            input_pipeline_id=data_group.rank, num_input_pipelines=data_group.size,
+            labels=labels)
+
+    return dataset, PretrainingEvaluator(eval_dataset, data_group, task.max_eval_steps)
+
+
+def finetuning_data(config, tokenizer, data_group):
+    """This rank's batches of the training table, and the evaluator of --eval_file (or None)."""
+    from tfbert.data.finetuning_dataset import Columns, finetuning_dataset, load_examples
+    from tfbert.training.evaluation import PredictionEvaluator
+
+    data, task = config.data, config.task
+    if task.task == "question_answering":
+        return question_answering_data(config, tokenizer, data_group)
+    columns = Columns(task.text_column, task.text_b_column, task.label_column)
+    train = load_examples(data.input_files[0], tokenizer, data.max_seq_length, task.task,
+                          columns, task.labels, what="--train_file")
+    dataset = finetuning_dataset(train, data.train_batch_size, seed=config.runtime.seed,
+                                 input_pipeline_id=data_group.rank,
+                                 num_input_pipelines=data_group.size)
+    if not task.eval_file:
+        return dataset, None
+    held_out = load_examples(task.eval_file, tokenizer, data.max_seq_length, task.task, columns,
+                             task.labels, what="--eval_file")
+    return dataset, PredictionEvaluator(held_out, data_group, task.eval_batch_size, task.labels)
+
+
+def question_answering_data(config, tokenizer, data_group, eval_file: str | None = None):
+    """SQuAD: this rank's batches of the training windows (None for prediction) and the
+    evaluator of the evaluation file (or None)."""
+    from tfbert.data.finetuning_dataset import finetuning_dataset
+    from tfbert.data.squad import read_squad, squad_features
+    from tfbert.training.evaluation import QuestionAnsweringEvaluator
+
+    data, task = config.data, config.task
+
+    def windows(examples):
+        return squad_features(examples, tokenizer, data.max_seq_length, task.doc_stride,
+                              task.max_query_length)
+
+    dataset = None
+    if eval_file is None:
+        _, examples, _ = read_squad(data.input_files[0], "--train_file")
+        train = windows(examples)
+        dataset = finetuning_dataset(
+            {name: train[name] for name in ("input_ids", "input_mask", "segment_ids",
+                                            "start_position", "end_position")},
+            data.train_batch_size, seed=config.runtime.seed, input_pipeline_id=data_group.rank,
+            num_input_pipelines=data_group.size)
+        eval_file, what = task.eval_file, "--eval_file"
+    else:
+        what = "--predict_file"
+    if not eval_file:
+        return dataset, None
+    squad, examples, version_2 = read_squad(eval_file, what, with_answers=False)
+    return dataset, QuestionAnsweringEvaluator(
+        squad, examples, windows(examples), version_2, data_group, task.eval_batch_size,
+        max_answer_length=task.max_answer_length,
+        null_score_diff_threshold=task.null_score_diff_threshold)
+
+
+def train(config, tokenizer, groups) -> int:
+    """Trains `config` (any task) on the run's `ProcessGroups` (or one group: the world, no
+    tensor parallelism); returns the exit status."""
+    import tensorflow as tf
+
+    from tfbert.training.run_dir import check_output_dir, write_run_files
+    from tfbert.training.trainer import Trainer
+
+    world = getattr(groups, "world", groups)
+    # The ranks of one tensor-parallel group read the same shard of the data.
+    data_group = getattr(groups, "data", groups)
+    logging.info("Configuration:\n%s", config.to_json())
+    # Before the input pipeline is built: tf.data's shuffle seeds combine with the global seed.
+    tf.keras.utils.set_random_seed(config.runtime.seed)
+    check_output_dir(config)
+    task_data = pretraining_data if config.task.is_pretraining else finetuning_data
+    dataset, evaluator = task_data(config, tokenizer, data_group)
+    trainer = Trainer(config, dataset, groups, tokenizer=tokenizer, evaluator=evaluator)
     trainer.restore_or_initialize()
     # Only now, with the checkpoint restored: a failed resume leaves the run directory as it was.
     if world.is_chief:
@@ -578,6 +817,92 @@ def train(config, tokenizer, groups) -> int:
     summary = trainer.train()
     if world.is_chief:
         print_summary(config, summary)
+    return 0
+
+
+def predict(fv, group) -> int:
+    """--mode=predict: the predictions of a fine-tuned model for every row of --predict_file,
+    written as JSON lines (each rank predicts its share; rank 0 writes). Scored too when the
+    table has labels."""
+    import json
+
+    import tensorflow as tf
+
+    from tfbert.checkpoints import CheckpointError, init_from_pretrained
+    from tfbert.checkpoints.pretrained import TFBERT_CONFIG_FILE, tfbert_run_dir
+    from tfbert.config import Config, ConfigError
+    from tfbert.data.finetuning_dataset import Columns, load_examples, read_table
+    from tfbert.modeling.layers.dropout import DropoutRng
+    from tfbert.modeling.models import create_model
+    from tfbert.tokenization import from_pretrained
+    from tfbert.training.evaluation import PredictionEvaluator
+
+    if not fv.init_checkpoint or not fv.predict_file:
+        raise ConfigError("--mode=predict needs --init_checkpoint (a fine-tuned run directory or "
+                          "its best/) and --predict_file")
+    run_dir = tfbert_run_dir(fv.init_checkpoint) if os.path.exists(fv.init_checkpoint) else None
+    if run_dir is None:
+        raise CheckpointError(f"--init_checkpoint={fv.init_checkpoint} is not a tfbert run "
+                              f"directory (with {TFBERT_CONFIG_FILE})")
+    trained = Config.load(os.path.join(run_dir, TFBERT_CONFIG_FILE))
+    task = trained.task
+    if task.is_pretraining:
+        raise ConfigError(f"--init_checkpoint={fv.init_checkpoint} is a pretraining run; "
+                          f"--mode=predict needs a fine-tuned one (--mode=finetune)")
+    config = dataclasses.replace(
+        trained, runtime=dataclasses.replace(trained.runtime, precision=fv.precision,
+                                             output_dir=run_dir),
+        task=dataclasses.replace(
+            task, text_column=fv.text_column, text_b_column=fv.text_b_column,
+            label_column=fv.label_column, doc_stride=fv.doc_stride,
+            max_query_length=fv.max_query_length, max_answer_length=fv.max_answer_length,
+            null_score_diff_threshold=fv.null_score_diff_threshold))
+    task = config.task
+    tokenizer = from_pretrained(run_dir)
+    model = create_model(config, rng=DropoutRng(config.runtime.seed))  # inference: unused
+    model.build(config.data.max_seq_length)
+    source = init_from_pretrained(model, fv.init_checkpoint)
+    logging.info("Predicting with %s", source)
+    path = fv.predictions_file or os.path.splitext(fv.predict_file)[0] + ".predictions.jsonl"
+    if task.task == "question_answering":
+        _, evaluator = question_answering_data(config, tokenizer, group, fv.predict_file)
+        answers = evaluator.answers(model)
+        scores = evaluator.score(answers) if evaluator.has_answers else {}
+        lines = [json.dumps(dict(id=qid, answer=text)) for qid, text in answers.items()]
+        return _write_predictions(group, lines, path, fv.predict_file, scores)
+    columns = Columns(fv.text_column, fv.text_b_column, fv.label_column)
+    with_labels = fv.label_column in read_table(fv.predict_file, "--predict_file").columns
+    examples = load_examples(fv.predict_file, tokenizer, config.data.max_seq_length, task.task,
+                             columns, task.labels, what="--predict_file", with_labels=with_labels)
+    evaluator = PredictionEvaluator(examples, group, fv.eval_batch_size, task.labels)
+    outputs = evaluator.predict(model)
+    scores = evaluator.score(outputs) if with_labels else {}
+    lines = []
+    if "score" in outputs:
+        lines = [json.dumps(dict(index=i, score=float(score)))
+                 for i, score in enumerate(outputs["score"])]
+    elif outputs["logits"].ndim == 3:  # a tag per word, from its first sub-token
+        predicted = outputs["logits"].argmax(axis=-1)
+        lines = [json.dumps(dict(index=i, tags=[task.labels[t] for t in row[starts > 0]]))
+                 for i, (row, starts) in enumerate(zip(predicted, examples["word_start"]))]
+    else:
+        probabilities = tf.nn.softmax(outputs["logits"]).numpy()
+        for i, row in enumerate(probabilities):
+            lines.append(json.dumps(dict(index=i, label=task.labels[int(row.argmax())],
+                                         probabilities=dict(zip(task.labels,
+                                                                map(float, row))))))
+    return _write_predictions(group, lines, path, fv.predict_file, scores)
+
+
+def _write_predictions(group, lines: list[str], path: str, source: str, scores: dict) -> int:
+    """Rank 0 writes the predictions (JSON lines) and prints the scores."""
+    from tfbert.config import atomic_write_text
+
+    if group.is_chief:
+        atomic_write_text(path, "\n".join(lines) + "\n")
+        print(f"\ntfbert: {len(lines)} predictions of {source} -> {path}"
+              + "".join(f"\n  {name}: {value:.4f}" for name, value in scores.items()),
+              flush=True)
     return 0
 
 

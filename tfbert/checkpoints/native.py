@@ -27,6 +27,7 @@ import numpy as np
 import tensorflow as tf
 
 from tfbert.checkpoints.errors import CheckpointError
+from tfbert.checkpoints.weights import WEIGHT_PREFIXES
 
 # Present in every object-based (TF2 `tf.train.Checkpoint`) bundle, absent from named ones.
 OBJECT_GRAPH_KEY = "_CHECKPOINTABLE_OBJECT_GRAPH"
@@ -199,9 +200,9 @@ class NamedCheckpointKeeper:
             restore_objects(self.legacy_objects, prefix)  # tfbert 0.1
             return prefix
         missing_state = sorted(name for name in set(self.variables) - set(found)
-                               if not name.startswith(("bert/", "cls/")))
+                               if not name.startswith(WEIGHT_PREFIXES))
         if missing_state and all(name in found for name in self.variables
-                                 if name.startswith(("bert/", "cls/"))):
+                                 if name.startswith(WEIGHT_PREFIXES)):
             raise CheckpointError(
                 f"checkpoint {prefix} lacks part of this run's state: {missing_state}; it was "
                 f"written by a run with other settings (--precision, --optimizer), which a "

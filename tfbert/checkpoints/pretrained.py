@@ -24,7 +24,7 @@ from tfbert.checkpoints import google, huggingface
 from tfbert.checkpoints.errors import CheckpointError
 from tfbert.checkpoints.native import (OBJECT_GRAPH_KEY, check_shapes, latest_checkpoint,
                                        open_reader)
-from tfbert.checkpoints.weights import WeightSource, encoder_names, head_names
+from tfbert.checkpoints.weights import WeightSource, encoder_names, head_names, is_weight_name
 from tfbert.config import Config, FusedOpsConfig, ModelConfig
 
 FORMATS = ("tfbert", "huggingface", "google")
@@ -55,7 +55,7 @@ class Pretrained:
         return self.weights.description if self.weights else f"tfbert checkpoint {self.legacy_prefix}"
 
 
-def _tfbert_run_dir(path: str) -> str | None:
+def tfbert_run_dir(path: str) -> str | None:
     """The run directory of a tfbert run directory or checkpoint prefix, else None."""
     directory = path if os.path.isdir(path) else os.path.dirname(path)
     config = os.path.join(directory, TFBERT_CONFIG_FILE)
@@ -71,7 +71,7 @@ def detect_format(path: str) -> str:
         from tfbert.checkpoints.sharded import check_no_tensor_parallel_parts
 
         check_no_tensor_parallel_parts(path)  # a tensor-parallel run's parts: gather them first
-    if _tfbert_run_dir(path):
+    if tfbert_run_dir(path):
         return "tfbert"
     if os.path.isdir(path):
         if huggingface.is_huggingface_dir(path):
@@ -98,7 +98,7 @@ def _stated_config(path: str, fmt: str) -> ModelConfig | None:
         return huggingface.read_config(path)
     if fmt == "google":
         return google.read_config(path)
-    run_dir = _tfbert_run_dir(path)
+    run_dir = tfbert_run_dir(path)
     return Config.load(os.path.join(run_dir, TFBERT_CONFIG_FILE)).model if run_dir else None
 
 
@@ -126,18 +126,22 @@ def open_pretrained(path: str, model_config: ModelConfig | None = None) -> Pretr
     names = reader.get_variable_to_shape_map()
     if reader.has_tensor(OBJECT_GRAPH_KEY) and "bert/embeddings/word_embeddings" not in names:
         return Pretrained(fmt, path, config, None, legacy_prefix=prefix)
-    shapes = {name: shape for name, shape in names.items() if name.startswith(("bert/", "cls/"))
-              and not name.endswith(("/adam_m", "/adam_v"))}
+    shapes = {name: shape for name, shape in names.items() if is_weight_name(name)}
     return Pretrained(fmt, path, config, WeightSource(f"tfbert checkpoint {prefix}", shapes,
                                                       reader.get_tensor))
 
 
-def assign_pretrained(model, pretrained: Pretrained, what: str = "") -> list[str]:
-    """Assigns the pretrained weights to a built `BertPretrainer`, each by name and shape.
+def assign_pretrained(model, pretrained: Pretrained, what: str = "",
+                      sources: dict[str, str] | None = None) -> list[str]:
+    """Assigns the pretrained weights to a built `BertTaskModel`, each by name and shape.
 
     Every encoder weight must be there (the pooler excepted: BertForMaskedLM checkpoints have
-    none); heads that the checkpoint lacks keep their initialisation. Returns the names of
-    the model's variables left at their initialisation.
+    none); heads that the checkpoint lacks keep their initialisation. The heads of other tasks
+    (a pretraining checkpoint's "cls/" for a classifier) are not this model's and are left
+    out. Returns the names of the model's variables left at their initialisation.
+
+    sources: {model variable name: checkpoint name} read under another name (--reuse_head:
+      the classifier from the next-sentence head); each must be in the checkpoint.
     """
     what = what or pretrained.path
     variables = model.variables_by_name()
@@ -150,23 +154,35 @@ def assign_pretrained(model, pretrained: Pretrained, what: str = "") -> list[str
                                   f"weights: {e}") from None
         return []
     source = pretrained.weights
+    sources = dict(sources or {})
+    missing = sorted(f"{name} (for {target})" for target, name in sources.items()
+                     if name not in source)
+    if missing:
+        raise CheckpointError(f"{what} ({source.description}) has no {missing}")
     # Whole shapes: under tensor parallelism each rank takes its part of every whole tensor.
     shapes = model.whole_shapes()
-    optional = [n for n in variables if n.startswith(("bert/pooler/", "cls/"))]
-    required = {n: shapes[n] for n in variables if n not in optional}
+    heads = tuple(model.head_prefixes)
+    optional = [n for n in variables
+                if n.startswith(("bert/pooler/",) + heads) and n not in sources]
+    required = {sources.get(n, n): shapes[n] for n in variables if n not in optional}
     check_shapes(required, source.shapes, f"{what} ({source.description})")
     present = {n: shapes[n] for n in optional if n in source}
     check_shapes(present, source.shapes, f"{what} ({source.description})")
-    for name in list(required) + list(present):
-        variables[name].assign(model.part_of_whole(name, source.read(name)))
+    for name in [n for n in variables if n not in optional] + list(present):
+        variables[name].assign(model.part_of_whole(name, source.read(sources.get(name, name))))
     left = [n for n in optional if n not in source]
     if left:
         logging.warning("%s has no %s: left at their initialisation", what, left)
-    extra = sorted((set(encoder_names(source.shapes)) | set(head_names(source.shapes)))
-                   - set(variables))
+    own = set(encoder_names(source.shapes)) | {n for n in head_names(source.shapes)
+                                               if n.startswith(heads)}
+    extra = sorted(own - set(variables))
     if extra:
         raise CheckpointError(f"{what} ({source.description}) has weights this model does not: "
                               f"{extra[:8]}; its config and weights disagree")
+    others = sorted(set(head_names(source.shapes)) - own - set(sources.values()))
+    if others:
+        logging.info("%s: %d weights of other heads not used (%s, ...)", what, len(others),
+                     others[0])
     return left
 
 
@@ -199,11 +215,13 @@ def load_pretrained(path: str, with_heads: bool = False, precision: str = "fp32"
     return (model if with_heads else model.bert), pretrained.model_config
 
 
-def init_from_pretrained(model, path: str) -> str:
+def init_from_pretrained(model, path: str, sources: dict[str, str] | None = None) -> str:
     """--init_checkpoint: the model's weights from a checkpoint of any format (not the optimizer
-    state, step or data position: this starts a new run). Returns what was loaded."""
+    state, step or data position: this starts a new run). Returns what was loaded.
+
+    sources: variables read under other names (see `assign_pretrained`)."""
     pretrained = open_pretrained(path, model_config=model.config)
-    assign_pretrained(model, pretrained, what=f"--init_checkpoint={path}")
+    assign_pretrained(model, pretrained, what=f"--init_checkpoint={path}", sources=sources)
     return pretrained.description
 
 

@@ -34,6 +34,7 @@ import numpy as np
 
 from tfbert.checkpoints.errors import CheckpointError
 from tfbert.checkpoints.native import latest_checkpoint, open_reader, write_index, write_tensors
+from tfbert.checkpoints.weights import WEIGHT_PREFIXES
 
 STATE_DIR = "zero_state"
 MARKER_PREFIX = "zero/"
@@ -201,7 +202,7 @@ def _gather_zero(run_dir: str, prefix: str) -> dict:
     shapes = reader.get_variable_to_shape_map()
     tensors = {name: reader.get_tensor(name) for name in shapes
                if not name.startswith((MARKER_PREFIX, TENSOR_PARALLEL_PREFIX))}
-    weight_names = [name for name in tensors if name.startswith(("bert/", "cls/"))]
+    weight_names = [name for name in tensors if name.startswith(WEIGHT_PREFIXES)]
     moments = {f"{name}/{slot}": np.zeros(int(np.prod(shapes[name])), np.float32)
                for name in weight_names for slot in SLOTS}
     covered = {name: np.zeros(int(np.prod(shapes[name])), np.int32) for name in weight_names}

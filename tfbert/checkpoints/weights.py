@@ -37,12 +37,25 @@ class WeightSource:
         return cls(description, {name: a.shape for name, a in arrays.items()}, arrays.__getitem__)
 
 
+# Where a model's weights live in a checkpoint: the encoder, then each task's heads (pretraining
+# "cls/", classification, regression and token classification "classifier/", question
+# answering "qa/"). Anything else is training state.
+ENCODER_PREFIX = "bert/"
+HEAD_PREFIXES = ("cls/", "classifier/", "qa/")
+WEIGHT_PREFIXES = (ENCODER_PREFIX,) + HEAD_PREFIXES
+
+
+def is_weight_name(name: str) -> bool:
+    """Whether checkpoint tensor `name` is a model weight (not optimizer or training state)."""
+    return name.startswith(WEIGHT_PREFIXES) and not name.endswith(("/adam_m", "/adam_v"))
+
+
 def encoder_names(names) -> list[str]:
-    return [name for name in names if name.startswith("bert/")]
+    return [name for name in names if name.startswith(ENCODER_PREFIX)]
 
 
 def head_names(names) -> list[str]:
-    return [name for name in names if name.startswith("cls/")]
+    return [name for name in names if name.startswith(HEAD_PREFIXES)]
 
 
 def read_config_file(directory: str, name: str) -> tuple[dict, str]:

@@ -5,7 +5,12 @@
         --max_seq_length=128 --max_predictions_per_seq=20 --num_shards=64
 
 Input: one sentence (or line) per line, a blank line between documents; each file also starts a
-new document. For every document, `dupe_factor` times (each time with new masks):
+new document. With `--label_columns=cls_label,teacher_score` (either or both, in the order the
+columns appear) a line is `text<TAB>value<TAB>...`: the document's labels for multi-task
+pretraining (an integer class, a float score), given on its first line (later lines may repeat
+them, not change them). Every instance of a document carries its labels as the record features
+`cls_label` / `teacher_score`. For every document, `dupe_factor` times (each time with new
+masks):
 
 - sentences are gathered into a chunk until it reaches a target length (max_seq_length - 3
   tokens, or with probability `short_seq_prob` a random shorter one, so the model also sees
@@ -63,7 +68,7 @@ from collections.abc import Iterable, Iterator
 import tensorflow as tf
 from absl import app, flags, logging
 
-from tfbert.data.pretraining_dataset import DataError, resolve_input_files
+from tfbert.data.pretraining_dataset import LABEL_FEATURES, DataError, resolve_input_files
 
 # Lines tokenized per tokenize_batch call: large enough to amortize the call, small enough to
 # keep memory flat.
@@ -73,7 +78,35 @@ _READ_BLOCK = 16 * 1024 * 1024
 
 Instance = collections.namedtuple(
     "Instance", ["tokens", "segment_ids", "is_random_next", "masked_lm_positions",
-                 "masked_lm_labels"])
+                 "masked_lm_labels", "labels"], defaults=[None])
+
+
+class Document(list):
+    """A document: a list of sentences, with its multi-task labels ({name: value}) if any."""
+
+    def __init__(self, sentences=(), labels: dict | None = None):
+        super().__init__(sentences)
+        self.labels = labels or {}
+
+
+def _line_labels(line: str, label_columns: tuple[str, ...], where: str):
+    """(text, {label: value}) of an input line with `label_columns` after its text."""
+    if not label_columns:
+        return line, {}
+    text, *values = line.split("\t")
+    if not values:
+        return text.strip(), {}
+    if len(values) != len(label_columns):
+        raise DataError(f"{where}: {len(values)} value(s) after the text, --label_columns names "
+                        f"{len(label_columns)} ({', '.join(label_columns)})")
+    labels = {}
+    for name, value in zip(label_columns, values):
+        try:
+            labels[name] = int(value) if name == "cls_label" else float(value)
+        except ValueError:
+            kind = "an integer class" if name == "cls_label" else "a number"
+            raise DataError(f"{where}: {name} {value.strip()!r} is not {kind}") from None
+    return text.strip(), labels
 
 
 def _read_lines(path: str) -> Iterator[str]:
@@ -95,19 +128,37 @@ def _read_lines(path: str) -> Iterator[str]:
             yield rest.decode("utf-8", "replace").strip()
 
 
-def _raw_documents(input_files: list[str]) -> Iterator[list[str]]:
-    """The documents of the files in order, each a list of its non-blank lines; a blank line or
-    a new file ends a document."""
+def _raw_documents(input_files: list[str], label_columns: tuple[str, ...] = ()
+                   ) -> Iterator[Document]:
+    """The documents of the files in order, each a list of its non-blank lines (their text);
+    a blank line or a new file ends a document. With `label_columns`, each document carries
+    the labels of its first line, and a document without them is an error."""
     for path in input_files:
-        lines = []
-        for line in _read_lines(path):
-            if line:
-                lines.append(line)
-            elif lines:
-                yield lines
-                lines = []
-        if lines:
-            yield lines
+        document, start = Document(), 0
+        for number, line in enumerate(_read_lines(path), start=1):
+            if not line:
+                if document:
+                    yield _checked(document, label_columns, path, start)
+                    document = Document()
+                continue
+            where = f"{path}:{number}"
+            text, labels = _line_labels(line, label_columns, where)
+            if not document:
+                document.labels, start = labels, number
+            elif labels and labels != document.labels:
+                raise DataError(f"{where}: labels {labels} differ from the document's "
+                                f"{document.labels} (line {start}); a document has one set")
+            document.append(text)
+        if document:
+            yield _checked(document, label_columns, path, start)
+
+
+def _checked(document: Document, label_columns: tuple[str, ...], path: str,
+             start: int) -> Document:
+    if label_columns and not document.labels:
+        raise DataError(f"{path}:{start}: a document without its labels (--label_columns="
+                        f"{','.join(label_columns)}: its first line ends with them, after a tab)")
+    return document
 
 
 def worker_share(input_files: list[str], worker_index: int = 0,
@@ -127,25 +178,26 @@ def worker_share(input_files: list[str], worker_index: int = 0,
     return list(input_files), num_workers
 
 
-def _tokenize(documents: list[list[str]], tokenizer) -> list[list[list[str]]]:
+def _tokenize(documents: list[Document], tokenizer) -> list[Document]:
     """Tokenizes the lines of many documents in one call; drops empty sentences and documents."""
     tokenized = iter(tokenizer.tokenize_batch([line for d in documents for line in d]))
     out = []
     for document in documents:
         sentences = [tokens for tokens in itertools.islice(tokenized, len(document)) if tokens]
         if sentences:
-            out.append(sentences)
+            out.append(Document(sentences, document.labels))
     return out
 
 
 def read_documents(input_files: list[str], tokenizer, worker_index: int = 0,
-                   num_workers: int = 1) -> Iterator[list[list[str]]]:
+                   num_workers: int = 1, label_columns: tuple[str, ...] = ()
+                   ) -> Iterator[Document]:
     """Reads and tokenizes raw text as a stream: yields documents (lists of sentences, each a
     non-empty list of tokens), those of worker `worker_index` only (see `worker_share`). Memory
     holds up to about `_TOKENIZE_CHUNK` lines at a time."""
     files, stride = worker_share(input_files, worker_index, num_workers)
     pending, pending_lines = [], 0
-    for index, document in enumerate(_raw_documents(files)):
+    for index, document in enumerate(_raw_documents(files, tuple(label_columns))):
         if index % stride != worker_index % stride:
             continue  # another worker's: not even tokenized
         pending.append(document)
@@ -230,7 +282,8 @@ def _instances_from_document(documents, document_index, max_seq_length, short_se
             tokens, positions, labels = _create_masked_lm_predictions(
                 tokens, masked_lm_prob, max_predictions_per_seq, vocab_words,
                 do_whole_word_mask, is_subword_continuation, rng)
-            instances.append(Instance(tokens, segment_ids, is_random_next, positions, labels))
+            instances.append(Instance(tokens, segment_ids, is_random_next, positions, labels,
+                                      getattr(document, "labels", None)))
             chunk, chunk_length = [], 0
         i += 1
     return instances
@@ -316,6 +369,10 @@ def _to_example(instance: Instance, tokenizer, max_seq_length: int,
         "masked_lm_weights": tf.train.Feature(float_list=tf.train.FloatList(value=weights)),
         "next_sentence_labels": ints([1 if instance.is_random_next else 0]),
     }
+    # Multi-task labels: those of the document segment A comes from.
+    for name, value in (instance.labels or {}).items():
+        feature[name] = (ints([value]) if name == "cls_label" else
+                         tf.train.Feature(float_list=tf.train.FloatList(value=[value])))
     return tf.train.Example(features=tf.train.Features(feature=feature))
 
 
@@ -389,7 +446,8 @@ def create_pretraining_data(input_files: list[str], output_dir: str, tokenizer, 
                             short_seq_prob: float = 0.1, do_whole_word_mask: bool = False,
                             num_shards: int = 1, random_seed: int = 12345,
                             output_prefix: str = "pretrain", documents_per_chunk: int = 10000,
-                            worker_index: int = 0, num_workers: int = 1) -> dict:
+                            worker_index: int = 0, num_workers: int = 1,
+                            label_columns: tuple[str, ...] = ()) -> dict:
     """Writes pretraining TFRecords made from raw text, streaming (see the module docstring).
 
     Args:
@@ -409,6 +467,8 @@ def create_pretraining_data(input_files: list[str], output_dir: str, tokenizer, 
       documents_per_chunk: documents held in memory at once; random next segments are drawn
         from the same chunk.
       worker_index, num_workers: this worker's share of the input (see `worker_share`).
+      label_columns: multi-task labels after each document's text (module docstring), of
+        "cls_label" and "teacher_score".
     Returns:
       Statistics of this worker: num_documents, num_sentences, num_tokens, num_instances,
       num_random_next, files (the TFRecord paths), metadata_file.
@@ -420,6 +480,11 @@ def create_pretraining_data(input_files: list[str], output_dir: str, tokenizer, 
                     short_seq_prob, num_shards, documents_per_chunk)
     input_files = list(input_files)
     worker_share(input_files, worker_index, num_workers)  # checks the worker settings
+    label_columns = tuple(label_columns)
+    unknown = [name for name in label_columns if name not in LABEL_FEATURES]
+    if unknown or len(set(label_columns)) != len(label_columns):
+        raise DataError(f"--label_columns={','.join(label_columns)}: each of {LABEL_FEATURES} "
+                        f"at most once")
     seed = worker_seed(random_seed, worker_index)
     rng = random.Random(seed)
     vocab_words = tokenizer.convert_ids_to_tokens(range(tokenizer.vocab_size))
@@ -431,7 +496,8 @@ def create_pretraining_data(input_files: list[str], output_dir: str, tokenizer, 
     shards = _AtomicShards(files)
     num_documents = num_sentences = num_tokens = num_random_next = 0
     try:
-        documents = read_documents(input_files, tokenizer, worker_index, num_workers)
+        documents = read_documents(input_files, tokenizer, worker_index, num_workers,
+                                   label_columns)
         for chunk in _chunks(documents, documents_per_chunk):
             num_documents += len(chunk)
             num_sentences += sum(len(d) for d in chunk)
@@ -467,7 +533,8 @@ def create_pretraining_data(input_files: list[str], output_dir: str, tokenizer, 
         masked_lm_prob=masked_lm_prob, dupe_factor=dupe_factor, short_seq_prob=short_seq_prob,
         do_whole_word_mask=do_whole_word_mask, random_seed=random_seed,
         input_files=input_files, documents_per_chunk=documents_per_chunk,
-        worker_index=worker_index, num_workers=num_workers, worker_seed=seed)
+        worker_index=worker_index, num_workers=num_workers, worker_seed=seed,
+        label_columns=list(label_columns))
     metadata_file = os.path.join(output_dir, metadata_name)
     _write_atomically(metadata_file, json.dumps(metadata, indent=2) + "\n")
     logging.info("Wrote %d instances (%d with a random next segment) to %d files in %s%s",
@@ -539,6 +606,10 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
                          "as many files as workers, worker i takes files i, i+N, ...; otherwise "
                          "documents i, i+N, ... Each writes its own shards and metadata file.",
                          **fv)
+    flags.DEFINE_list("label_columns", [], "Multi-task pretraining: cls_label and/or "
+                                           "teacher_score, the values after each document's "
+                                           "text (tab-separated), written as record features.",
+                      **fv)
 
 
 def main(argv) -> int:
@@ -566,7 +637,8 @@ def main(argv) -> int:
             short_seq_prob=fv.short_seq_prob, do_whole_word_mask=fv.do_whole_word_mask,
             num_shards=fv.num_shards, random_seed=fv.random_seed,
             output_prefix=fv.output_prefix, documents_per_chunk=fv.documents_per_chunk,
-            worker_index=fv.worker_index, num_workers=fv.num_workers)
+            worker_index=fv.worker_index, num_workers=fv.num_workers,
+            label_columns=tuple(fv.label_columns))
     except (DataError, TokenizerError) as e:
         print(f"create_pretraining_data: error: {e}", file=sys.stderr, flush=True)
         return 2

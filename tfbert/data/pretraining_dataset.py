@@ -8,6 +8,11 @@ google's and NVIDIA's tools):
     masked_lm_weights                           float [max_predictions_per_seq]
     next_sentence_labels                        int64 [1]   (0: B follows A, 1: B is random)
 
+and, for multi-task pretraining (`create_pretraining_data --label_columns`), per sequence:
+
+    cls_label                                   int64 [1]   a class of the sequence
+    teacher_score                               float [1]   a teacher model's score
+
 Start-up checks (`resolve_input_files`, `check_records`, `check_token_ids`) read only the first
 record(s) of each file, so they stay cheap for thousands of files. A bad record deep inside a
 file (corrupt or truncated, of another length, or lacking a feature) shows up only when training
@@ -34,7 +39,9 @@ FEATURE_NAMES = ("input_ids", "input_mask", "segment_ids", "masked_lm_positions"
                  "masked_lm_ids", "masked_lm_weights", "next_sentence_labels")
 _SEQUENCE_FEATURES = ("input_ids", "input_mask", "segment_ids")
 _PREDICTION_FEATURES = ("masked_lm_positions", "masked_lm_ids", "masked_lm_weights")
-_FLOAT_FEATURES = ("masked_lm_weights",)
+# Multi-task pretraining's labels, read when a run asks for them.
+LABEL_FEATURES = ("cls_label", "teacher_score")
+_FLOAT_FEATURES = ("masked_lm_weights", "teacher_score")
 
 
 class DataError(ValueError):
@@ -48,12 +55,14 @@ class RecordShape:
 
     max_seq_length: int
     max_predictions_per_seq: int
+    labels: tuple[str, ...] = ()  # of LABEL_FEATURES
 
     def lengths(self) -> dict[str, int]:
-        """{feature name: number of values} for the seven features."""
+        """{feature name: number of values} for the seven features and the labels."""
         lengths = dict.fromkeys(_SEQUENCE_FEATURES, self.max_seq_length)
         lengths.update(dict.fromkeys(_PREDICTION_FEATURES, self.max_predictions_per_seq),
                        next_sentence_labels=1)
+        lengths.update(dict.fromkeys(self.labels, 1))
         return lengths
 
     def feature_spec(self) -> dict[str, tf.io.FixedLenFeature]:
@@ -135,12 +144,12 @@ def _first_records(path: str, count: int) -> list[bytes]:
         raise DataError(f"input file {path} does not exist") from None
 
 
-def _example_values(serialized: bytes) -> dict[str, list]:
-    """A record's features as {name: list of values}.
+def _example_values(serialized: bytes, labels: tuple[str, ...] = ()) -> dict[str, list]:
+    """A record's features as {name: list of values}: the seven and `labels`.
 
     Raises:
-      _BadRecord: not a tf.train.Example, or without the seven pretraining features of the
-        right kinds.
+      _BadRecord: not a tf.train.Example, or without the seven pretraining features (and
+        `labels`) of the right kinds.
     """
     try:
         example = tf.train.Example.FromString(serialized)
@@ -148,7 +157,10 @@ def _example_values(serialized: bytes) -> dict[str, list]:
         raise _BadRecord(f"is not a tf.train.Example ({e})") from None
     feature = example.features.feature
     values = {}
-    for name in FEATURE_NAMES:
+    for name in FEATURE_NAMES + tuple(labels):
+        if name in labels and name not in feature:
+            raise _BadRecord(f"lacks the label {name!r} that multi-task pretraining reads (make "
+                             f"the records with create_pretraining_data --label_columns={name})")
         if name not in feature:
             raise _BadRecord(f"lacks the feature {name!r} (it has {sorted(feature)}; "
                              f"pretraining records need {list(FEATURE_NAMES)})")
@@ -171,13 +183,13 @@ def _length_problem(values: dict[str, list], shape: RecordShape) -> str | None:
     return None
 
 
-def _parse_example(path: str, serialized: bytes, which: str = "the first record"
-                   ) -> dict[str, list]:
+def _parse_example(path: str, serialized: bytes, which: str = "the first record",
+                   labels: tuple[str, ...] = ()) -> dict[str, list]:
     """A record of `path` as {name: list of values}; DataError naming the file (and `which`
     record) if it is not a tf.train.Example with the seven pretraining features of the right
     kinds."""
     try:
-        return _example_values(serialized)
+        return _example_values(serialized, labels)
     except _BadRecord as e:
         raise DataError(f"{path}: {which} {e}") from None
 
@@ -201,7 +213,8 @@ def _first_record_of_each(files: list[str]) -> dict[str, bytes]:
                         f"({_clean_message(e)})") from None
 
 
-def check_records(files: list[str], max_seq_length: int, max_predictions_per_seq: int) -> None:
+def check_records(files: list[str], max_seq_length: int, max_predictions_per_seq: int,
+                  labels: tuple[str, ...] = ()) -> None:
     """Checks the first record of each file: readable, the seven features, the run's lengths.
 
     Only the first record is read, so this scales to thousands of files; a bad record further
@@ -210,7 +223,8 @@ def check_records(files: list[str], max_seq_length: int, max_predictions_per_seq
 
     Raises:
       DataError naming the file: a corrupt or truncated record, no records, a missing feature,
-      or lengths different from `max_seq_length` / `max_predictions_per_seq`.
+      or lengths different from `max_seq_length` / `max_predictions_per_seq`, or without the
+      multi-task `labels` asked for.
     """
     if not files:
         raise DataError("no input files to check")
@@ -218,7 +232,7 @@ def check_records(files: list[str], max_seq_length: int, max_predictions_per_seq
     for path in files:
         if path not in firsts:
             raise DataError(f"{path} holds no records")
-        values = _parse_example(path, firsts[path])
+        values = _parse_example(path, firsts[path], labels=tuple(labels))
         found = RecordShape.of(values)
         if found.max_seq_length != max_seq_length:
             raise DataError(
@@ -256,6 +270,23 @@ def check_token_ids(files: list[str], vocab_size: int, num_records: int = 64) ->
                 f"records in {path} hold token id {bad} but the model's vocabulary has "
                 f"{vocab_size} tokens (ids 0..{vocab_size - 1}): tokenizer/model vocabulary "
                 f"mismatch; the records were made with a different vocabulary")
+
+
+def check_class_labels(files: list[str], num_classes: int, num_records: int = 64) -> None:
+    """Checks that the first `num_records` records of the first file have a "cls_label" in
+    [0, num_classes).
+
+    Raises:
+      DataError: a label outside that range (--num_cls_labels too small for the records).
+    """
+    if not files:
+        return
+    path = files[0]
+    for index, serialized in enumerate(_first_records(path, num_records)):
+        label = _parse_example(path, serialized, f"record {index}", ("cls_label",))["cls_label"][0]
+        if not 0 <= label < num_classes:
+            raise DataError(f"record {index} of {path} has cls_label {label}, outside "
+                            f"[0, --num_cls_labels={num_classes})")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -383,25 +414,26 @@ def apply_dynamic_masking(features: dict[str, tf.Tensor], spec: MaskingSpec,
 # The input pipeline.
 
 
-def _parse_batch(serialized: tf.Tensor, max_seq_length: int,
-                 max_predictions_per_seq: int) -> dict[str, tf.Tensor]:
+def _parse_batch(serialized: tf.Tensor, max_seq_length: int, max_predictions_per_seq: int,
+                 labels: tuple[str, ...] = ()) -> dict[str, tf.Tensor]:
     """Parses a [batch] string Tensor of records into the feature dict (int64 -> int32).
 
     A record with a missing feature or another length raises InvalidArgumentError (see
     `RecordShape.feature_spec`); `describe_data_error` turns it into a message.
     """
-    spec = RecordShape(max_seq_length, max_predictions_per_seq).feature_spec()
+    spec = RecordShape(max_seq_length, max_predictions_per_seq, tuple(labels)).feature_spec()
     parsed = tf.io.parse_example(serialized, spec)
     # tf.train.Example has only int64; int32 is what the model and TPUs/GPUs want (as google).
     return {name: tf.cast(parsed[name], tf.int32) if parsed[name].dtype == tf.int64
-            else parsed[name] for name in FEATURE_NAMES}
+            else parsed[name] for name in FEATURE_NAMES + tuple(labels)}
 
 
 def pretraining_dataset(files: list[str], *, batch_size: int, max_seq_length: int,
                         max_predictions_per_seq: int, is_training: bool = True,
                         num_readers: int = 4, shuffle_buffer: int = 1000, seed: int | None = None,
                         input_pipeline_id: int = 0, num_input_pipelines: int = 1,
-                        dynamic_masking: MaskingSpec | None = None) -> tf.data.Dataset:
+                        dynamic_masking: MaskingSpec | None = None,
+                        labels: tuple[str, ...] = ()) -> tf.data.Dataset:
     """The batches of one rank (input pipeline).
 
     Sharding between pipelines (ranks): with at least `num_input_pipelines` files, each rank
@@ -423,6 +455,7 @@ def pretraining_dataset(files: list[str], *, batch_size: int, max_seq_length: in
       max_seq_length, max_predictions_per_seq: the records' lengths (see `check_records`).
       dynamic_masking: re-mask every batch (see `apply_dynamic_masking`); None keeps the masks
         written in the records.
+      labels: multi-task pretraining's label features to read too (of LABEL_FEATURES).
     Returns:
       A dataset of dicts: int32 input_ids, input_mask, segment_ids [batch_size, max_seq_length];
       int32 masked_lm_positions, masked_lm_ids and float32 masked_lm_weights
@@ -467,7 +500,8 @@ def pretraining_dataset(files: list[str], *, batch_size: int, max_seq_length: in
     # Batch first, then parse the whole batch at once (faster than one parse per record).
     dataset = dataset.batch(batch_size, drop_remainder=True)
     dataset = dataset.map(
-        lambda serialized: _parse_batch(serialized, max_seq_length, max_predictions_per_seq),
+        lambda serialized: _parse_batch(serialized, max_seq_length, max_predictions_per_seq,
+                                        labels),
         num_parallel_calls=tf.data.AUTOTUNE, deterministic=deterministic)
     if dynamic_masking is not None:
         # One random int64 per batch, from a dataset (its state is checkpointed with the

@@ -57,3 +57,13 @@ def pretraining_losses(mlm_logits, nsp_logits, features,
         tf.equal(tf.argmax(nsp_logits, -1, output_type=tf.int32), nsp_labels), tf.float32))
     return dict(loss=mlm + nsp, mlm_loss=mlm, nsp_loss=nsp,
                 mlm_accuracy=mlm_accuracy, nsp_accuracy=nsp_acc)
+
+
+def sequence_classification_losses(logits: tf.Tensor, labels: tf.Tensor) -> dict[str, tf.Tensor]:
+    """Multi-task pretraining's sequence classification: cls_loss (mean cross-entropy) and
+    cls_accuracy. logits: float32 [B, C]; labels: int32 [B, 1] or [B]."""
+    labels = tf.reshape(tf.cast(labels, tf.int32), [-1])
+    loss = tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(labels=labels,
+                                                                         logits=logits))
+    correct = tf.equal(tf.argmax(logits, -1, output_type=tf.int32), labels)
+    return dict(cls_loss=loss, cls_accuracy=tf.reduce_mean(tf.cast(correct, tf.float32)))

@@ -22,12 +22,20 @@ from tfbert.config import Config, ConfigError, atomic_write_text
 
 
 def check_output_dir(config: Config) -> None:
-    """Refuses to resume into a directory written by a different model shape: its checkpoints
-    could not be restored, and its config would be overwritten."""
+    """Refuses to resume into a directory written by a different model shape or task (or label
+    set): its checkpoints could not be restored, and its config would be overwritten."""
     config_path = os.path.join(config.runtime.output_dir, "config.json")
     if not os.path.exists(config_path):
         return
-    previous = Config.load(config_path).model
+    saved = Config.load(config_path)
+    if (saved.task.task, saved.task.labels) != (config.task.task, config.task.labels):
+        raise ConfigError(
+            f"--output_dir={config.runtime.output_dir} holds a run of --task={saved.task.task}"
+            + (f" with labels {list(saved.task.labels)}" if saved.task.labels else "")
+            + f", not --task={config.task.task}"
+            + (f" with labels {list(config.task.labels)}" if config.task.labels else "")
+            + ": use a new --output_dir")
+    previous = saved.model
     if previous != config.model:
         before, after = dataclasses.asdict(previous), dataclasses.asdict(config.model)
         changed = {k: (before[k], after[k]) for k in before if before[k] != after[k]}

@@ -1,4 +1,10 @@
-"""The pretraining loop: a custom loop over one `tf.function` training step."""
+"""The training loop of every task: a custom loop over one `tf.function` training step.
+
+A task is a model (`tfbert.modeling.models.BertTaskModel`: pretraining, classification, ...)
+that returns its losses and metrics; the loop owns precision, XLA, Horovod, gradient
+accumulation, checkpoints, evaluation, logging and resume, and does not know which task it
+trains.
+"""
 
 from __future__ import annotations
 
@@ -14,11 +20,11 @@ import tensorflow as tf
 from absl import logging
 from tensorflow.python.framework import config as tf_config
 
-from tfbert.config import Config, ConfigError, atomic_write_text
+from tfbert.config import Config, ConfigError, atomic_write_text, better
 from tfbert.distributed import ProcessGroups, SingleProcess
 from tfbert.modeling.layers.dropout import DropoutRng
 from tfbert.modeling import tensor_parallel
-from tfbert.modeling.models.bert_pretrainer import BertPretrainer
+from tfbert.modeling.models import create_model
 from tfbert.checkpoints import sharded
 from tfbert.checkpoints import (CheckpointError, CheckpointKeeper, NamedCheckpointKeeper,
                                 checkpoint_step, init_from_pretrained)
@@ -31,7 +37,6 @@ from tfbert.training.optimization import WarmupPolynomialDecay
 from tfbert.training.precision import DynamicLossScale
 from tfbert.training.xla import configure_xla
 
-METRIC_NAMES = ("loss", "mlm_loss", "nsp_loss", "mlm_accuracy", "nsp_accuracy", "grad_norm")
 
 
 def _operations_with_branches(graph: tf.Graph, seen: set | None = None):
@@ -71,28 +76,146 @@ class Preempted(RuntimeError):
         self.signal_number = signal_number
 
 
+class _EvaluationState:
+    """Evaluation during training: when it runs, where its figures go, the best checkpoint
+    (`<checkpoint dir>/best`, the model's weights with the run's config and tokenizer, so
+    `--init_checkpoint` and `--mode=predict` read it) and early stopping.
+
+    Every rank takes part in an evaluation and gets the same figures (the evaluator reduces
+    them over ranks), so every rank takes the same early-stopping decision.
+    """
+
+    def __init__(self, trainer: "Trainer", log_path: str | None):
+        task = trainer.config.task
+        self.trainer = trainer
+        self.enabled = trainer.evaluator is not None
+        self.every = task.eval_every_n_steps
+        self.metric = task.best_metric if self.enabled else ""
+        self.patience = task.early_stopping_patience
+        self.best_dir = os.path.join(trainer.checkpoint_dir, "best")
+        self.log_path = log_path
+        self.best_value = self.best_step = None
+        self.best_metrics: dict[str, float] = {}
+        self.since_best = 0  # evaluations since the best one
+        self.last: dict[str, float] = {}
+        self.last_step = None
+        self.should_stop = False
+        self.writer = (tf.summary.create_file_writer(
+            os.path.join(trainer.config.runtime.output_dir, "eval"))
+            if self.enabled and trainer.group.is_chief else tf.summary.create_noop_writer())
+
+    def resume(self, step: int) -> None:
+        """Takes up the best evaluation so far of a resumed run (rank 0 reads it, every rank
+        gets it: on several machines only rank 0's disk may hold it)."""
+        if not self.metric:
+            return
+        path = os.path.join(self.best_dir, "best.json")
+        state = None
+        if self.trainer.group.is_chief and os.path.exists(path):
+            with open(path, encoding="utf-8") as f:
+                state = json.load(f)
+        state = self.trainer.group.broadcast_object(state)
+        # A best step past the resumed one was evaluated by a run stopped before its
+        # checkpoint: this run evaluates that step again.
+        if state and state["metric"] == self.metric and state["step"] <= step:
+            self.best_value, self.best_step = state["value"], state["step"]
+            self.best_metrics = state["metrics"]
+            if self.every:
+                self.since_best = step // self.every - self.best_step // self.every
+
+    def due(self, step: int, end_step: int) -> bool:
+        return self.enabled and (step == self.trainer.config.runtime.num_train_steps
+                                 or bool(self.every) and step % self.every == 0)
+
+    def run(self, step: int) -> float:
+        """Evaluates at `step`; returns the seconds it took."""
+        start = time.perf_counter()
+        metrics = {name: float(value)
+                   for name, value in self.trainer.evaluator.evaluate(self.trainer.model).items()}
+        seconds = time.perf_counter() - start
+        self.last, self.last_step = metrics, step
+        logging.info("eval at step %d | %s | %.1f s", step,
+                     " | ".join(f"{name} {value:.4f}" for name, value in metrics.items()), seconds)
+        with self.writer.as_default(step=step):
+            for name, value in metrics.items():
+                tf.summary.scalar(name, value)
+        if self.log_path:
+            record = dict(step=step, eval_seconds=seconds,
+                          **{f"eval_{name}": value for name, value in metrics.items()})
+            with open(self.log_path, "a", encoding="utf-8") as f:
+                f.write(json.dumps(record) + "\n")
+        if self.metric:
+            if better(self.metric, metrics[self.metric], self.best_value):
+                self.best_value, self.best_step, self.best_metrics = (
+                    metrics[self.metric], step, metrics)
+                self.since_best = 0
+                self._save_best(step)
+            else:
+                self.since_best += 1
+                self.should_stop = bool(self.patience) and self.since_best >= self.patience
+        return seconds
+
+    def _save_best(self, step: int) -> None:
+        trainer = self.trainer
+        if not trainer.data_group.is_chief:  # one writer per tensor-parallel part
+            return
+        keeper = NamedCheckpointKeeper(self.best_dir, 1, trainer.model.variables_by_name())
+        prefix = keeper.save(step)
+        if trainer.tensor_group.size == 1:
+            # A model directory of its own: --init_checkpoint=<output_dir>/best reads it.
+            trainer.config.save(os.path.join(self.best_dir, "config.json"))
+            atomic_write_text(os.path.join(self.best_dir, "bert_config.json"),
+                              json.dumps(trainer.config.model.to_bert_config(), indent=2) + "\n")
+            if trainer.tokenizer is not None:
+                trainer.tokenizer.save_pretrained(self.best_dir)
+        # Last: best.json names a checkpoint that is complete.
+        atomic_write_text(os.path.join(self.best_dir, "best.json"), json.dumps(dict(
+            metric=self.metric, value=self.best_value, step=step, metrics=self.best_metrics,
+            checkpoint=prefix), indent=2) + "\n")
+        logging.info("New best %s %.6g at step %d: %s", self.metric, self.best_value, step, prefix)
+
+    def summary(self) -> dict:
+        """The last evaluation's figures (eval_<name>) and the best one's (best_eval_<name>)."""
+        figures = {f"eval_{name}": value for name, value in self.last.items()}
+        if self.last:
+            figures["eval_step"] = self.last_step
+        if self.metric:
+            figures.update(best_metric=self.metric, best_step=self.best_step,
+                           best_checkpoint=(os.path.join(self.best_dir, f"ckpt-{self.best_step}")
+                                            if self.best_step is not None else None),
+                           stopped_early=self.should_stop,
+                           **{f"best_eval_{name}": value
+                              for name, value in self.best_metrics.items()})
+        return figures
+
+
 # The stop requests summed over ranks in every step: [signal received, chief's save timer due].
 _STOP, _SAVE_DUE = 0, 1
 
 
-class Pretrainer:
-    """Owns the model, optimizer, step counter and checkpoints of one pretraining run.
+class Trainer:
+    """Owns the model, optimizer, step counter and checkpoints of one training run, of any task
+    (`config.task`; `tfbert.modeling.models.create_model` builds its model).
 
     Args:
       config: the frozen run configuration.
-      dataset: tf.data.Dataset of feature dicts (see `tfbert.data.pretraining_dataset`), already
-        sharded for this rank. Its iterator is checkpointed, so a resumed run reads on where
-        the interrupted one stopped.
+      dataset: tf.data.Dataset of the task's feature dicts (pretraining records:
+        `tfbert.data.pretraining_dataset`; fine-tuning tables: `tfbert.data.finetuning_dataset`),
+        already sharded for this rank. Its iterator is checkpointed, so a resumed run reads on
+        where the interrupted one stopped.
       group: the run's `ProcessGroups` (world, data-parallel, tensor-parallel), or one group,
         which is then both the world and the data-parallel group (no tensor parallelism).
       tokenizer: the run's tokenizer; needed by --init_embeddings_from.
+      evaluator: evaluates the model on held-out data (`tfbert.training.evaluation`) every
+        --eval_every_n_steps and at the end; None: no evaluation.
 
     Under tensor parallelism each tensor-parallel rank keeps its part of the model and of the
     optimizer state in its own directory, `<output_dir>/tensor_parallel/tp-<k>` (written by
     the first data-parallel rank of that part); `tfbert.tools.gather_checkpoint` joins them.
     """
 
-    def __init__(self, config: Config, dataset: tf.data.Dataset, group=None, tokenizer=None):
+    def __init__(self, config: Config, dataset: tf.data.Dataset, group=None, tokenizer=None,
+                 evaluator=None):
         self.config = config
         group = group or SingleProcess()
         if not isinstance(group, ProcessGroups):
@@ -124,11 +247,12 @@ class Pretrainer:
                                          + 7_919 * (1 + self.tensor_group.rank))
                               if tensor_parallel_size > 1 else None)
 
-        self.model = BertPretrainer(
-            config.model, self.rng, precision=runtime.precision, ops=config.ops,
-            one_hot_token_types=config.distribution.sparse_as_dense,
-            tensor_group=self.tensor_group, attention_rng=self.attention_rng)
-        self.model.build(config.data.max_seq_length, config.data.max_predictions_per_seq)
+        self.model = create_model(config, self.rng, tensor_group=self.tensor_group,
+                                  attention_rng=self.attention_rng)
+        self.model.build_from_example({
+            name: tf.zeros([1] + spec.shape[1:].as_list(), spec.dtype)
+            for name, spec in dataset.element_spec.items()})
+        self.evaluator = evaluator
         self.variables = self.model.trainable_variables
         gated = config.model.hidden_act == "geglu"
         self.tensor_norms = TensorNorms(self.tensor_group, [
@@ -168,7 +292,8 @@ class Pretrainer:
 
         self._batch_spec = dataset.element_spec
         self.iterator: Iterator = iter(dataset)
-        self.metrics = {name: tf.keras.metrics.Mean(name) for name in METRIC_NAMES}
+        self.metric_names = tuple(self.model.metric_names) + ("grad_norm",)
+        self.metrics = {name: tf.keras.metrics.Mean(name) for name in self.metric_names}
         # The state every rank shares (written by rank 0), under documented names; the
         # objects are those of tfbert 0.1's object-based checkpoints, which still restore.
         legacy = dict(model=self.model, global_step=self.global_step,
@@ -247,7 +372,8 @@ class Pretrainer:
                     self.group.rank, step)
             logging.info("Resumed from %s at step %d", restored, int(self.global_step))
         elif self.config.runtime.init_checkpoint:
-            source = init_from_pretrained(self.model, self.config.runtime.init_checkpoint)
+            source = init_from_pretrained(self.model, self.config.runtime.init_checkpoint,
+                                          sources=self.model.init_sources)
             logging.info("Initialised weights from %s", source)
         elif self.config.runtime.init_embeddings_from and self.group.is_chief:
             self._init_embeddings_from_vectors()  # rank 0 reads; the broadcast below shares
@@ -565,6 +691,8 @@ class Pretrainer:
         writer = (tf.summary.create_file_writer(os.path.join(runtime.output_dir, "train"))
                   if is_chief else tf.summary.create_noop_writer())
         log_path = os.path.join(runtime.output_dir, "log.jsonl") if is_chief else None
+        evaluation = _EvaluationState(self, log_path)
+        evaluation.resume(start_step)
         memory = PeakMemory()
         first = None
         window = dict(start_time=time.perf_counter(), start_step=start_step)
@@ -616,10 +744,26 @@ class Pretrainer:
                     if step == end_step or stop:
                         # Logging synchronised; the final checkpoint is not part of the time.
                         timed["end_time"] = time.perf_counter()
+                    if evaluation.due(step, end_step) and not stop:
+                        # Before the checkpoint of the same step: a job stopped in between
+                        # resumes from the step before and evaluates this step again.
+                        seconds = evaluation.run(step)
+                        window["start_time"] += seconds  # not part of the throughput
+                        if timed["start_time"] is not None:
+                            timed["start_time"] += seconds
+                        if evaluation.should_stop:
+                            checkpoint_now = True
+                            logging.info("Early stopping at step %d: --best_metric=%s has not "
+                                         "improved on %.6g (step %d) for %d evaluations",
+                                         step, evaluation.metric, evaluation.best_value,
+                                         evaluation.best_step, evaluation.since_best)
+                            timed["end_time"] = time.perf_counter()
                     if checkpoint_now:
                         self.save_checkpoint(step)
                         last_save_time = time.monotonic()
                     watchdog.disarm()
+                    if evaluation.should_stop:
+                        break
                     if stop:
                         signal_number = stop_requests.signal_number or signal.SIGTERM
                         raise Preempted(
@@ -628,7 +772,9 @@ class Pretrainer:
                             f"it: run the same command again to resume", signal_number)
             finally:
                 watchdog.disarm()
-        return self._summary(step, start_step, first, last_record, timed, memory)
+        summary = self._summary(step, start_step, first, last_record, timed, memory,
+                                evaluation.summary())
+        return summary
 
     def _inject_failure(self, step: int) -> None:
         """--debug_fail_at_step: a crash or a hang of one rank, for tests of the job's exit."""
@@ -640,7 +786,8 @@ class Pretrainer:
         raise RuntimeError(f"injected failure on rank {self.group.rank} at step {step} "
                            f"(--debug_fail_at_step)")
 
-    def _summary(self, step, start_step, first, last_record, timed, memory) -> dict:
+    def _summary(self, step, start_step, first, last_record, timed, memory,
+                 evaluation: dict) -> dict:
         runtime, data = self.config.runtime, self.config.data
         examples_per_step = data.train_batch_size * self.accumulation_steps  # per rank
         elapsed = (timed.get("end_time") or time.perf_counter()) - (
@@ -652,13 +799,14 @@ class Pretrainer:
         per_rank = self.group.allgather_values(
             [examples_per_sec, memory.run_peak_bytes, peak_rss_bytes(), self.weights_checksum()]
             + list(state_bytes.values()))
-        summary = dict(
-            steps=int(self.global_step), steps_this_run=step - start_step,
-            first_loss=first["loss"] if first else None,
-            first_mlm_loss=first["mlm_loss"] if first else None,
-            final_loss=last_record["loss"] if last_record else None,
-            final_mlm_loss=last_record["mlm_loss"] if last_record else None,
-            final_mlm_accuracy=last_record["mlm_accuracy"] if last_record else None,
+        summary = dict(steps=int(self.global_step), steps_this_run=step - start_step,
+                       task=self.config.task.task)
+        for name in self.model.metric_names:
+            # The first step's figures and those of the last logging window.
+            summary[f"first_{name}"] = first[name] if first else None
+            summary[f"final_{name}"] = last_record[name] if last_record else None
+        summary.update(evaluation)
+        summary.update(
             # Per rank (this one), then over all ranks.
             examples_per_sec=examples_per_sec,
             tokens_per_sec=examples_per_sec * data.max_seq_length,
@@ -743,11 +891,11 @@ class Pretrainer:
             record["loss_scale"] = float(self.loss_scale.scale)
         gb = 2 ** 30
         logging.info(
-            "step %d/%d | loss %.4f | mlm %.4f | nsp %.4f | mlm_acc %.3f | lr %.3g | "
+            "step %d/%d | %s | lr %.3g | "
             "%.1f ex/s | %.0f tok/s | peak %.3f GB (ranks %.3f-%.3f) | rss %.2f GB%s%s",
-            step, self.config.runtime.num_train_steps, record["loss"], record["mlm_loss"],
-            record["nsp_loss"], record["mlm_accuracy"], record["learning_rate"],
-            record["examples_per_sec"], record["tokens_per_sec"],
+            step, self.config.runtime.num_train_steps,
+            " | ".join(f"{name} {record[name]:.4f}" for name in self.model.metric_names),
+            record["learning_rate"], record["examples_per_sec"], record["tokens_per_sec"],
             record["peak_memory_bytes"] / gb, record["peak_memory_bytes_min"] / gb,
             record["peak_memory_bytes_max"] / gb, record["peak_rss_bytes"] / gb,
             f" | loss scale {record['loss_scale']:.0f}" if self.loss_scale is not None else "",
@@ -760,3 +908,7 @@ class Pretrainer:
             with open(log_path, "a", encoding="utf-8") as f:
                 f.write(json.dumps(record) + "\n")
         return record
+
+
+# The name of the pretraining loop before it trained every task.
+Pretrainer = Trainer

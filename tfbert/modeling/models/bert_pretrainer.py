@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import tensorflow as tf
 
-from tfbert.config import FusedOpsConfig, ModelConfig
+from tfbert.config import ModelConfig
 from tfbert.modeling import losses
 from tfbert.modeling.layers.activations import get_activation
-from tfbert.modeling.layers.dense import DenseFactory, make_dense_factory
-from tfbert.modeling.layers.dropout import DropoutRng
+from tfbert.modeling.layers.dense import DenseFactory
 from tfbert.modeling.layers.layer_norm import LayerNorm
-from tfbert.modeling.networks.bert_encoder import BertEncoder
+from tfbert.modeling.models.bert_task_model import BertTaskModel
 
 
 def gather_positions(sequence: tf.Tensor, positions: tf.Tensor) -> tf.Tensor:
@@ -79,47 +78,80 @@ class PretrainingHeads(tf.keras.layers.Layer):
         return mlm_logits, nsp_logits + self.nsp_bias
 
 
-class BertPretrainer(tf.Module):
-    """The encoder ("bert/...") and the pretraining heads ("cls/...").
+class SequenceHeads(tf.keras.layers.Layer):
+    """Multi-task pretraining's extra heads on the pooled output, in float32: a sequence
+    classifier and a regression to a teacher's score.
 
-    A `tf.Module` rather than a Keras model so that its variables keep google-research/bert's
-    names with no extra prefix: every name is documented in `BertEncoder` and `PretrainingHeads`
-    and is stable across versions (checkpoint import/export relies on it).
+    Variables: cls/sequence_classification/{output_weights [C, D], output_bias [C]} and
+    cls/teacher_score/{output_weights [1, D], output_bias [1]}, each only when asked for.
+    """
+
+    def __init__(self, hidden_size: int, initializer_range: float, num_cls_labels: int = 0,
+                 teacher_score: bool = False, **kwargs):
+        super().__init__(**kwargs)
+        self.hidden_size = hidden_size
+        self.initializer_range = initializer_range
+        self.num_cls_labels = num_cls_labels
+        self.teacher_score = teacher_score
+
+    def _head(self, scope: str, outputs: int):
+        with tf.name_scope(scope):
+            weights = self.add_weight(
+                "output_weights", shape=[outputs, self.hidden_size], experimental_autocast=False,
+                initializer=tf.keras.initializers.TruncatedNormal(stddev=self.initializer_range))
+            bias = self.add_weight("output_bias", shape=[outputs], initializer="zeros",
+                                   experimental_autocast=False)
+        return weights, bias
+
+    def build(self, input_shape):
+        if self.num_cls_labels:
+            self.cls_weights, self.cls_bias = self._head("sequence_classification",
+                                                         self.num_cls_labels)
+        if self.teacher_score:
+            self.score_weights, self.score_bias = self._head("teacher_score", 1)
+        super().build(input_shape)
+
+    def call(self, pooled):
+        """pooled: [B, D]. Returns {"cls_logits": [B, C], "teacher_score": [B]} (those asked
+        for), float32."""
+        pooled = tf.cast(pooled, tf.float32)
+        outputs = {}
+        if self.num_cls_labels:
+            outputs["cls_logits"] = tf.einsum("bd,cd->bc", pooled, self.cls_weights) + self.cls_bias
+        if self.teacher_score:
+            outputs["teacher_score"] = (tf.einsum("bd,cd->bc", pooled, self.score_weights)
+                                        + self.score_bias)[:, 0]
+        return outputs
+
+
+class BertPretrainer(BertTaskModel):
+    """The encoder ("bert/...") and the pretraining heads ("cls/...").
 
     Args:
       config: model shape.
-      rng: DropoutRng (None when all dropouts are 0).
-      precision: "fp32", "fp16" or "bf16" (mixed precision: float32 variables).
-      dense_factory_cls: the factory class for every projection; None lets `make_dense_factory`
-        choose (split over `tensor_group` when it has more than one rank).
-      ops: which computations use the fused custom ops.
-      one_hot_token_types: token-type lookup by one-hot matmul, whose gradient is dense (see
-        `Embeddings`); False looks it up with a gather, whose gradient is sparse.
-      tensor_group: the tensor-parallel process group (None: the model is whole on this rank).
-      attention_rng: DropoutRng of the attention-probability masks; None uses `rng`.
+      cls_loss_weight, num_cls_labels: multi-task pretraining: the weight of a sequence
+        classification loss over `num_cls_labels` classes of the feature "cls_label" (0: none).
+      distil_loss_weight: the weight of the mean squared error to the feature "teacher_score"
+        (0: none).
+      The rest: those of `BertTaskModel`.
     """
 
-    POLICIES = {"fp32": "float32", "fp16": "mixed_float16", "bf16": "mixed_bfloat16"}
+    head_prefixes = ("cls/",)
 
-    def __init__(self, config: ModelConfig, rng: DropoutRng | None = None, precision: str = "fp32",
-                 dense_factory_cls=None, ops: FusedOpsConfig = FusedOpsConfig(),
-                 one_hot_token_types: bool = True, tensor_group=None,
-                 attention_rng: DropoutRng | None = None):
-        super().__init__(name=None)
-        self.config = config
-        policy = tf.keras.mixed_precision.Policy(self.POLICIES[precision])
-        if dense_factory_cls is None:
-            factory = make_dense_factory(config.initializer_range, policy, tensor_group)
-        else:
-            factory = dense_factory_cls(config.initializer_range, dtype=policy)
-        self.bert = BertEncoder(config, rng=rng, dense_factory=factory, dtype=policy, name="bert",
-                                ops=ops, one_hot_token_types=one_hot_token_types,
-                                attention_rng=attention_rng)
-        self._ops = ops
-        self.tensor_group = tensor_group
-        self._built = False
-        self._factory = factory
-        self._policy = policy
+    def __init__(self, config: ModelConfig, *args, cls_loss_weight: float = 0.0,
+                 num_cls_labels: int = 2, distil_loss_weight: float = 0.0, **kwargs):
+        super().__init__(config, *args, **kwargs)
+        # What each figure adds to the loss.
+        self.loss_weights = dict(mlm_loss=1.0, nsp_loss=1.0)
+        self.metric_names = ("loss", "mlm_loss", "nsp_loss", "mlm_accuracy", "nsp_accuracy")
+        if cls_loss_weight:
+            self.loss_weights["cls_loss"] = cls_loss_weight
+            self.metric_names += ("cls_loss", "cls_accuracy")
+        if distil_loss_weight:
+            self.loss_weights["distil_mse"] = distil_loss_weight
+            self.metric_names += ("distil_mse",)
+        self._num_cls_labels = num_cls_labels if cls_loss_weight else 0
+        self._teacher_score = bool(distil_loss_weight)
 
     def build(self, seq_length: int = 8, num_predictions: int = 2) -> None:
         """Creates every variable eagerly (so names and shapes exist before any tf.function)."""
@@ -131,13 +163,19 @@ class BertPretrainer(tf.Module):
                                     self._factory, fused_layer_norm=self._ops.ln_ytf_impl,
                                     layer_norm_dtype=self._ops.ln_dtype, name="cls",
                                     dtype=self._policy)
+        self.sequence_heads = None
+        if self._num_cls_labels or self._teacher_score:
+            # Named "cls" too: its weights are cls/sequence_classification/... .
+            self.sequence_heads = SequenceHeads(
+                self.config.hidden_size, self.config.initializer_range, self._num_cls_labels,
+                self._teacher_score, name="cls")
         self(dict(input_ids=ids, input_mask=tf.ones_like(ids), segment_ids=ids,
                   masked_lm_positions=tf.zeros([1, num_predictions], tf.int32)))
         self._built = True
 
-    @property
-    def word_embeddings(self) -> tf.Variable:
-        return self.bert.embeddings.word_embeddings
+    def build_from_example(self, features: dict[str, tf.Tensor]) -> None:
+        self.build(int(features["input_ids"].shape[1]),
+                   int(features["masked_lm_positions"].shape[1]))
 
     def __call__(self, features: dict[str, tf.Tensor], training: bool = False):
         """
@@ -146,45 +184,31 @@ class BertPretrainer(tf.Module):
         Returns: (mlm_logits float32 [B, P, V / T] (this rank's vocabulary columns under tensor
           parallelism), nsp_logits float32 [B, 2]).
         """
+        return self._outputs(features, training)[:2]
+
+    def _outputs(self, features, training):
+        """(mlm_logits, nsp_logits, the sequence heads' outputs)."""
         encoded = self.bert(features, training=training)
         masked = gather_positions(encoded["sequence_output"],
                                   features["masked_lm_positions"])  # (B, P, D)
-        return self.cls(masked, encoded["pooled_output"])
+        mlm_logits, nsp_logits = self.cls(masked, encoded["pooled_output"])
+        extra = (self.sequence_heads(encoded["pooled_output"])
+                 if self.sequence_heads is not None else {})
+        return mlm_logits, nsp_logits, extra
 
     def compute_losses(self, features: dict[str, tf.Tensor], training: bool = False):
-        """Returns a dict of float32 scalars: loss (= mlm_loss + nsp_loss), mlm_loss, nsp_loss,
-        mlm_accuracy, nsp_accuracy."""
-        mlm_logits, nsp_logits = self(features, training=training)
-        return losses.pretraining_losses(mlm_logits, nsp_logits, features,
-                                         vocab_shard=self.cls.vocab_shard)
-
-    def part_of_whole(self, name: str, whole):
-        """This rank's part of the whole value (numpy) of variable `name`: the value itself
-        unless tensor parallelism splits that variable."""
-        from tfbert.modeling.tensor_parallel import part_of_whole
-
-        if self.tensor_group is None or self.tensor_group.size == 1:
-            return whole
-        return part_of_whole(name, whole, self.tensor_group, self.config.hidden_act == "geglu")
-
-    def whole_shapes(self) -> dict[str, tuple]:
-        """{documented name: the shape of the whole variable} (under tensor parallelism, the
-        shape before the split)."""
-        from tfbert.modeling.tensor_parallel import split_of
-
-        shapes = {}
-        parts = 1 if self.tensor_group is None else self.tensor_group.size
-        for name, variable in self.variables_by_name().items():
-            shape = list(variable.shape)
-            split = split_of(name, self.config.hidden_act == "geglu") if parts > 1 else None
-            if split is not None:
-                shape[split.axis] *= parts
-            shapes[name] = tuple(shape)
-        return shapes
-
-    def variables_by_name(self) -> dict[str, tf.Variable]:
-        """{"bert/embeddings/word_embeddings": variable, ...}: the documented names."""
-        names = {v.name.split(":")[0]: v for v in self.variables}
-        if len(names) != len(self.variables):
-            raise ValueError("two model variables share a name; checkpoints key them by name")
-        return names
+        """Returns a dict of float32 scalars: mlm_loss, nsp_loss, mlm_accuracy, nsp_accuracy
+        (and cls_loss, cls_accuracy, distil_mse in multi-task pretraining) and loss, their
+        weighted sum (`loss_weights`)."""
+        mlm_logits, nsp_logits, extra = self._outputs(features, training)
+        figures = losses.pretraining_losses(mlm_logits, nsp_logits, features,
+                                            vocab_shard=self.cls.vocab_shard)
+        if "cls_logits" in extra:
+            figures.update(losses.sequence_classification_losses(extra["cls_logits"],
+                                                                 features["cls_label"]))
+        if "teacher_score" in extra:
+            error = extra["teacher_score"] - tf.reshape(features["teacher_score"], [-1])
+            figures["distil_mse"] = tf.reduce_mean(tf.square(error))
+        figures["loss"] = tf.add_n([weight * figures[name]
+                                    for name, weight in self.loss_weights.items()])
+        return figures
