@@ -224,6 +224,19 @@ def test_pair_regression_learns_and_reports_correlations(pretrained, tables, tmp
     assert summary["best_metric"] == "pearson" and summary["best_step"] == 80
 
 
+def test_pair_classification_learns_from_the_second_text(pretrained, tmp_path):
+    # "many" when the second text holds "sunny" at least twice: the label needs text_b.
+    rows = [(a, b, "many" if k >= 2 else "few") for a, b, k in counting_pairs(232, 2)]
+    columns = ("text", "text_b", "label")
+    train_file = write_table(tmp_path / "train.tsv", rows[:192], columns)
+    dev_file = write_table(tmp_path / "dev.tsv", rows[192:], columns)
+    summary = train(*FINETUNE, "--task=classification", f"--init_checkpoint={pretrained}",
+                    f"--train_file={train_file}", f"--eval_file={dev_file}",
+                    f"--output_dir={tmp_path / 'run'}", "--num_train_steps=80",
+                    "--learning_rate=2e-3")
+    assert summary["eval_accuracy"] >= 0.85 and summary["eval_f1"] >= 0.85, summary
+
+
 def test_token_classification_learns_entities_and_predicts_a_tag_per_word(pretrained, tables,
                                                                           tmp_path):
     out = tmp_path / "run"
