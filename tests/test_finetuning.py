@@ -355,6 +355,28 @@ def test_squad_windows_hold_the_answer_where_it_is_whole(pretrained):
     assert best_answers([example], features, start_logits, end_logits) == {"q": "paris"}
 
 
+def test_the_null_answer_wins_by_the_threshold_and_pooler_dropout_reaches_the_head(pretrained,
+                                                                                 tables):
+    from tfbert.data.squad import SquadExample, best_answers, squad_features
+
+    tokenizer = from_pretrained(pretrained)
+    example = SquadExample("q", "which city ?", ["paris", "stone"], [])
+    features = squad_features([example], tokenizer, 24, doc_stride=8, max_query_length=8)
+    start, end = np.zeros(features["input_ids"].shape), np.zeros(features["input_ids"].shape)
+    first = int(np.flatnonzero(features["token_to_word"][0] == 0)[0])
+    start[0, first], end[0, first] = 3.0, 3.0  # the span scores 6, the null answer 0
+    for threshold, answer in ((-7.0, ""), (-5.0, "paris"), (0.0, "paris")):
+        assert best_answers([example], features, start, end, version_2=True,
+                            null_score_diff_threshold=threshold) == {"q": answer}, threshold
+    config, _ = run.build_config(parse(
+        *FINETUNE, "--task=classification", f"--init_checkpoint={pretrained}",
+        f"--train_file={tables['train']}", "--output_dir=/tmp/unused",
+        "--pooler_dropout_prob=0.37"))
+    from tfbert.modeling.models import create_model
+
+    assert create_model(config, DropoutRng(0)).classifier.dropout.rate == 0.37
+
+
 def test_bad_squad_files_say_which_question(tmp_path):
     from tfbert.data.squad import read_squad
 
