@@ -46,6 +46,7 @@ bench: setup
 	$(PY) benchmarks/distributed.py
 	$(PY) benchmarks/zero.py
 	$(PY) benchmarks/tensor_parallel.py
+	$(PY) benchmarks/inference.py --output_dir=runs/bench/inference
 
 clean:
 	$(MAKE) -C custom_ops clean

@@ -74,8 +74,8 @@ def run_config(output_dir, model=None, **runtime) -> cfg.Config:
 # file alone at the end.
 LONGEST_FIRST = ("test_flagfiles.py", "test_tensor_parallel.py", "test_finetuning.py",
                  "test_benchmarks.py", "test_distributed.py", "test_zero.py", "test_run.py",
-                 "test_resilience.py", "test_training.py", "test_checkpoints.py",
-                 "test_multitask.py")
+                 "test_resilience.py", "test_training.py", "test_distillation.py",
+                 "test_checkpoints.py", "test_multitask.py", "test_inference_benchmark.py")
 
 
 def pytest_collection_modifyitems(items):

@@ -38,9 +38,10 @@ def rank_dataset(group, batch: int, accumulation: int, steps: int, start_step: i
 
 
 def worker_config(out_dir, group, batch: int, steps: int, precision: str = "fp32",
-                  optimizer: str = "lamb", **distribution) -> cfg.Config:
+                  optimizer: str = "lamb", teacher: str = "", **distribution) -> cfg.Config:
     # run_config's defaults (10 steps, no checkpoint until the end) with `steps` steps.
-    """The odd model without dropout, LAMB (lr 1e-3, clipping at 1.0) over `group`."""
+    """The odd model without dropout, LAMB (lr 1e-3, clipping at 1.0) over `group`; with a
+    `teacher`, distilled from it."""
     model = odd_model_config(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
     config = run_config(out_dir, model, num_train_steps=steps, precision=precision,
                         train_batch_size=batch, initial_loss_scale=2.0 ** 10,
@@ -52,7 +53,8 @@ def worker_config(out_dir, group, batch: int, steps: int, precision: str = "fp32
     return cfg.Config(
         model=config.model, data=config.data, optimizer=config.optimizer, runtime=config.runtime,
         distribution=cfg.DistributionConfig(num_processes=group.size, rank=group.rank,
-                                            **distribution))
+                                            **distribution),
+        task=cfg.TaskConfig(task="distillation", teacher=teacher) if teacher else cfg.TaskConfig())
 
 
 def save_weights(trainer, path: str) -> None:
@@ -69,11 +71,13 @@ def main():
     parser.add_argument("--precision", default="fp32")
     parser.add_argument("--fp16_compression", action="store_true")
     parser.add_argument("--nosparse_as_dense", dest="sparse_as_dense", action="store_false")
+    parser.add_argument("--teacher", default="", help="distil from this checkpoint")
     args = parser.parse_args()
 
     group = create_group(args.fp16_compression, args.sparse_as_dense)
     dataset = rank_dataset(group, args.batch, args.accumulation, args.steps)
     config = worker_config(args.out_dir, group, args.batch, args.steps, args.precision,
+                           teacher=args.teacher,
                            hvd_fp16_compression=args.fp16_compression,
                            sparse_as_dense=args.sparse_as_dense,
                            num_accumulation_steps=args.accumulation,

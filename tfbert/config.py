@@ -297,15 +297,19 @@ class RuntimeConfig:
 
 
 TASKS = ("pretraining", "classification", "regression", "token_classification",
-         "question_answering")
+         "question_answering", "distillation")
 # Evaluation metrics that are better when lower; every other one is better when higher.
-LOWER_IS_BETTER = ("loss", "mlm_loss", "nsp_loss", "cls_loss", "distil_mse", "mse")
+LOWER_IS_BETTER = ("loss", "mlm_loss", "nsp_loss", "cls_loss", "distil_mse", "mse", "kl_loss",
+                   "hidden_cosine_loss", "attention_mse")
 # What --best_metric defaults to, per task (pretraining keeps no best checkpoint by default).
 DEFAULT_BEST_METRIC = {"pretraining": "", "classification": "accuracy", "regression": "pearson",
-                       "token_classification": "f1", "question_answering": "f1"}
+                       "token_classification": "f1", "question_answering": "f1",
+                       "distillation": ""}
 EVAL_METRICS = {
     # Plus cls_loss, cls_accuracy and distil_mse when multi-task pretraining adds them.
     "pretraining": ("loss", "mlm_loss", "mlm_accuracy", "nsp_loss", "nsp_accuracy"),
+    # Plus each distillation loss that has a weight (DISTILLATION_LOSSES).
+    "distillation": ("loss", "mlm_loss", "mlm_accuracy"),
     "classification": ("loss", "accuracy", "f1"),
     "regression": ("loss", "mse", "pearson", "spearman"),
     # Entity-level precision, recall and F1 (seqeval, CoNLL's rules); accuracy per word.
@@ -313,6 +317,13 @@ EVAL_METRICS = {
     # SQuAD's exact match and F1 (percent), by the official scripts.
     "question_answering": ("exact_match", "f1"),
 }
+
+
+# Distillation's losses beside the MLM loss, each added with the weight of the field
+# `<name>_weight` (0: not computed).
+DISTILLATION_LOSSES = ("kl_loss", "hidden_cosine_loss", "attention_mse")
+STUDENT_INITS = ("none", "every_kth", "first_k")
+ATTENTION_HEAD_MATCHING = ("match", "average")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -355,10 +366,26 @@ class TaskConfig:
     max_query_length: int = 64
     max_answer_length: int = 30
     null_score_diff_threshold: float = 0.0
+    # Distillation (tfbert.modeling.models.bert_distiller): the teacher (any checkpoint
+    # `load_pretrained` reads) and the weight of each loss: KL(teacher || student) of the MLM
+    # logits at `distill_temperature` (times T^2), the MLM loss on the labels, 1 - cosine
+    # between each student layer's output and the mean of its group of teacher layers, and the
+    # MSE of the attention maps averaged the same way. `distill_layer_groups`: the teacher
+    # layers of each student layer ("0-5", "6-11"; empty: uniform groups).
+    teacher: str = ""
+    distill_temperature: float = 2.0
+    kl_loss_weight: float = 1.0
+    mlm_loss_weight: float = 1.0
+    hidden_cosine_loss_weight: float = 1.0
+    attention_mse_weight: float = 1.0
+    distill_layer_groups: tuple[str, ...] = ()
+    distill_attention_heads: str = "match"  # or "average" over heads (their counts differ)
+    init_student_from_teacher: str = "none"
 
     def __post_init__(self):
         _require(self.task in TASKS, f"--task={self.task!r} is not one of {TASKS[1:]}")
-        pretraining = self.task == "pretraining"
+        pretraining = self.reads_records
+        self._check_distillation()
         _require(not (pretraining and self.eval_file),
                  "--eval_file is a fine-tuning table; pretraining evaluates --eval_files "
                  "(records)")
@@ -385,9 +412,9 @@ class TaskConfig:
                  "or --eval_files (pretraining)")
         _require(self.cls_loss_weight >= 0 and self.distil_loss_weight >= 0,
                  "--cls_loss_weight and --distil_loss_weight must be >= 0 (0: off)")
-        _require(pretraining or not (self.cls_loss_weight or self.distil_loss_weight),
+        _require(self.is_pretraining or not (self.cls_loss_weight or self.distil_loss_weight),
                  "--cls_loss_weight and --distil_loss_weight add tasks to pretraining; "
-                 "fine-tuning trains --task alone")
+                 "fine-tuning and distillation train their task alone")
         _require(self.num_cls_labels >= 2, "--num_cls_labels must be >= 2")
         metrics = self.eval_metrics
         _require(not self.best_metric or self.best_metric in metrics,
@@ -402,9 +429,40 @@ class TaskConfig:
                  "it needs --eval_every_n_steps and --best_metric (a fine-tuning task has one "
                  "by default)")
 
+    def _check_distillation(self) -> None:
+        distilling = self.task == "distillation"
+        _require(distilling == bool(self.teacher),
+                 "--mode=distill needs --teacher (a checkpoint of any format --init_checkpoint "
+                 "reads)" if distilling else "--teacher is read by --mode=distill only")
+        if not distilling:
+            return
+        weights = {name: getattr(self, name) for name in (
+            "kl_loss_weight", "mlm_loss_weight", "hidden_cosine_loss_weight",
+            "attention_mse_weight")}
+        for name, weight in weights.items():
+            _require(weight >= 0, f"--{name} must be >= 0 (0: that loss is off), got {weight}")
+        _require(any(weights.values()), f"every distillation loss weight is 0: {weights}")
+        _require(self.distill_temperature > 0,
+                 f"--distill_temperature must be positive, got {self.distill_temperature}")
+        _require(self.distill_attention_heads in ATTENTION_HEAD_MATCHING,
+                 f"--distill_attention_heads={self.distill_attention_heads!r} is not one of "
+                 f"{ATTENTION_HEAD_MATCHING}")
+        _require(self.init_student_from_teacher in STUDENT_INITS,
+                 f"--init_student_from_teacher={self.init_student_from_teacher!r} is not one "
+                 f"of {STUDENT_INITS}")
+
     @property
     def is_pretraining(self) -> bool:
         return self.task == "pretraining"
+
+    @property
+    def reads_records(self) -> bool:
+        """Whether the task trains on pretraining records (pretraining, distillation)."""
+        return self.task in ("pretraining", "distillation")
+
+    def distillation_weight(self, loss: str) -> float:
+        """The weight of distillation loss `loss` ("mlm_loss" or one of DISTILLATION_LOSSES)."""
+        return getattr(self, f"{loss}_weight")
 
     @property
     def record_labels(self) -> tuple[str, ...]:
@@ -416,6 +474,8 @@ class TaskConfig:
     def eval_metrics(self) -> tuple[str, ...]:
         extra = (("cls_loss", "cls_accuracy") if self.cls_loss_weight else ()) + (
             ("distil_mse",) if self.distil_loss_weight else ())
+        if self.task == "distillation":
+            extra = tuple(name for name in DISTILLATION_LOSSES if self.distillation_weight(name))
         return EVAL_METRICS[self.task] + extra
 
     @property
@@ -565,11 +625,20 @@ class Config:
                  f"--max_seq_length={self.data.max_seq_length} exceeds "
                  f"--max_position_embeddings={self.model.max_position_embeddings}")
         self._check_tensor_parallelism()
-        _require(not self.task.is_pretraining or self.data.max_predictions_per_seq > 0,
-                 "--max_predictions_per_seq must be positive for pretraining")
+        _require(not self.task.reads_records or self.data.max_predictions_per_seq > 0,
+                 f"--max_predictions_per_seq must be positive for {self.task.task}")
         _require(not self.task.reuse_head or self.runtime.init_checkpoint,
                  "--reuse_head copies the next-sentence head of --init_checkpoint; give one")
-        _require(self.task.is_pretraining or self.distribution.tensor_parallel_size == 1,
+        _require(self.task.task != "distillation"
+                 or self.distribution.tensor_parallel_size == 1,
+                 f"--mode=distill runs without tensor parallelism (--tensor_parallel_size="
+                 f"{self.distribution.tensor_parallel_size}): the student and the teacher are "
+                 f"whole on every rank; give the student ranks by data parallelism and ZeRO")
+        _require(not (self.task.init_student_from_teacher != "none"
+                      and self.runtime.init_checkpoint),
+                 f"--init_student_from_teacher={self.task.init_student_from_teacher} and "
+                 f"--init_checkpoint both initialise the student; give one")
+        _require(self.task.reads_records or self.distribution.tensor_parallel_size == 1,
                  f"--task={self.task.task} runs without tensor parallelism "
                  f"(--tensor_parallel_size={self.distribution.tensor_parallel_size}): gather the "
                  f"pretrained checkpoint (python -m tfbert.tools.gather_checkpoint) and fine-tune "

@@ -1,4 +1,4 @@
-"""tfbert's entry point: pretraining, fine-tuning and prediction.
+"""tfbert's entry point: pretraining, fine-tuning, prediction and distillation.
 
     python -m tfbert.run                                  # the embedded default: tiny model,
                                                           # sample corpus, a few hundred steps
@@ -7,6 +7,8 @@
     python -m tfbert.run --mode=finetune --task=classification --init_checkpoint=RUN_DIR \
         --train_file=train.tsv --eval_file=dev.tsv --output_dir=...
     python -m tfbert.run --mode=predict --init_checkpoint=FINETUNED_DIR --predict_file=test.tsv
+    python -m tfbert.run --mode=distill --teacher=TEACHER_DIR --num_hidden_layers=2 \
+        --init_student_from_teacher=every_kth --input_files=... --output_dir=...
 
 The only module that reads flags: it turns them into one frozen `Config`, validates it, logs it,
 saves it as `<output_dir>/config.json` and hands it to the library.
@@ -41,7 +43,7 @@ MODEL_OVERRIDES = {
 }
 
 
-MODES = ("pretrain", "finetune", "predict")
+MODES = ("pretrain", "finetune", "predict", "distill")
 FINETUNING_TASKS = ("classification", "regression", "token_classification",
                     "question_answering")
 
@@ -51,7 +53,9 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
     # What runs.
     flags.DEFINE_enum("mode", "pretrain", MODES, "pretrain on records; finetune a pretrained "
                                                  "model on a table (--task); predict a table "
-                                                 "with a fine-tuned model.", **fv)
+                                                 "with a fine-tuned model; distill --teacher "
+                                                 "into a student (the model flags) on "
+                                                 "records.", **fv)
     flags.DEFINE_enum("task", None, FINETUNING_TASKS, "--mode=finetune: classification (single "
                                                       "texts or pairs, labels any strings), "
                                                       "regression (a number per example) or "
@@ -108,6 +112,38 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
     flags.DEFINE_float("distil_loss_weight", 0.0, "Pretraining: add the mean squared error to "
                                                   "the records' teacher_score (distil_mse) with "
                                                   "this weight (0: off).", **fv)
+    # Distillation (tfbert/modeling/models/bert_distiller.py).
+    flags.DEFINE_string("teacher", "", "--mode=distill: the teacher, any checkpoint "
+                                       "--init_checkpoint reads; it also gives the tokenizer and "
+                                       "the student's default shape (change it with the model "
+                                       "flags, e.g. --num_hidden_layers=2).", **fv)
+    flags.DEFINE_float("distill_temperature", 2.0, "Temperature of both MLM distributions in "
+                                                   "kl_loss (which is multiplied by its square).",
+                       **fv)
+    flags.DEFINE_float("kl_loss_weight", 1.0, "Weight of KL(teacher || student) of the MLM "
+                                              "logits (0: off).", **fv)
+    flags.DEFINE_float("mlm_loss_weight", 1.0, "Weight of the student's MLM loss on the labels.",
+                       **fv)
+    flags.DEFINE_float("hidden_cosine_loss_weight", 1.0, "Weight of 1 - cosine between each "
+                                                         "student layer's output and the mean "
+                                                         "of its teacher layers' (through a "
+                                                         "learned projection when the widths "
+                                                         "differ).", **fv)
+    flags.DEFINE_float("attention_mse_weight", 1.0, "Weight of the MSE between each student "
+                                                    "attention map and the mean of its teacher "
+                                                    "layers' maps.", **fv)
+    flags.DEFINE_list("distill_layer_groups", [], "Teacher layers (0-based, ranges inclusive) "
+                                                  "per student layer, e.g. 0-5,6-11. Empty: "
+                                                  "uniform groups of L_teacher / L_student.",
+                      **fv)
+    flags.DEFINE_enum("distill_attention_heads", "match", ["match", "average"],
+                      "attention_mse: head i of the student against head i of the teacher "
+                      "(equal head counts), or each side averaged over its heads.", **fv)
+    flags.DEFINE_enum("init_student_from_teacher", "none", ["none", "every_kth", "first_k"],
+                      "Start the student as the teacher's embeddings, pooler and MLM head and "
+                      "one teacher layer per student layer: every_kth the last of each layer "
+                      "group (layers k-1, 2k-1, ...), first_k the first ones. Needs the "
+                      "teacher's widths.", **fv)
     # Model.
     flags.DEFINE_string("model", "tiny", "Size preset: one of tfbert.config.MODEL_PRESETS.", **fv)
     flags.DEFINE_string("bert_config_file", "", "google-style bert_config.json; overrides --model.",
@@ -346,13 +382,17 @@ def parse_flags(argv: list[str]) -> list[str]:
     return app.parse_flags_with_usage(argv)
 
 
-def _model_config(fv: flags.FlagValues, pretrained_config, vocab_size: int | None):
-    """--model, then --bert_config_file or --init_checkpoint's config, then single flags."""
+def _model_config(fv: flags.FlagValues, pretrained_config, vocab_size: int | None,
+                  teacher_config=None):
+    """--model (distillation: the teacher's shape unless --model is given), then
+    --bert_config_file or --init_checkpoint's config, then single flags."""
     from tfbert.config import MODEL_PRESETS, ConfigError, ModelConfig
 
     if fv.model not in MODEL_PRESETS:
         raise ConfigError(f"--model={fv.model!r} is not one of {sorted(MODEL_PRESETS)}")
     values = dict(MODEL_PRESETS[fv.model])
+    if teacher_config is not None and not fv["model"].present:
+        values = dataclasses.asdict(teacher_config)
     if fv.bert_config_file:
         values.update(ModelConfig.bert_config_overrides(fv.bert_config_file))
     elif pretrained_config is not None:
@@ -391,16 +431,23 @@ def zero_stage_from_flags(fv) -> int:
 
 # Flags that only one --mode reads; given in another mode, they are an error, not ignored.
 MODE_FLAGS = {
-    "pretrain": ("input_files", "max_predictions_per_seq", "dynamic_masking", "masked_lm_prob",
-                 "num_readers", "shuffle_buffer", "eval_files", "max_eval_steps",
-                 "cls_loss_weight", "num_cls_labels", "distil_loss_weight"),
+    "pretrain": ("cls_loss_weight", "num_cls_labels", "distil_loss_weight"),
     "finetune": ("task", "train_file", "eval_file", "pooler_dropout_prob", "reuse_head"),
     "predict": ("predict_file", "predictions_file"),
+    "distill": ("teacher", "distill_temperature", "kl_loss_weight", "mlm_loss_weight",
+                "hidden_cosine_loss_weight", "attention_mse_weight", "distill_layer_groups",
+                "distill_attention_heads", "init_student_from_teacher"),
 }
-# ... and those two modes read.
-MODE_FLAGS_SHARED = {("finetune", "predict"): ("text_column", "text_b_column", "label_column",
-                                              "doc_stride", "max_query_length",
-                                              "max_answer_length", "null_score_diff_threshold")}
+# ... and those that two modes read.
+MODE_FLAGS_SHARED = {
+    ("finetune", "predict"): ("text_column", "text_b_column", "label_column", "doc_stride",
+                              "max_query_length", "max_answer_length",
+                              "null_score_diff_threshold"),
+    # Pretraining records.
+    ("pretrain", "distill"): ("input_files", "max_predictions_per_seq", "dynamic_masking",
+                              "masked_lm_prob", "num_readers", "shuffle_buffer", "eval_files",
+                              "max_eval_steps"),
+}
 
 
 def check_mode_flags(fv: flags.FlagValues) -> None:
@@ -418,6 +465,9 @@ def check_mode_flags(fv: flags.FlagValues) -> None:
         raise ConfigError(f"--mode=finetune needs --task (one of {FINETUNING_TASKS})")
     if fv.mode == "finetune" and not fv.train_file:
         raise ConfigError("--mode=finetune needs --train_file (a table: .tsv, .csv or .jsonl)")
+    if fv.mode == "distill" and not fv.teacher:
+        raise ConfigError("--mode=distill needs --teacher (a tfbert run directory, a "
+                          "HuggingFace or a google-research/bert directory)")
 
 
 def task_config(fv: flags.FlagValues):
@@ -426,7 +476,7 @@ def task_config(fv: flags.FlagValues):
     from tfbert import config as cfg
     from tfbert.data.finetuning_dataset import label_names, read_table
 
-    task = "pretraining" if fv.mode == "pretrain" else fv.task
+    task = {"pretrain": "pretraining", "distill": "distillation"}.get(fv.mode, fv.task)
     labels = ()
     if task in ("classification", "token_classification"):
         labels = label_names(read_table(fv.train_file, "--train_file"), fv.train_file,
@@ -444,7 +494,15 @@ def task_config(fv: flags.FlagValues):
         early_stopping_patience=fv.early_stopping_patience, doc_stride=fv.doc_stride,
         max_query_length=fv.max_query_length, max_answer_length=fv.max_answer_length,
         null_score_diff_threshold=fv.null_score_diff_threshold, cls_loss_weight=fv.cls_loss_weight,
-        num_cls_labels=fv.num_cls_labels, distil_loss_weight=fv.distil_loss_weight)
+        num_cls_labels=fv.num_cls_labels, distil_loss_weight=fv.distil_loss_weight,
+        teacher=os.path.abspath(fv.teacher) if fv.teacher else "",
+        distill_temperature=fv.distill_temperature, kl_loss_weight=fv.kl_loss_weight,
+        mlm_loss_weight=fv.mlm_loss_weight,
+        hidden_cosine_loss_weight=fv.hidden_cosine_loss_weight,
+        attention_mse_weight=fv.attention_mse_weight,
+        distill_layer_groups=tuple(fv.distill_layer_groups),
+        distill_attention_heads=fv.distill_attention_heads,
+        init_student_from_teacher=fv.init_student_from_teacher)
 
 
 def build_config(fv: flags.FlagValues, group=None):
@@ -457,26 +515,33 @@ def build_config(fv: flags.FlagValues, group=None):
     from tfbert.tokenization import from_pretrained, load_tokenizer, tokenizer_files
 
     check_mode_flags(fv)
-    pretraining = fv.mode == "pretrain"
+    records = fv.mode in ("pretrain", "distill")  # trains on pretraining records
     input_files, vocab_file, tokenizer_type = list(fv.input_files), fv.vocab_file, fv.tokenizer_type
-    if not pretraining:
+    if not records:
         input_files = [os.path.abspath(fv.train_file)]
-    pretrained_config = None
+    pretrained_config = teacher_config = None
+    if fv.init_checkpoint or fv.teacher:
+        from tfbert.checkpoints import CheckpointError, pretrained_model_config
     if fv.init_checkpoint:
-        from tfbert.checkpoints import pretrained_model_config
-
         # A pretrained model (tfbert run, HuggingFace or google directory) brings its model
         # config and its tokenizer.
         pretrained_config = pretrained_model_config(fv.init_checkpoint)
-    if fv.init_checkpoint and os.path.isdir(fv.init_checkpoint):
-        if not vocab_file and tokenizer_files(fv.init_checkpoint):
-            vocab_file = fv.init_checkpoint  # a run, HuggingFace or google directory's tokenizer
+    if fv.teacher:
+        # ... and so does a teacher: the student shares its tokenizer and, unless the model
+        # flags say otherwise, its shape.
+        teacher_config = pretrained_model_config(fv.teacher)
+        if teacher_config is None:
+            raise CheckpointError(f"--teacher={fv.teacher}: tfbert checkpoints without the "
+                                  f"config.json of their run; give the run directory")
+    for source in (fv.init_checkpoint, fv.teacher):
+        if source and os.path.isdir(source) and not vocab_file and tokenizer_files(source):
+            vocab_file = source  # a run, HuggingFace or google directory's tokenizer
     # Unset flags defer to what the tokenizer records (a directory's kind and casing).
     tokenizer_options = dict(
         tokenizer_type=tokenizer_type if fv["tokenizer_type"].present else None,
         do_lower_case=fv.do_lower_case if fv["do_lower_case"].present else None)
     tokenizer = from_pretrained(vocab_file, **tokenizer_options) if vocab_file else None
-    if not pretraining and tokenizer is None:
+    if not records and tokenizer is None:
         raise cfg.ConfigError("fine-tuning tokenises text with the model's tokenizer: give "
                               "--init_checkpoint (a directory that holds one) or --vocab_file")
     if not input_files:
@@ -497,10 +562,11 @@ def build_config(fv: flags.FlagValues, group=None):
         tokenizer_type, vocab_file = tokenizer.tokenizer_type, tokenizer.files[0]
 
     output_dir = fv.output_dir or default_output_dir(group)
-    model = _model_config(fv, pretrained_config, tokenizer.vocab_size if tokenizer else None)
+    model = _model_config(fv, pretrained_config, tokenizer.vocab_size if tokenizer else None,
+                          teacher_config)
     data = cfg.DataConfig(
         input_files=tuple(input_files), max_seq_length=fv.max_seq_length,
-        max_predictions_per_seq=fv.max_predictions_per_seq if pretraining else 0,
+        max_predictions_per_seq=fv.max_predictions_per_seq if records else 0,
         train_batch_size=fv.train_batch_size,
         num_readers=fv.num_readers, shuffle_buffer=fv.shuffle_buffer,
         dynamic_masking=fv.dynamic_masking, masked_lm_prob=fv.masked_lm_prob,
@@ -603,9 +669,12 @@ def print_summary(config, summary: dict, metrics=None) -> None:
               f"{summary['steps']} and --num_train_steps={config.runtime.num_train_steps}\n"
               f"  checkpoint:   {summary['checkpoint']}", flush=True)
         return
-    first, final = ([f"{name} {summary[f'{key}_{name}']:.4f}" for name in metrics]
+    from tfbert.training.trainer import format_figure
+
+    first, final = ([f"{name} {format_figure(summary[f'{key}_{name}'])}" for name in metrics]
                     for key in ("first", "final"))
-    evaluation = [f"{name[len('eval_'):]} {value:.4f}" for name, value in summary.items()
+    evaluation = [f"{name[len('eval_'):]} {format_figure(value)}"
+                  for name, value in summary.items()
                   if name.startswith("eval_") and name != "eval_step"]
     best = ""
     if summary.get("best_step") is not None:
@@ -807,7 +876,7 @@ def train(config, tokenizer, groups) -> int:
     # Before the input pipeline is built: tf.data's shuffle seeds combine with the global seed.
     tf.keras.utils.set_random_seed(config.runtime.seed)
     check_output_dir(config)
-    task_data = pretraining_data if config.task.is_pretraining else finetuning_data
+    task_data = pretraining_data if config.task.reads_records else finetuning_data
     dataset, evaluator = task_data(config, tokenizer, data_group)
     trainer = Trainer(config, dataset, groups, tokenizer=tokenizer, evaluator=evaluator)
     trainer.restore_or_initialize()
@@ -846,8 +915,8 @@ def predict(fv, group) -> int:
                               f"directory (with {TFBERT_CONFIG_FILE})")
     trained = Config.load(os.path.join(run_dir, TFBERT_CONFIG_FILE))
     task = trained.task
-    if task.is_pretraining:
-        raise ConfigError(f"--init_checkpoint={fv.init_checkpoint} is a pretraining run; "
+    if task.reads_records:
+        raise ConfigError(f"--init_checkpoint={fv.init_checkpoint} is a {task.task} run; "
                           f"--mode=predict needs a fine-tuned one (--mode=finetune)")
     config = dataclasses.replace(
         trained, runtime=dataclasses.replace(trained.runtime, precision=fv.precision,

@@ -39,9 +39,9 @@ class WeightSource:
 
 # Where a model's weights live in a checkpoint: the encoder, then each task's heads (pretraining
 # "cls/", classification, regression and token classification "classifier/", question
-# answering "qa/"). Anything else is training state.
+# answering "qa/", distillation's projection "distill/"). Anything else is training state.
 ENCODER_PREFIX = "bert/"
-HEAD_PREFIXES = ("cls/", "classifier/", "qa/")
+HEAD_PREFIXES = ("cls/", "classifier/", "qa/", "distill/")
 WEIGHT_PREFIXES = (ENCODER_PREFIX,) + HEAD_PREFIXES
 
 

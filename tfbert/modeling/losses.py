@@ -67,3 +67,63 @@ def sequence_classification_losses(logits: tf.Tensor, labels: tf.Tensor) -> dict
                                                                          logits=logits))
     correct = tf.equal(tf.argmax(logits, -1, output_type=tf.int32), labels)
     return dict(cls_loss=loss, cls_accuracy=tf.reduce_mean(tf.cast(correct, tf.float32)))
+
+
+# Distillation (tfbert.modeling.models.bert_distiller). Shape legend: B batch, S sequence, P
+# predictions, V vocabulary, D hidden size, N heads.
+
+def distillation_kl_loss(teacher_logits: tf.Tensor, student_logits: tf.Tensor,
+                         label_weights: tf.Tensor, temperature: float) -> tf.Tensor:
+    """KL(teacher || student) of the MLM distributions softened by `temperature`, times T^2
+    (so that its gradients keep their size as T changes, as in Hinton et al. and DistilBERT),
+    averaged over the real predictions.
+
+    Args:
+      teacher_logits, student_logits: float32 [B, P, V].
+      label_weights: float32 [B, P], 1 for real predictions and 0 for padding.
+    """
+    teacher_log_probs = tf.nn.log_softmax(teacher_logits / temperature, axis=-1)  # (B, P, V)
+    student_log_probs = tf.nn.log_softmax(student_logits / temperature, axis=-1)  # (B, P, V)
+    per_token = tf.reduce_sum(tf.exp(teacher_log_probs) * (teacher_log_probs - student_log_probs),
+                              axis=-1)  # (B, P)
+    return temperature ** 2 * _weighted_mean(per_token, label_weights)
+
+
+def hidden_cosine_loss(student_states, teacher_states, input_mask: tf.Tensor) -> tf.Tensor:
+    """1 - cos(student, teacher) per token, averaged over the real tokens and the layers.
+
+    Args:
+      student_states, teacher_states: equally long lists of float32 [B, S, D] (the student's
+        already projected to the teacher's width).
+      input_mask: int32 [B, S], 1 for real tokens.
+    """
+    losses = []
+    for student, teacher in zip(student_states, teacher_states, strict=True):
+        cosine = tf.reduce_sum(tf.math.l2_normalize(student, -1)
+                               * tf.math.l2_normalize(teacher, -1), axis=-1)  # (B, S)
+        losses.append(_weighted_mean(1.0 - cosine, input_mask))
+    return tf.add_n(losses) / len(losses)
+
+
+def attention_mse(student_probs, teacher_probs, input_mask: tf.Tensor,
+                  average_heads: bool = False) -> tf.Tensor:
+    """The mean squared error between attention maps over the real (query, key) pairs and the
+    heads, averaged over the layers. Padded queries and keys are left out: their rows and
+    columns say nothing the student should learn.
+
+    Args:
+      student_probs, teacher_probs: equally long lists of float32 [B, N, S, S]; with
+        `average_heads` each side's heads are averaged first (their counts may then differ).
+      input_mask: int32 [B, S].
+    """
+    mask = tf.cast(input_mask, tf.float32)
+    pairs = mask[:, tf.newaxis, :, tf.newaxis] * mask[:, tf.newaxis, tf.newaxis, :]  # (B, 1, S, S)
+    losses = []
+    for student, teacher in zip(student_probs, teacher_probs, strict=True):
+        if average_heads:
+            student = tf.reduce_mean(student, axis=1, keepdims=True)  # (B, 1, S, S)
+            teacher = tf.reduce_mean(teacher, axis=1, keepdims=True)  # (B, 1, S, S)
+        heads = tf.cast(tf.shape(student)[1], tf.float32)
+        squared = tf.square(student - teacher) * pairs  # (B, N, S, S)
+        losses.append(tf.reduce_sum(squared) / (heads * tf.reduce_sum(pairs) + 1e-5))
+    return tf.add_n(losses) / len(losses)

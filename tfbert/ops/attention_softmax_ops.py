@@ -44,6 +44,37 @@ def fused_attention_softmax(scores: tf.Tensor, mask_bias: tf.Tensor, seed: tf.Te
     return probs
 
 
+def fused_attention_softmax_and_softmax(scores: tf.Tensor, mask_bias: tf.Tensor, seed: tf.Tensor,
+                                        scale: float = 1.0, dropout_rate: float = 0.0):
+    """`fused_attention_softmax` that also returns the softmax before dropout, with gradients
+    through both: distillation's attention loss reads the softmax while the dropped
+    probabilities go on to the values.
+
+    Returns: (probs, softmax), Tensors [B, N, Sq, Sk] of the scores' dtype.
+    """
+    if not 0.0 <= dropout_rate < 1.0:
+        raise ValueError(f"dropout_rate must be in [0, 1), got {dropout_rate}")
+    library = load_ops()
+    seed = tf.cast(seed, tf.int64)
+
+    @tf.custom_gradient
+    def forward(scores):
+        probs, softmax = library.tf_bert_fused_attention_softmax(
+            scores, mask_bias, seed, scale=float(scale), dropout_rate=float(dropout_rate))
+
+        def backward(dprobs, dsoftmax):
+            # The gradient is linear in the upstream gradient: that of the dropped
+            # probabilities, plus that of the softmax itself (the same op without dropout).
+            dscores = library.tf_bert_fused_attention_softmax_grad(
+                dprobs, softmax, seed, scale=float(scale), dropout_rate=float(dropout_rate))
+            return dscores + library.tf_bert_fused_attention_softmax_grad(
+                dsoftmax, softmax, seed, scale=float(scale), dropout_rate=0.0)
+
+        return (probs, softmax), backward
+
+    return forward(scores)
+
+
 @tf.RegisterGradient("TfBert>FusedAttentionSoftmax")
 def _fused_attention_softmax_grad(op, dprobs, unused_dsoftmax):
     """Gradient of probs for the scores; none for mask_bias (a constant of the input mask) or

@@ -188,10 +188,11 @@ class PretrainingEvaluator:
     """Losses and accuracies of the pretraining heads on held-out records.
 
     Each evaluation reads the same batches: the first `max_eval_steps` batches of this rank's
-    share of the records (not shuffled, not masked again). MLM figures are means over masked
-    tokens, the others (NSP, and multi-task pretraining's cls_loss, cls_accuracy, distil_mse)
-    over sequences, both over every rank's batches; "loss" is their sum weighted as in
-    training (`BertPretrainer.loss_weights`).
+    share of the records (not shuffled, not masked again). The figures of the masked tokens
+    (`model.masked_token_metrics`: MLM, distillation's KL) are means over masked tokens, the
+    others (NSP, multi-task pretraining's cls_loss, cls_accuracy, distil_mse, distillation's
+    hidden_cosine_loss and attention_mse) over sequences, both over every rank's batches;
+    "loss" is their sum weighted as in training (the model's `loss_weights`).
 
     Args:
       dataset_fn: returns a fresh tf.data.Dataset of this rank's batches of eval records.
@@ -216,7 +217,8 @@ class PretrainingEvaluator:
         outputs = model.compute_losses(batch, training=False)
         tokens = tf.reduce_sum(tf.cast(batch["masked_lm_weights"], tf.float32))
         sequences = tf.cast(tf.shape(batch["input_ids"])[0], tf.float32)
-        sums = [outputs[name] * (tokens if name.startswith("mlm_") else sequences)
+        per_token = model.masked_token_metrics
+        sums = [outputs[name] * (tokens if name in per_token else sequences)
                 for name in self._figures(model)]
         return tf.cast(tf.stack(sums + [tokens, sequences]), tf.float64)
 
@@ -233,7 +235,7 @@ class PretrainingEvaluator:
         tokens, sequences = totals[-2:]
         if sequences == 0:
             raise ValueError("the evaluation records gave no batch")
-        figures = {name: float(total / (max(tokens, 1.0) if name.startswith("mlm_")
+        figures = {name: float(total / (max(tokens, 1.0) if name in model.masked_token_metrics
                                         else sequences))
                    for name, total in zip(names, totals)}
         loss = sum(weight * figures[name] for name, weight in model.loss_weights.items())

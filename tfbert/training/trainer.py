@@ -58,6 +58,12 @@ def _operations_with_branches(graph: tf.Graph, seen: set | None = None):
                 yield from _operations_with_branches(function.graph, seen)
 
 
+def format_figure(value: float) -> str:
+    """A logged figure: 4 decimals, or 4 significant digits when that would show 0.0000 (an
+    attention MSE of 3e-5 is not zero)."""
+    return f"{value:.4f}" if value == 0 or abs(value) >= 1e-3 else f"{value:.4g}"
+
+
 class TrainingDiverged(RuntimeError):
     """Too many consecutive steps had non-finite gradients. Those steps were skipped, so the
     weights are still finite, but no checkpoint is written after them."""
@@ -135,7 +141,9 @@ class _EvaluationState:
         seconds = time.perf_counter() - start
         self.last, self.last_step = metrics, step
         logging.info("eval at step %d | %s | %.1f s", step,
-                     " | ".join(f"{name} {value:.4f}" for name, value in metrics.items()), seconds)
+                     " | ".join(f"{name} {format_figure(value)}"
+                                for name, value in metrics.items()),
+                     seconds)
         with self.writer.as_default(step=step):
             for name, value in metrics.items():
                 tf.summary.scalar(name, value)
@@ -254,6 +262,8 @@ class Trainer:
             for name, spec in dataset.element_spec.items()})
         self.evaluator = evaluator
         self.variables = self.model.trainable_variables
+        # The variables the loss does not reach (`_is_frozen`), found by the first trace.
+        self._without_gradient: set = set()
         gated = config.model.hidden_act == "geglu"
         self.tensor_norms = TensorNorms(self.tensor_group, [
             tensor_parallel_size > 1 and tensor_parallel.split_of(variable_name(v), gated)
@@ -469,7 +479,13 @@ class Trainer:
         return tf.constant(True)
 
     def _is_frozen(self, variable, frozen: bool) -> bool:
-        return frozen and variable is self.model.word_embeddings
+        """Whether `variable` is left as it is this step: the frozen word embeddings, or a
+        variable the task's loss never reaches (a student's pooler in distillation, the pooler
+        in token classification). Those must not be updated in any mode: an accumulator or a
+        ZeRO shard would otherwise turn their missing gradient into zeros, and the optimizer's
+        weight decay would still move them."""
+        return ((frozen and variable is self.model.word_embeddings)
+                or variable.ref() in self._without_gradient)
 
     def _compute_gradients(self, batch: dict[str, tf.Tensor], frozen: bool = False):
         """Losses (float32 scalars) and the gradients of the (loss-scaled) loss.
@@ -483,9 +499,11 @@ class Trainer:
             loss = outputs["loss"]
             if self.loss_scale is not None:
                 loss = self.loss_scale.scale_loss(loss)
-        grads = iter(tape.gradient(loss, trained))
-        return outputs, [None if self._is_frozen(v, frozen) else next(grads)
-                         for v in self.variables]
+        grads = tape.gradient(loss, trained)
+        # Known when the step is traced, before the update that reads it is traced.
+        self._without_gradient.update(v.ref() for v, g in zip(trained, grads) if g is None)
+        by_variable = {v.ref(): g for v, g in zip(trained, grads)}
+        return outputs, [by_variable.get(v.ref()) for v in self.variables]
 
     def _update_loss_metrics(self, outputs):
         """Adds the step's figures to the window's means; a non-finite figure is left out (its
@@ -894,7 +912,7 @@ class Trainer:
             "step %d/%d | %s | lr %.3g | "
             "%.1f ex/s | %.0f tok/s | peak %.3f GB (ranks %.3f-%.3f) | rss %.2f GB%s%s",
             step, self.config.runtime.num_train_steps,
-            " | ".join(f"{name} {record[name]:.4f}" for name in self.model.metric_names),
+            " | ".join(f"{name} {format_figure(record[name])}" for name in self.model.metric_names),
             record["learning_rate"], record["examples_per_sec"], record["tokens_per_sec"],
             record["peak_memory_bytes"] / gb, record["peak_memory_bytes_min"] / gb,
             record["peak_memory_bytes_max"] / gb, record["peak_rss_bytes"] / gb,

@@ -78,12 +78,15 @@ class SelfAttention(tf.keras.layers.Layer):
         x = tf.reshape(x, [batch, seq, self.local_heads, self.head_size])  # (B, S, n, H)
         return tf.transpose(x, [0, 2, 1, 3])  # (B, n, S, H)
 
-    def call(self, hidden_states, mask_bias, training=False):
+    def call(self, hidden_states, mask_bias, training=False, return_probs=False):
         """
         Args:
           hidden_states: Tensor [B, S, D] in the compute dtype.
           mask_bias: Tensor [B, 1, 1, S] from `attention_mask_bias`.
-        Returns: Tensor [B, S, D], the attention output after its dense projection.
+          return_probs: also return the attention probabilities (before their dropout), and
+            let gradients flow back through them (distillation's attention loss).
+        Returns: Tensor [B, S, D], the attention output after its dense projection; with
+          `return_probs`, (that, probabilities [B, n, S, S] in the compute dtype).
         """
         with tf.name_scope("self"):
             inputs = self._factory.enter_parallel(hidden_states)  # (B, S, D)
@@ -95,15 +98,23 @@ class SelfAttention(tf.keras.layers.Layer):
         query = query * tf.cast(self.head_size ** -0.5, query.dtype)
         scores = tf.einsum("bnqh,bnkh->bnqk", query, key)  # (B, n, S, S)
         if self.fused_softmax:
-            from tfbert.ops.attention_softmax_ops import fused_attention_softmax
+            from tfbert.ops.attention_softmax_ops import (fused_attention_softmax,
+                                                          fused_attention_softmax_and_softmax)
 
             rate = self.attention_dropout if training else 0.0
             seed = self._rng.next_seed() if rate > 0 else tf.zeros([2], tf.int64)
-            probs = fused_attention_softmax(scores, tf.cast(mask_bias, scores.dtype), seed,
-                                            scale=1.0, dropout_rate=rate)  # (B, n, S, S)
+            mask_bias = tf.cast(mask_bias, scores.dtype)
+            if return_probs and rate > 0:
+                # The op's second output is the softmax before dropout.
+                probs, softmax = fused_attention_softmax_and_softmax(
+                    scores, mask_bias, seed, scale=1.0, dropout_rate=rate)  # (B, n, S, S) x2
+            else:
+                probs = fused_attention_softmax(scores, mask_bias, seed, scale=1.0,
+                                                dropout_rate=rate)  # (B, n, S, S)
+                softmax = probs
         else:
-            probs = masked_softmax(scores, mask_bias)  # (B, n, S, S)
-            probs = self.dropout(probs, training=training)
+            softmax = masked_softmax(scores, mask_bias)  # (B, n, S, S)
+            probs = self.dropout(softmax, training=training)
         context = tf.einsum("bnqk,bnkh->bnqh", probs, value)  # (B, n, S, H)
         context = tf.transpose(context, [0, 2, 1, 3])  # (B, S, n, H)
         batch, seq = tf.shape(context)[0], tf.shape(context)[1]
@@ -111,7 +122,8 @@ class SelfAttention(tf.keras.layers.Layer):
 
         with tf.name_scope("output"):
             # Row-parallel: the heads' partial projections summed over the group.
-            return self.output_dense(context)  # (B, S, D)
+            output = self.output_dense(context)  # (B, S, D)
+        return (output, softmax) if return_probs else output
 
     def get_config(self):
         config = super().get_config()

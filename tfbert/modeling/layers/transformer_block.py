@@ -72,9 +72,13 @@ class TransformerBlock(tf.keras.layers.Layer):
         self.ffn_layer_norm = LayerNorm(layer_norm_eps, stats_dtype=ops.ln_dtype,
                                         fused=ops.ln_ytf_impl, name="LayerNorm", dtype=policy)
 
-    def call(self, hidden_states, mask_bias, training=False):
-        """hidden_states: [B, S, D]; mask_bias: [B, 1, 1, S]. Returns [B, S, D]."""
-        attention_output = self.attention(hidden_states, mask_bias, training=training)
+    def call(self, hidden_states, mask_bias, training=False, return_attention=False):
+        """hidden_states: [B, S, D]; mask_bias: [B, 1, 1, S]. Returns [B, S, D]; with
+        `return_attention`, (that, the attention probabilities [B, n, S, S] before dropout)."""
+        attention_output = self.attention(hidden_states, mask_bias, training=training,
+                                          return_probs=return_attention)
+        if return_attention:
+            attention_output, attention_probs = attention_output
         with tf.name_scope("attention/output"):
             attention_output = self.attention_dropout(attention_output, training=training)
             attention_output = self.attention_layer_norm(attention_output + hidden_states)
@@ -85,7 +89,8 @@ class TransformerBlock(tf.keras.layers.Layer):
                 self._factory.enter_parallel(attention_output)))
         with tf.name_scope("output"):
             output = self.ffn_dropout(self.ffn_output(intermediate), training=training)
-            return self.ffn_layer_norm(output + attention_output)  # (B, S, D)
+            output = self.ffn_layer_norm(output + attention_output)  # (B, S, D)
+        return (output, attention_probs) if return_attention else output
 
     def get_config(self):
         config = super().get_config()

@@ -6,6 +6,7 @@ from __future__ import annotations
 from tfbert.config import Config
 from tfbert.modeling.layers.dropout import DropoutRng
 from tfbert.modeling.models.bert_classifier import BertClassifier
+from tfbert.modeling.models.bert_distiller import BertDistiller, distiller_options
 from tfbert.modeling.models.bert_pretrainer import BertPretrainer
 from tfbert.modeling.models.bert_question_answering import BertQuestionAnswering
 from tfbert.modeling.models.bert_task_model import BertTaskModel
@@ -14,8 +15,9 @@ from tfbert.modeling.models.bert_token_classifier import BertTokenClassifier
 
 def create_model(config: Config, rng: DropoutRng | None, tensor_group=None,
                  attention_rng: DropoutRng | None = None) -> BertTaskModel:
-    """The (unbuilt) model of `config.task`: pretraining heads, a classifier / regressor on
-    the pooled output, a tag classifier on every token, or a span head (question answering)."""
+    """The (unbuilt) model of `config.task`: pretraining heads, a student and its teacher
+    (distillation), a classifier / regressor on the pooled output, a tag classifier on every
+    token, or a span head (question answering)."""
     options = dict(rng=rng, precision=config.runtime.precision, ops=config.ops,
                    one_hot_token_types=config.distribution.sparse_as_dense,
                    tensor_group=tensor_group, attention_rng=attention_rng)
@@ -24,6 +26,8 @@ def create_model(config: Config, rng: DropoutRng | None, tensor_group=None,
         return BertPretrainer(config.model, cls_loss_weight=task.cls_loss_weight,
                               num_cls_labels=task.num_cls_labels,
                               distil_loss_weight=task.distil_loss_weight, **options)
+    if task.task == "distillation":
+        return BertDistiller(config.model, **distiller_options(task), **options)
     if task.task == "question_answering":
         return BertQuestionAnswering(config.model, dropout=task.pooler_dropout_prob, **options)
     if task.task == "token_classification":
@@ -34,5 +38,5 @@ def create_model(config: Config, rng: DropoutRng | None, tensor_group=None,
                           reuse_head=task.reuse_head, **options)
 
 
-__all__ = ["BertClassifier", "BertPretrainer", "BertQuestionAnswering", "BertTaskModel",
-           "BertTokenClassifier", "create_model"]
+__all__ = ["BertClassifier", "BertDistiller", "BertPretrainer", "BertQuestionAnswering",
+           "BertTaskModel", "BertTokenClassifier", "create_model"]

@@ -27,14 +27,16 @@ class PretrainingHeads(tf.keras.layers.Layer):
     logits: the losses are computed from the split logits (`VocabShard.cross_entropy`).
 
     Variables: cls/predictions/transform/{dense,LayerNorm}/*, cls/predictions/output_bias [V],
-    cls/seq_relationship/output_weights [2, D], cls/seq_relationship/output_bias [2].
+    cls/seq_relationship/output_weights [2, D], cls/seq_relationship/output_bias [2] (the last
+    two only with `next_sentence`).
     """
 
     def __init__(self, config: ModelConfig, word_embeddings: tf.Variable,
                  dense_factory: DenseFactory, fused_layer_norm: bool = False,
-                 layer_norm_dtype: str = "float32", **kwargs):
+                 layer_norm_dtype: str = "float32", next_sentence: bool = True, **kwargs):
         super().__init__(**kwargs)
         self.config = config
+        self.next_sentence = next_sentence
         self._word_embeddings = word_embeddings
         self._factory = dense_factory
         self.vocab_shard = dense_factory.vocab_shard(config.vocab_size)
@@ -50,6 +52,9 @@ class PretrainingHeads(tf.keras.layers.Layer):
         with tf.name_scope("predictions"):
             self.mlm_bias = self.add_weight("output_bias", shape=[self.vocab_shard.rows],
                                             initializer="zeros", experimental_autocast=False)
+        if not self.next_sentence:
+            super().build(input_shape)
+            return
         with tf.name_scope("seq_relationship"):
             self.nsp_weights = self.add_weight(
                 "output_weights", shape=[2, self.config.hidden_size], experimental_autocast=False,
@@ -65,7 +70,7 @@ class PretrainingHeads(tf.keras.layers.Layer):
           masked_sequence: [B, P, D] encoder outputs at the masked positions.
           pooled: [B, D] pooled [CLS] output.
         Returns: (mlm_logits float32 [B, P, V / T], this rank's vocabulary columns,
-          nsp_logits float32 [B, 2]).
+          nsp_logits float32 [B, 2], or None without `next_sentence`).
         """
         with tf.name_scope("predictions/transform"):
             x = self.transform_layer_norm(self.transform_activation(self.transform(masked_sequence)))
@@ -74,6 +79,8 @@ class PretrainingHeads(tf.keras.layers.Layer):
         mlm_logits = tf.einsum("bpd,vd->bpv", x, table)  # (B, P, V / T)
         # Logits and the losses in float32: a float16 log-softmax over a large vocabulary is lossy.
         mlm_logits = tf.cast(mlm_logits, tf.float32) + self.mlm_bias
+        if not self.next_sentence:
+            return mlm_logits, None
         nsp_logits = tf.einsum("bd,cd->bc", tf.cast(pooled, tf.float32), self.nsp_weights)
         return mlm_logits, nsp_logits + self.nsp_bias
 
@@ -137,6 +144,7 @@ class BertPretrainer(BertTaskModel):
     """
 
     head_prefixes = ("cls/",)
+    masked_token_metrics = ("mlm_loss", "mlm_accuracy")
 
     def __init__(self, config: ModelConfig, *args, cls_loss_weight: float = 0.0,
                  num_cls_labels: int = 2, distil_loss_weight: float = 0.0, **kwargs):

@@ -42,6 +42,8 @@ class BertTaskModel(tf.Module):
 
     POLICIES = {"fp32": "float32", "fp16": "mixed_float16", "bf16": "mixed_bfloat16"}
     metric_names: tuple[str, ...] = ("loss",)
+    # The metrics that are means over masked tokens (the rest: over sequences).
+    masked_token_metrics: tuple[str, ...] = ()
     head_prefixes: tuple[str, ...] = ()
     # {variable name: checkpoint name} that --init_checkpoint reads under another name.
     init_sources: dict[str, str] = {}

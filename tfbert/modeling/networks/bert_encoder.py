@@ -62,19 +62,36 @@ class BertEncoder(tf.keras.Model):
         ]
         self.pooler = factory.dense(config.hidden_size, name="dense")
 
-    def call(self, inputs, training=False):
+    def call(self, inputs, training=False, output_hidden_states=False, output_attentions=False):
         """
         Args:
           inputs: {"input_ids", "input_mask", "segment_ids"}: int32 Tensors [B, S].
-        Returns: {"sequence_output": [B, S, D], "pooled_output": [B, D]} in the compute dtype.
+          output_hidden_states: also return every layer's output (distillation).
+          output_attentions: also return every layer's attention probabilities (before their
+            dropout; differentiable, also with the fused softmax).
+        Returns: {"sequence_output": [B, S, D], "pooled_output": [B, D]} in the compute dtype;
+          with `output_hidden_states`, "hidden_states": L + 1 Tensors [B, S, D] (the
+          embeddings' output, then each layer's); with `output_attentions`, "attention_probs":
+          L Tensors [B, n, S, S]. Off by default: a plain call keeps none of them.
         """
         hidden_states = self.embeddings(inputs["input_ids"], inputs["segment_ids"],
                                         training=training)  # (B, S, D)
         mask_bias = attention_mask_bias(inputs["input_mask"], hidden_states.dtype)  # (B, 1, 1, S)
+        all_hidden_states, all_attention_probs = [hidden_states], []
         with tf.name_scope("encoder"):
             for block in self.blocks:
-                hidden_states = block(hidden_states, mask_bias, training=training)
+                hidden_states = block(hidden_states, mask_bias, training=training,
+                                      return_attention=output_attentions)
+                if output_attentions:
+                    hidden_states, attention_probs = hidden_states
+                    all_attention_probs.append(attention_probs)  # (B, n, S, S)
+                all_hidden_states.append(hidden_states)  # (B, S, D)
         with tf.name_scope("pooler"):
             # The pooler sees only [CLS]; tanh as in BERT.
             pooled = tf.tanh(self.pooler(hidden_states[:, 0]))  # (B, D)
-        return dict(sequence_output=hidden_states, pooled_output=pooled)
+        outputs = dict(sequence_output=hidden_states, pooled_output=pooled)
+        if output_hidden_states:
+            outputs["hidden_states"] = all_hidden_states
+        if output_attentions:
+            outputs["attention_probs"] = all_attention_probs
+        return outputs
