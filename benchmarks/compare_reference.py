@@ -1,7 +1,7 @@
 """tfbert's training step against tf-models-official's BertPretrainer, side by side.
 
-    python benchmarks/compare_reference.py                      # tiny model, CPU defaults
-    python benchmarks/compare_reference.py --model=mini --precision=bf16 --steps=50
+    python benchmarks/compare_reference.py                      # mini model, both setups
+    python benchmarks/compare_reference.py --model=tiny --setups=plain --repeats=1
 
 Both run the same model size, batch, sequence length, dropouts, optimizer (LAMB from
 tensorflow-addons with the same schedule, clipping and weight-decay exclusions), loss and input
@@ -11,8 +11,18 @@ pipeline (the sample corpus through tfbert's reader), each in its own process:
 - reference: `official.nlp.modeling.networks.BertEncoder` + `models.BertPretrainer` in a plain
   `tf.function` step written here.
 
-Figures: examples/s over --steps steps after the first (compiling) one, and the TensorFlow
-allocator's peak memory. Writes a CSV and prints a Markdown table.
+Two setups, each side at its own setting:
+
+- plain: float32 on both sides, tfbert with its defaults;
+- best: each at its best: tfbert in bfloat16 with every fused op, the fused LAMB and XLA
+  auto-clustering (`--best_flags`), the reference with Keras' `mixed_bfloat16`.
+
+Every setup runs --repeats times, tfbert and the reference alternated, so that the machine's
+noise hits both; the table shows medians. Figures: examples/s over --steps steps after the first
+(compiling) one, the TensorFlow allocator's peak memory, and the model FLOPs utilisation (MFU):
+examples/s x the model FLOPs of one example (`tfbert.training.flops`, the same for both: the
+same model) / the measured matmul peak of this machine in the setup's compute dtype. Writes a
+CSV (one row per run) and prints a Markdown table of medians with the tfbert/reference ratios.
 """
 
 from __future__ import annotations
@@ -102,74 +112,137 @@ def reference_worker(args) -> dict:
                 num_parameters=int(sum(v.shape.num_elements() for v in model.trainable_variables)))
 
 
+# Each side's settings per setup: tfbert's flags and the reference's precision.
+SETUPS = {"plain": ("", "fp32"), "best": (None, "bf16")}  # None: --best_flags
+BEST_FLAGS = ("--precision=bf16 --ln_ytf_impl --attn_softmax_ytf_impl --ytf_gelu "
+              "--optimizer=fused_lamb --xla=auto")
+
+
+def model_flops(args, vocab_size: int) -> int:
+    from tfbert import config as cfg
+    from tfbert.training.flops import model_flops_per_example
+
+    model = cfg.ModelConfig(vocab_size=vocab_size, **cfg.MODEL_PRESETS[args.model])
+    return model_flops_per_example(model, args.seq, args.predictions)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="tiny")
-    parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
-    parser.add_argument("--steps", type=int, default=60)
-    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--model", default="mini")
+    parser.add_argument("--setups", default="plain,best", help=f"of {sorted(SETUPS)}")
+    parser.add_argument("--best_flags", default=BEST_FLAGS,
+                        help="tfbert's flags in the best setup")
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="runs of each side per setup, alternated")
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--predictions", type=int, default=20)
     parser.add_argument("--dropout", type=float, default=0.1)
     parser.add_argument("--learning_rate", type=float, default=1e-3)
-    parser.add_argument("--tfbert_flags", default="",
-                        help="extra flags for the tfbert run only, e.g. '--ln_ytf_impl'")
     parser.add_argument("--csv", default=os.path.join(REPO_ROOT, "runs", "bench",
                                                       "compare_reference.csv"))
+    # The reference run, in its own process.
     parser.add_argument("--worker_json", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--precision", default="fp32", help=argparse.SUPPRESS)
     args = parser.parse_args()
 
-    if args.worker_json:  # the reference run, in its own process
+    if args.worker_json:
         with open(args.worker_json, "w") as f:
             json.dump(reference_worker(args), f)
         return
 
+    sys.path.insert(0, REPO_ROOT)
+    from tfbert.data.sample import prepare_sample_data
+    from tfbert.tokenization import load_tokenizer
+    from tfbert.training.flops import COMPUTE_DTYPES, matmul_peak
+
+    setups = args.setups.split(",")
+    unknown = sorted(set(setups) - set(SETUPS))
+    if unknown:
+        raise SystemExit(f"--setups: unknown {unknown}; known: {sorted(SETUPS)}")
+    _, vocab_file = prepare_sample_data(max_seq_length=args.seq,
+                                        max_predictions_per_seq=args.predictions)
+    flops = model_flops(args, load_tokenizer("sentencepiece", vocab_file).vocab_size)
+    common = [f"--model={args.model}", f"--train_batch_size={args.batch}",
+              f"--max_seq_length={args.seq}", f"--max_predictions_per_seq={args.predictions}",
+              f"--hidden_dropout_prob={args.dropout}",
+              f"--attention_probs_dropout_prob={args.dropout}",
+              f"--learning_rate={args.learning_rate}", "--num_warmup_steps=0",
+              f"--num_train_steps={args.steps + 1}", f"--log_every_n_steps={args.steps + 1}"]
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        summary = run_job(os.path.join(tmp, "tfbert"), [
-            f"--model={args.model}", f"--precision={args.precision}",
-            f"--train_batch_size={args.batch}", f"--max_seq_length={args.seq}",
-            f"--max_predictions_per_seq={args.predictions}",
-            f"--hidden_dropout_prob={args.dropout}",
-            f"--attention_probs_dropout_prob={args.dropout}",
-            f"--learning_rate={args.learning_rate}", "--num_warmup_steps=0",
-            f"--num_train_steps={args.steps + 1}", f"--log_every_n_steps={args.steps + 1}",
-            *shlex.split(args.tfbert_flags)])
-        rows.append(dict(implementation=f"tfbert {args.tfbert_flags}".strip(), examples_per_sec=summary["examples_per_sec"],
-                         max_gb=summary["peak_memory_bytes"] / 2 ** 30,
-                         first_loss=summary["first_loss"], final_loss=summary["final_loss"]))
-        print(f"tfbert: {rows[-1]['examples_per_sec']:.1f} examples/s", flush=True)
+        for repeat in range(args.repeats):
+            for setup in setups:
+                tfbert_flags, reference_precision = SETUPS[setup]
+                tfbert_flags = shlex.split(args.best_flags if tfbert_flags is None
+                                           else tfbert_flags)
+                summary = run_job(os.path.join(tmp, f"tfbert-{setup}-{repeat}"),
+                                  common + tfbert_flags)
+                precision = next((f.split("=", 1)[1] for f in tfbert_flags
+                                  if f.startswith("--precision=")), "fp32")
+                rows.append(dict(setup=setup, repeat=repeat, implementation="tfbert",
+                                 precision=precision, flags=" ".join(tfbert_flags),
+                                 examples_per_sec=summary["examples_per_sec"],
+                                 max_gb=summary["peak_memory_bytes"] / 2 ** 30,
+                                 first_loss=summary["first_loss"],
+                                 final_loss=summary["final_loss"]))
 
-        worker_json = os.path.join(tmp, "reference.json")
-        command = [sys.executable, os.path.abspath(__file__), *sys.argv[1:],
-                   f"--worker_json={worker_json}"]
-        result = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True,
-                                env=dict(os.environ, PYTHONPATH=REPO_ROOT))
-        if result.returncode != 0:
-            raise SystemExit(f"the reference run failed:\n{result.stderr[-3000:]}")
-        with open(worker_json) as f:
-            reference = json.load(f)
-        rows.append(dict(implementation="tf-models-official BertPretrainer",
-                         examples_per_sec=reference["examples_per_sec"],
-                         max_gb=reference["peak_memory_bytes"] / 2 ** 30,
-                         first_loss=reference["first_loss"], final_loss=reference["final_loss"]))
-        print(f"reference: {rows[-1]['examples_per_sec']:.1f} examples/s", flush=True)
+                worker_json = os.path.join(tmp, "reference.json")
+                command = [sys.executable, os.path.abspath(__file__), f"--model={args.model}",
+                           f"--steps={args.steps}", f"--batch={args.batch}", f"--seq={args.seq}",
+                           f"--predictions={args.predictions}", f"--dropout={args.dropout}",
+                           f"--learning_rate={args.learning_rate}",
+                           f"--precision={reference_precision}", f"--worker_json={worker_json}"]
+                result = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True,
+                                        env=dict(os.environ, PYTHONPATH=REPO_ROOT))
+                if result.returncode != 0:
+                    raise SystemExit(f"the reference run failed:\n{result.stderr[-3000:]}")
+                with open(worker_json) as f:
+                    reference = json.load(f)
+                rows.append(dict(setup=setup, repeat=repeat,
+                                 implementation="tf-models-official BertPretrainer",
+                                 precision=reference_precision, flags="",
+                                 examples_per_sec=reference["examples_per_sec"],
+                                 max_gb=reference["peak_memory_bytes"] / 2 ** 30,
+                                 first_loss=reference["first_loss"],
+                                 final_loss=reference["final_loss"]))
+                print(f"{setup} #{repeat}: tfbert {rows[-2]['examples_per_sec']:.1f}, "
+                      f"reference {rows[-1]['examples_per_sec']:.1f} examples/s", flush=True)
 
-    table = pd.DataFrame(rows)
-    reference_row = table.iloc[1]
-    table["speed_vs_reference"] = table["examples_per_sec"] / reference_row["examples_per_sec"]
-    table["memory_vs_reference"] = (table["max_gb"] / reference_row["max_gb"]
-                                    if reference_row["max_gb"] else float("nan"))
-    for key, value in dict(model=args.model, precision=args.precision, batch=args.batch,
-                           seq=args.seq, steps=args.steps).items():
-        table[key] = value
-    os.makedirs(os.path.dirname(args.csv), exist_ok=True)
-    table.to_csv(args.csv, index=False)
-    print(f"\n{args.model} model, {args.precision}, batch {args.batch} x {args.seq}, "
-          f"{args.steps} steps after the first\n")
-    print(table[["implementation", "max_gb", "examples_per_sec", "speed_vs_reference",
-                 "memory_vs_reference", "first_loss", "final_loss"]]
-          .to_markdown(index=False, floatfmt=".3f"))
+    # Measured after the runs, on a machine they no longer load.
+    peaks = {precision: matmul_peak(COMPUTE_DTYPES[precision])
+             for precision in {row["precision"] for row in rows}}
+    runs = pd.DataFrame(rows)
+    runs["model_flops_per_example"] = flops
+    runs["matmul_peak_tflops"] = runs["precision"].map(peaks) / 1e12
+    runs["mfu"] = runs["examples_per_sec"] * flops / runs["precision"].map(peaks)
+    for key, value in dict(model=args.model, batch=args.batch, seq=args.seq,
+                           predictions=args.predictions, steps=args.steps).items():
+        runs[key] = value
+    os.makedirs(os.path.dirname(args.csv) or ".", exist_ok=True)
+    runs.to_csv(args.csv, index=False)
+
+    table = (runs.groupby(["setup", "implementation"], sort=False)
+             .agg(precision=("precision", "first"), examples_per_sec=("examples_per_sec", "median"),
+                  mfu=("mfu", "median"), max_gb=("max_gb", "median"),
+                  first_loss=("first_loss", "median"), final_loss=("final_loss", "median"))
+             .reset_index())
+    reference = table[table["implementation"] != "tfbert"].set_index("setup")
+    table["speed_vs_reference"] = [
+        row.examples_per_sec / reference.loc[row.setup, "examples_per_sec"]
+        for row in table.itertuples()]
+    print(f"\n{args.model} model, batch {args.batch} x {args.seq}, {args.predictions} predictions, "
+          f"{flops / 1e9:.3f} GFLOP per example; medians of {args.repeats} run(s) of "
+          f"{args.steps} steps after the first; matmul peaks (TFLOP/s): "
+          + ", ".join(f"{p} {v / 1e12:.3f}" for p, v in sorted(peaks.items())) + "\n")
+    print(table.to_markdown(index=False, floatfmt=".3f"))
+    if {"plain", "best"} <= set(setups):
+        best = table[table["setup"] == "best"].set_index("implementation")["examples_per_sec"]
+        plain = table[table["setup"] == "plain"].set_index("implementation")["examples_per_sec"]
+        ratio = best["tfbert"] / best.drop("tfbert").iloc[0]
+        print(f"\ntfbert best / reference best: {ratio:.2f}x; plain fp32: "
+              f"{plain['tfbert'] / plain.drop('tfbert').iloc[0]:.2f}x")
     print(f"\nCSV: {args.csv}")
 
 

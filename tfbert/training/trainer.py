@@ -824,6 +824,8 @@ class Trainer:
             summary[f"first_{name}"] = first[name] if first else None
             summary[f"final_{name}"] = last_record[name] if last_record else None
         summary.update(evaluation)
+        # After the all-gather: the other ranks are done when rank 0 measures the matmul peak.
+        summary.update(self._utilisation(examples_per_sec))
         summary.update(
             # Per rank (this one), then over all ranks.
             examples_per_sec=examples_per_sec,
@@ -861,6 +863,32 @@ class Trainer:
             atomic_write_text(os.path.join(runtime.output_dir, "summary.json"),
                               json.dumps(summary, indent=2) + "\n")
         return summary
+
+    def _utilisation(self, examples_per_sec: float) -> dict:
+        """This rank's model FLOPs utilisation (MFU): the model FLOPs its examples/s stand for
+        (`BertTaskModel.flops_per_example`; a tensor-parallel rank does 1/T of its replica's)
+        against the measured matmul peak of this device in the step's compute dtype
+        (`tfbert.training.flops.matmul_peak`, measured once per machine and cached). Rank 0
+        measures, after training; float16 on a CPU (emulated, very slow) is not measured."""
+        from tfbert.training.flops import COMPUTE_DTYPES, device_description, matmul_peak
+
+        data, precision = self.config.data, self.config.runtime.precision
+        flops = self.model.flops_per_example(data.max_seq_length, data.max_predictions_per_seq)
+        achieved = examples_per_sec * flops / self.tensor_group.size
+        figures = dict(model_flops_per_example=flops, model_tflops_per_sec=achieved / 1e12,
+                       matmul_peak_tflops=None, matmul_peak_device=None, mfu=None)
+        on_gpu = bool(tf.config.list_physical_devices("GPU"))
+        if not self.group.is_chief or not achieved or (precision == "fp16" and not on_gpu):
+            return figures
+        dtype = COMPUTE_DTYPES[precision]
+        peak = matmul_peak(dtype)
+        figures.update(matmul_peak_tflops=peak / 1e12, matmul_peak_device=device_description(),
+                       mfu=achieved / peak)
+        logging.info("Model FLOPs utilisation %.1f%%: %.4g TFLOP/s of model FLOPs per rank "
+                     "(%.3g GFLOP per example) against a %s matmul peak of %.4g TFLOP/s on %s",
+                     100 * achieved / peak, achieved / 1e12, flops / 1e9, dtype, peak / 1e12,
+                     figures["matmul_peak_device"])
+        return figures
 
     def state_bytes(self) -> dict[str, int]:
         """What this rank holds between steps, in bytes: param_bytes, optimizer_state_bytes

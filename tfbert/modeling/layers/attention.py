@@ -96,7 +96,10 @@ class SelfAttention(tf.keras.layers.Layer):
 
         # Scale the query rather than the scores: fewer elements ([B,n,S,H] vs [B,n,S,S]).
         query = query * tf.cast(self.head_size ** -0.5, query.dtype)
-        scores = tf.einsum("bnqh,bnkh->bnqk", query, key)  # (B, n, S, S)
+        # Batched matmuls rather than einsums: the same contraction, but on CPUs without
+        # bfloat16 matrix instructions TensorFlow's bfloat16 Einsum takes a generic path about
+        # 15x slower than its BatchMatMul (benchmarks/profile_step.py).
+        scores = tf.matmul(query, key, transpose_b=True)  # (B, n, S, S)
         if self.fused_softmax:
             from tfbert.ops.attention_softmax_ops import (fused_attention_softmax,
                                                           fused_attention_softmax_and_softmax)
@@ -115,7 +118,7 @@ class SelfAttention(tf.keras.layers.Layer):
         else:
             softmax = masked_softmax(scores, mask_bias)  # (B, n, S, S)
             probs = self.dropout(softmax, training=training)
-        context = tf.einsum("bnqk,bnkh->bnqh", probs, value)  # (B, n, S, H)
+        context = tf.matmul(probs, value)  # (B, n, S, H)
         context = tf.transpose(context, [0, 2, 1, 3])  # (B, S, n, H)
         batch, seq = tf.shape(context)[0], tf.shape(context)[1]
         context = tf.reshape(context, [batch, seq, self.local_heads * self.head_size])  # (B, S, nH)

@@ -265,6 +265,15 @@ class BertDistiller(BertTaskModel):
         self.build(int(features["input_ids"].shape[1]),
                    int(features["masked_lm_positions"].shape[1]))
 
+    def flops_per_example(self, seq_length: int, num_predictions: int = 0) -> int:
+        """The student's training FLOPs and the teacher's forward pass (the work the step
+        needs; the student's pooler and the teacher's next-sentence head are counted too)."""
+        from tfbert.training.flops import model_flops_per_example
+
+        return (model_flops_per_example(self.config, seq_length, num_predictions)
+                + model_flops_per_example(self.teacher_config, seq_length, num_predictions,
+                                          training=False))
+
     def __call__(self, features: dict[str, tf.Tensor], training: bool = False) -> tf.Tensor:
         """The student's MLM logits, float32 [B, P, V]."""
         encoded = self.bert(features, training=training)

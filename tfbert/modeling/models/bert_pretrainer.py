@@ -76,7 +76,11 @@ class PretrainingHeads(tf.keras.layers.Layer):
             x = self.transform_layer_norm(self.transform_activation(self.transform(masked_sequence)))
         x = self._factory.enter_parallel(x)  # (B, P, D)
         table = tf.cast(self._word_embeddings, x.dtype)  # (V / T, D)
-        mlm_logits = tf.einsum("bpd,vd->bpv", x, table)  # (B, P, V / T)
+        # A 2-D matmul, not an einsum: see SelfAttention (bfloat16 Einsum is slow on CPUs).
+        batch, predictions = tf.shape(x)[0], tf.shape(x)[1]
+        mlm_logits = tf.matmul(tf.reshape(x, [-1, x.shape[-1]]), table,
+                               transpose_b=True)  # (B * P, V / T)
+        mlm_logits = tf.reshape(mlm_logits, [batch, predictions, table.shape[0]])  # (B, P, V / T)
         # Logits and the losses in float32: a float16 log-softmax over a large vocabulary is lossy.
         mlm_logits = tf.cast(mlm_logits, tf.float32) + self.mlm_bias
         if not self.next_sentence:
@@ -184,6 +188,11 @@ class BertPretrainer(BertTaskModel):
     def build_from_example(self, features: dict[str, tf.Tensor]) -> None:
         self.build(int(features["input_ids"].shape[1]),
                    int(features["masked_lm_positions"].shape[1]))
+
+    def flops_per_example(self, seq_length: int, num_predictions: int = 0) -> int:
+        from tfbert.training.flops import model_flops_per_example
+
+        return model_flops_per_example(self.config, seq_length, num_predictions)
 
     def __call__(self, features: dict[str, tf.Tensor], training: bool = False):
         """

@@ -86,6 +86,13 @@ class BertTaskModel(tf.Module):
         """A dict of float32 scalars: "loss" (what is minimised) and `metric_names`."""
         raise NotImplementedError
 
+    def flops_per_example(self, seq_length: int, num_predictions: int = 0) -> int:
+        """Model FLOPs of training on one example (`tfbert.training.flops`): the encoder and
+        pooler; a task's small heads are not counted, the pretrainer's MLM head is."""
+        from tfbert.training.flops import model_flops_per_example
+
+        return model_flops_per_example(self.config, seq_length, 0)
+
     @property
     def word_embeddings(self) -> tf.Variable:
         return self.bert.embeddings.word_embeddings
