@@ -49,6 +49,22 @@ def assert_close(a, b, rtol, atol):
         np.testing.assert_allclose(a[name], b[name], rtol=rtol, atol=atol, err_msg=name)
 
 
+def assert_close_but_for_sign_flips(a, b, rtol, atol, learning_rate, steps,
+                                    max_fraction=0.01):
+    """assert_close for runs in other precisions: LAMB and Adam move a weight by about the
+    learning rate per step whatever the size of its gradient, so an element whose gradient is
+    near 0 can move the other way under other rounding, up to 2 * learning_rate * steps from
+    its twin. Such elements must stay rare (max_fraction of all); the others meet the tolerance."""
+    assert a.keys() == b.keys()
+    outside, total = 0, 0
+    for name in a:
+        diff = np.abs(a[name] - b[name])
+        assert diff.max() <= 2 * learning_rate * steps + atol, (name, diff.max())
+        outside += int((diff > atol + rtol * np.abs(b[name])).sum())
+        total += diff.size
+    assert outside <= max_fraction * total, f"{outside} of {total} elements differ"
+
+
 def assert_not_close(a, b, rtol, atol):
     """Guards against a vacuous comparison: a different run fails the same tolerance."""
     with pytest.raises(AssertionError):
@@ -102,7 +118,9 @@ def test_fp16_compression_keeps_ranks_identical_and_close(two_ranks, tmp_path):
     result = launch(2, tmp_path, "--batch=4", "--fp16_compression", "--precision=fp16")
     assert len(set(checksums(result))) == 1
     assert checksums(result) != checksums(two_ranks[1])  # compression did change the sums
-    assert_close(weights(tmp_path), weights(two_ranks[0]), rtol=1e-2, atol=1e-3)
+    # Against the float32 run without compression (the worker's learning rate is 1e-3).
+    assert_close_but_for_sign_flips(weights(tmp_path), weights(two_ranks[0]), rtol=1e-2,
+                                    atol=1e-3, learning_rate=1e-3, steps=3)
 
 
 def test_gather_lookup_gives_the_same_result(two_ranks, tmp_path):
