@@ -37,11 +37,13 @@ TEST_WORKERS ?= 2
 test: setup
 	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder --durations=15 tests
 
-# The notes' ablation table (flags/ setups at a CPU size), tfbert vs tf-models-official, the
-# precision/XLA, data-parallel, ZeRO and tensor-parallel tables. Results under runs/bench/.
+# The notes' ablation table (flags/ setups at a CPU size), tfbert vs tf-models-official, the LAMB
+# step four ways, the precision/XLA, data-parallel, ZeRO and tensor-parallel tables. Results under
+# runs/bench/.
 bench: setup
 	$(PY) benchmarks/ablation.py
 	$(PY) benchmarks/compare_reference.py
+	$(PY) benchmarks/optimizer_bench.py
 	$(PY) benchmarks/throughput.py
 	$(PY) benchmarks/distributed.py
 	$(PY) benchmarks/zero.py

@@ -33,6 +33,23 @@ def test_throughput_benchmark_writes_a_row_per_setup(tmp_path, tfbert_cache):
     assert "| setup" in result.stdout  # the printed Markdown table
 
 
+def test_optimizer_benchmark_times_each_way_of_the_lamb_step(tmp_path):
+    from tfbert.ops import loader
+
+    if not loader.ops_available():
+        pytest.skip("the op library is not built")
+    csv = tmp_path / "optimizer.csv"
+    result = run_benchmark("optimizer_bench.py", "--models=tiny", "--vocab_size=500",
+                           "--steps=1", "--repeats=2", f"--csv={csv}")
+    table = pd.read_csv(csv)
+    assert list(table["way"]) == ["multi", "per_tensor", "reference", "tfa"]
+    assert (table["ms_per_step"] > 0).all()
+    assert table["vs_per_tensor"][1] == 1.0
+    # Every trainable variable of the tiny pretrainer is stepped.
+    assert (table["tensors"] == 46).all()
+    assert "| model" in result.stdout
+
+
 def test_ablation_writes_a_row_per_setup_a_table_and_a_chart(tmp_path, tfbert_cache):
     out = tmp_path / "ablation"
     run_benchmark("ablation.py", "--setups=baseline,optimal,optimald", "--steps=2",

@@ -1,14 +1,17 @@
 // CUDA kernels of the fused LAMB update, behind the C ABI of lamb_launch.h.
 //
-// Legend: n = the number of elements; var, m, v, grad: float32 [n].
+// Legend: n = the number of elements of a tensor; var, m, v, grad: float32 [n].
 //
-// With layer adaptation, three kernels on the caller's stream:
+// A step of a list of tensors, in batches of up to TFBERT_LAMB_TENSORS_PER_LAUNCH tensors, three
+// kernels per batch on the caller's stream:
 //   1. LambMomentsKernel: m and v in place, the update direction u, and per-block partial sums
 //      of var^2 and u^2 (u is not stored: kernel 3 recomputes it from m, v and var, which saves
-//      an [n] buffer for one more read of three arrays);
-//   2. LambRatioKernel: one block adds the partials in block order (double) -> the trust ratio;
+//      an [n] buffer for one more read of three arrays). A tensor without layer adaptation
+//      (ratio 1) gets its whole step here;
+//   2. LambRatioKernel: one block per tensor adds its partials in block order (double) -> the
+//      trust ratio;
 //   3. LambApplyKernel: var -= ratio * lr * u.
-// Without it, one kernel does the whole step (the ratio is 1).
+// A one-tensor step (tfbert_lamb_update_f32) is a list of one.
 // No atomics and a grid fixed by n alone, so results are bit-identical from run to run. The
 // arithmetic uses the _rn intrinsics so nvcc cannot contract it into FMAs differently in
 // kernels 1 and 3: the u whose norm is taken is exactly the u that is applied.
@@ -22,7 +25,7 @@ constexpr int kThreads = 256;
 struct Hyper {
   float lr, beta1, one_minus_beta1, beta2, one_minus_beta2, epsilon, weight_decay;
   float bias_correction1, bias_correction2;
-  int apply_weight_decay;
+  int apply_weight_decay;  // the current tensor's
 };
 
 // u from the updated moments, in tfa's order: (m / bc1) / (sqrt(v / bc2) + eps) (+ wd * var).
@@ -52,14 +55,60 @@ __device__ T BlockSum(T value, T* shared) {
   return shared[0];
 }
 
-__global__ void LambMomentsKernel(float* __restrict__ var, float* __restrict__ m,
-                                  float* __restrict__ v, const float* __restrict__ grad,
-                                  long long n, Hyper h, float* __restrict__ partials) {
+// One launch's tensors (at most TFBERT_LAMB_TENSORS_PER_LAUNCH), passed by value as a kernel
+// argument (about 2 KB, under the 4 KB limit). Tensor t owns the CUDA blocks
+// [first_block[t], first_block[t + 1]): blocks[t] = tfbert_lamb_blocks(n[t]), the grid a step of
+// that tensor alone would have, so its partial sums (and so its result) are the same.
+struct Batch {
+  float* var[TFBERT_LAMB_TENSORS_PER_LAUNCH];
+  float* m[TFBERT_LAMB_TENSORS_PER_LAUNCH];
+  float* v[TFBERT_LAMB_TENSORS_PER_LAUNCH];
+  const float* grad[TFBERT_LAMB_TENSORS_PER_LAUNCH];
+  long long n[TFBERT_LAMB_TENSORS_PER_LAUNCH];
+  // With layer adaptation: 2 * blocks partials, then the trust ratio; null without.
+  float* workspace[TFBERT_LAMB_TENSORS_PER_LAUNCH];
+  int blocks[TFBERT_LAMB_TENSORS_PER_LAUNCH];
+  int apply_weight_decay[TFBERT_LAMB_TENSORS_PER_LAUNCH];
+  int first_block[TFBERT_LAMB_TENSORS_PER_LAUNCH + 1];
+  int count;
+};
+
+// The tensor whose blocks include blockIdx.x (the same for every thread of the block).
+__device__ __forceinline__ int TensorOfBlock(const Batch& batch) {
+  int t = 0;
+  while (blockIdx.x >= batch.first_block[t + 1]) ++t;
+  return t;
+}
+
+// Kernel 1: per tensor, the moments and either the partial sums of var^2 and u^2 (layer
+// adaptation: workspace non-null) or the whole step (ratio 1).
+__global__ void LambMomentsKernel(Batch batch, Hyper h) {
   __shared__ float shared[kThreads];
+  const int t = TensorOfBlock(batch);
+  float* __restrict__ var = batch.var[t];
+  float* __restrict__ m = batch.m[t];
+  float* __restrict__ v = batch.v[t];
+  const float* __restrict__ grad = batch.grad[t];
+  const long long n = batch.n[t];
+  h.apply_weight_decay = batch.apply_weight_decay[t];
+  const int block = blockIdx.x - batch.first_block[t];
+  const long long stride = static_cast<long long>(batch.blocks[t]) * kThreads;
+  const long long first = static_cast<long long>(block) * kThreads + threadIdx.x;
+  float* partials = batch.workspace[t];
+
+  if (partials == nullptr) {
+    for (long long i = first; i < n; i += stride) {
+      float m_i = m[i], v_i = v[i];
+      Moments(grad[i], h, &m_i, &v_i);
+      m[i] = m_i;
+      v[i] = v_i;
+      const float w = var[i];
+      var[i] = __fsub_rn(w, __fmul_rn(h.lr, Direction(m_i, v_i, w, h)));
+    }
+    return;
+  }
   float var_sq = 0.0f, update_sq = 0.0f;
-  const long long stride = static_cast<long long>(gridDim.x) * kThreads;
-  for (long long i = static_cast<long long>(blockIdx.x) * kThreads + threadIdx.x; i < n;
-       i += stride) {
+  for (long long i = first; i < n; i += stride) {
     float m_i = m[i], v_i = v[i];
     Moments(grad[i], h, &m_i, &v_i);
     m[i] = m_i;
@@ -73,19 +122,23 @@ __global__ void LambMomentsKernel(float* __restrict__ var, float* __restrict__ m
   __syncthreads();  // shared is reused
   const float block_update_sq = BlockSum(update_sq, shared);
   if (threadIdx.x == 0) {
-    partials[2 * blockIdx.x] = block_var_sq;
-    partials[2 * blockIdx.x + 1] = block_update_sq;
+    partials[2 * block] = block_var_sq;
+    partials[2 * block + 1] = block_update_sq;
   }
 }
 
-// One block: ratio = ||var|| / ||u||, or 1 when either is 0 (tfa's tf.where pair).
-__global__ void LambRatioKernel(const float* __restrict__ partials, int blocks,
-                                float* __restrict__ ratio) {
+// Kernel 2, block t: tensor t's ratio = ||var|| / ||u||, or 1 when either is 0 (tfa's tf.where
+// pair), from its partials added in block order (double).
+__global__ void LambRatioKernel(Batch batch) {
   __shared__ double shared[kThreads];
+  const int t = blockIdx.x;
+  float* workspace = batch.workspace[t];
+  if (workspace == nullptr) return;
+  const int blocks = batch.blocks[t];
   double var_sq = 0.0, update_sq = 0.0;
   for (int b = threadIdx.x; b < blocks; b += kThreads) {
-    var_sq += partials[2 * b];
-    update_sq += partials[2 * b + 1];
+    var_sq += workspace[2 * b];
+    update_sq += workspace[2 * b + 1];
   }
   const double total_var_sq = BlockSum(var_sq, shared);
   __syncthreads();
@@ -93,47 +146,54 @@ __global__ void LambRatioKernel(const float* __restrict__ partials, int blocks,
   if (threadIdx.x == 0) {
     const float var_norm = static_cast<float>(sqrt(total_var_sq));
     const float update_norm = static_cast<float>(sqrt(total_update_sq));
-    *ratio = (var_norm > 0.0f && update_norm > 0.0f) ? var_norm / update_norm : 1.0f;
+    workspace[2 * blocks] =
+        (var_norm > 0.0f && update_norm > 0.0f) ? var_norm / update_norm : 1.0f;
   }
 }
 
-__global__ void LambApplyKernel(float* __restrict__ var, const float* __restrict__ m,
-                                const float* __restrict__ v, long long n, Hyper h,
-                                const float* __restrict__ ratio) {
-  const float scale = __fmul_rn(*ratio, h.lr);
-  const long long stride = static_cast<long long>(gridDim.x) * kThreads;
-  for (long long i = static_cast<long long>(blockIdx.x) * kThreads + threadIdx.x; i < n;
-       i += stride) {
+// Kernel 3: var -= ratio * lr * u, for the tensors with layer adaptation.
+__global__ void LambApplyKernel(Batch batch, Hyper h) {
+  const int t = TensorOfBlock(batch);
+  const float* workspace = batch.workspace[t];
+  if (workspace == nullptr) return;
+  float* __restrict__ var = batch.var[t];
+  const float* __restrict__ m = batch.m[t];
+  const float* __restrict__ v = batch.v[t];
+  const long long n = batch.n[t];
+  h.apply_weight_decay = batch.apply_weight_decay[t];
+  const int blocks = batch.blocks[t];
+  const float scale = __fmul_rn(workspace[2 * blocks], h.lr);
+  const long long stride = static_cast<long long>(blocks) * kThreads;
+  for (long long i = static_cast<long long>(blockIdx.x - batch.first_block[t]) * kThreads +
+                     threadIdx.x;
+       i < n; i += stride) {
     const float w = var[i];
     var[i] = __fsub_rn(w, __fmul_rn(scale, Direction(m[i], v[i], w, h)));
   }
 }
 
-// The whole step when the ratio is 1.
-__global__ void LambFusedKernel(float* __restrict__ var, float* __restrict__ m,
-                                float* __restrict__ v, const float* __restrict__ grad,
-                                long long n, Hyper h) {
-  const long long stride = static_cast<long long>(gridDim.x) * kThreads;
-  for (long long i = static_cast<long long>(blockIdx.x) * kThreads + threadIdx.x; i < n;
-       i += stride) {
-    float m_i = m[i], v_i = v[i];
-    Moments(grad[i], h, &m_i, &v_i);
-    m[i] = m_i;
-    v[i] = v_i;
-    const float w = var[i];
-    var[i] = __fsub_rn(w, __fmul_rn(h.lr, Direction(m_i, v_i, w, h)));
-  }
+// The three kernels over one batch.
+cudaError_t LaunchBatch(const Batch& batch, bool any_adapted, const Hyper& h,
+                        cudaStream_t stream) {
+  const int total_blocks = batch.first_block[batch.count];
+  LambMomentsKernel<<<total_blocks, kThreads, 0, stream>>>(batch, h);
+  cudaError_t error = cudaGetLastError();
+  if (error != cudaSuccess || !any_adapted) return error;
+  LambRatioKernel<<<batch.count, kThreads, 0, stream>>>(batch);
+  error = cudaGetLastError();
+  if (error != cudaSuccess) return error;
+  LambApplyKernel<<<total_blocks, kThreads, 0, stream>>>(batch, h);
+  return cudaGetLastError();
 }
 
 }  // namespace
 
-extern "C" cudaError_t tfbert_lamb_update_f32(float* var, float* m, float* v, const float* grad,
-                                              long long n, float lr, float beta1, float beta2,
-                                              float epsilon, float weight_decay,
-                                              float bias_correction1, float bias_correction2,
-                                              int use_layer_adaptation, int apply_weight_decay,
-                                              float* workspace, cudaStream_t stream) {
-  if (n <= 0) return cudaSuccess;
+extern "C" cudaError_t tfbert_lamb_multi_update_f32(const TfbertLambTensor* tensors, int count,
+                                                    float lr, float beta1, float beta2,
+                                                    float epsilon, float weight_decay,
+                                                    float bias_correction1,
+                                                    float bias_correction2, float* workspace,
+                                                    cudaStream_t stream) {
   Hyper h;
   h.lr = lr;
   h.beta1 = beta1;
@@ -144,22 +204,52 @@ extern "C" cudaError_t tfbert_lamb_update_f32(float* var, float* m, float* v, co
   h.weight_decay = weight_decay;
   h.bias_correction1 = bias_correction1;
   h.bias_correction2 = bias_correction2;
-  h.apply_weight_decay = apply_weight_decay;
-  const int blocks = static_cast<int>(tfbert_lamb_blocks(n));
-  if (!use_layer_adaptation) {
-    LambFusedKernel<<<blocks, kThreads, 0, stream>>>(var, m, v, grad, n, h);
-    return cudaGetLastError();
+  h.apply_weight_decay = 0;  // per tensor, set in the kernels
+
+  Batch batch;
+  batch.count = 0;
+  batch.first_block[0] = 0;
+  bool any_adapted = false;
+  for (int i = 0; i < count; ++i) {
+    const TfbertLambTensor& tensor = tensors[i];
+    if (tensor.n <= 0) continue;
+    const int t = batch.count;
+    const int blocks = static_cast<int>(tfbert_lamb_blocks(tensor.n));
+    batch.var[t] = tensor.var;
+    batch.m[t] = tensor.m;
+    batch.v[t] = tensor.v;
+    batch.grad[t] = tensor.grad;
+    batch.n[t] = tensor.n;
+    batch.blocks[t] = blocks;
+    batch.apply_weight_decay[t] = tensor.apply_weight_decay;
+    batch.workspace[t] = nullptr;
+    if (tensor.use_layer_adaptation) {
+      batch.workspace[t] = workspace;
+      workspace += tfbert_lamb_workspace_floats(tensor.n);
+      any_adapted = true;
+    }
+    batch.first_block[t + 1] = batch.first_block[t] + blocks;
+    batch.count = t + 1;
+    if (batch.count == TFBERT_LAMB_TENSORS_PER_LAUNCH) {
+      const cudaError_t error = LaunchBatch(batch, any_adapted, h, stream);
+      if (error != cudaSuccess) return error;
+      batch.count = 0;
+      any_adapted = false;
+    }
   }
-  float* partials = workspace;
-  float* ratio = workspace + 2 * blocks;
-  LambMomentsKernel<<<blocks, kThreads, 0, stream>>>(var, m, v, grad, n, h, partials);
-  cudaError_t error = cudaGetLastError();
-  if (error != cudaSuccess) return error;
-  LambRatioKernel<<<1, kThreads, 0, stream>>>(partials, blocks, ratio);
-  error = cudaGetLastError();
-  if (error != cudaSuccess) return error;
-  LambApplyKernel<<<blocks, kThreads, 0, stream>>>(var, m, v, n, h, ratio);
-  return cudaGetLastError();
+  if (batch.count > 0) return LaunchBatch(batch, any_adapted, h, stream);
+  return cudaSuccess;
+}
+
+extern "C" cudaError_t tfbert_lamb_update_f32(float* var, float* m, float* v, const float* grad,
+                                              long long n, float lr, float beta1, float beta2,
+                                              float epsilon, float weight_decay,
+                                              float bias_correction1, float bias_correction2,
+                                              int use_layer_adaptation, int apply_weight_decay,
+                                              float* workspace, cudaStream_t stream) {
+  const TfbertLambTensor tensor{var, m, v, grad, n, use_layer_adaptation, apply_weight_decay};
+  return tfbert_lamb_multi_update_f32(&tensor, 1, lr, beta1, beta2, epsilon, weight_decay,
+                                      bias_correction1, bias_correction2, workspace, stream);
 }
 
 extern "C" cudaError_t tfbert_lamb_copy_f32(float* dst, const float* src, long long n,

@@ -3,6 +3,11 @@
 //
 // var, m, v: float32 [n] device arrays updated in place; grad: float32 [n]. Each function only
 // enqueues work on `stream` and returns the launch error (cudaSuccess if none).
+//
+// tfbert_lamb_update_f32 steps one tensor; tfbert_lamb_multi_update_f32 steps a list of them in a
+// few launches (up to TFBERT_LAMB_TENSORS_PER_LAUNCH tensors per launch, their pointers passed as
+// kernel arguments: no host-to-device copy), each tensor's result bit-identical to a step of it
+// alone.
 
 #ifndef TFBERT_CUSTOM_OPS_CUDA_LAMB_LAUNCH_H_
 #define TFBERT_CUSTOM_OPS_CUDA_LAMB_LAUNCH_H_
@@ -29,6 +34,32 @@ static inline long long tfbert_lamb_workspace_floats(long long n) {
   return 2 * tfbert_lamb_blocks(n) + 1;
 }
 
+// One tensor of a multi-tensor step: device pointers, size and its two flags (0 or 1).
+typedef struct TfbertLambTensor {
+  float* var;
+  float* m;
+  float* v;
+  const float* grad;
+  long long n;
+  int use_layer_adaptation;
+  int apply_weight_decay;
+} TfbertLambTensor;
+
+#define TFBERT_LAMB_TENSORS_PER_LAUNCH 32
+
+// The float32 workspace of a multi-tensor step: tfbert_lamb_workspace_floats(n) per tensor with
+// layer adaptation and n > 0, laid out in list order.
+static inline long long tfbert_lamb_multi_workspace_floats(const TfbertLambTensor* tensors,
+                                                           int count) {
+  long long floats = 0;
+  for (int i = 0; i < count; ++i) {
+    if (tensors[i].use_layer_adaptation && tensors[i].n > 0) {
+      floats += tfbert_lamb_workspace_floats(tensors[i].n);
+    }
+  }
+  return floats;
+}
+
 // One LAMB step (tensorflow_addons' numerics, see cc/ops/lamb_ops.cc).
 // bias_correction1/2: 1 - beta1^t and 1 - beta2^t. workspace: tfbert_lamb_workspace_floats(n)
 // floats, used only when use_layer_adaptation != 0.
@@ -38,6 +69,14 @@ cudaError_t tfbert_lamb_update_f32(float* var, float* m, float* v, const float* 
                                    float bias_correction2, int use_layer_adaptation,
                                    int apply_weight_decay, float* workspace,
                                    cudaStream_t stream);
+
+// One LAMB step of `count` tensors; tensors: a host array (read before the function returns).
+// workspace: tfbert_lamb_multi_workspace_floats(tensors, count) floats (may be null when 0).
+cudaError_t tfbert_lamb_multi_update_f32(const TfbertLambTensor* tensors, int count, float lr,
+                                         float beta1, float beta2, float epsilon,
+                                         float weight_decay, float bias_correction1,
+                                         float bias_correction2, float* workspace,
+                                         cudaStream_t stream);
 
 // dst = src, device to device (copy-on-write of a variable buffer that a read still holds).
 cudaError_t tfbert_lamb_copy_f32(float* dst, const float* src, long long n,

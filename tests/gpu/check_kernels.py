@@ -278,7 +278,7 @@ class Kernels:
     def inline(self, name: str, *args) -> int:
         fn = getattr(self.lib, INLINE_PREFIX + name)
         ret, params = self.header.inline[name]
-        fn.argtypes = [_SCALARS[t][1] for t, _ in params]
+        fn.argtypes = [ctypes.c_void_p if "*" in t else _SCALARS[t][1] for t, _ in params]
         fn.restype = _SCALARS[ret][1]
         return fn(*args)
 
@@ -714,6 +714,90 @@ def check_lamb(ctx: Context, k: Kernels):
                 else:
                     ctx.add(row)
 
+
+class LambTensorStruct(ctypes.Structure):
+    """TfbertLambTensor of lamb_launch.h."""
+    _fields_ = [("var", ctypes.c_void_p), ("m", ctypes.c_void_p), ("v", ctypes.c_void_p),
+                ("grad", ctypes.c_void_p), ("n", ctypes.c_longlong),
+                ("use_layer_adaptation", ctypes.c_int), ("apply_weight_decay", ctypes.c_int)]
+
+
+def lamb_multi_cases(args):
+    """(name, sizes, flags per tensor, timed): odd small sizes with every flag pair and an empty
+    tensor; and BERT-large's parameter list (24 layers of 16 tensors, hidden 1024, FFN 4096,
+    plus embeddings), excluded tensors (biases, LayerNorm) without adaptation or decay."""
+    cases = []
+    if args.shapes in ("small", "all"):
+        sizes = [37, 4099, 1, 0, 1024, 70001, 3, 262145]
+        flags = [[(1, 1), (1, 0), (0, 1), (0, 0)][i % 4] for i in range(len(sizes))]
+        cases.append(("small", sizes, flags, False))
+    if args.shapes in ("bert", "all"):
+        h, f = 1024, 4096
+        layer = [(h * h, 1), (h, 0)] * 4 + [(h, 0), (h, 0), (h * f, 1), (f, 0), (f * h, 1),
+                                               (h, 0), (h, 0), (h, 0)]
+        embeddings = [(30522 * h, 1), (512 * h, 1), (2 * h, 1), (h, 0), (h, 0)]
+        params = embeddings + layer * 24
+        cases.append(("bert_large", [n for n, _ in params], [(a, a) for _, a in params], True))
+    return cases
+
+
+def check_lamb_multi(ctx: Context, k: Kernels):
+    """The multi-tensor launch against one tfbert_lamb_update_f32 per tensor (bit-identical) and
+    the float64 reference; timed against that per-tensor loop (the "torch ms" column)."""
+    torch = ctx.torch
+    k.require("tfbert_lamb_multi_update_f32", "p,i,f,f,f,f,f,f,f,p,s")
+    h = LAMB_HYPER
+    bc1, bc2 = 1 - h["beta1"] ** h["step"], 1 - h["beta2"] ** h["step"]
+    scalars = (h["lr"], h["beta1"], h["beta2"], h["epsilon"], h["weight_decay"], bc1, bc2)
+    tol = TOLERANCE["float32"]
+    for name, sizes, flags, timed in lamb_multi_cases(ctx.args):
+        states = []
+        for n in sizes:
+            states.append((ctx.randn((n,), scale=0.02), ctx.randn((n,), scale=1e-3),
+                           ctx.randn((n,), scale=1e-3).square(), ctx.randn((n,), scale=1e-2)))
+        multi = [(var.clone(), m.clone(), v.clone()) for var, m, v, _ in states]
+        single = [(var.clone(), m.clone(), v.clone()) for var, m, v, _ in states]
+        table = (LambTensorStruct * len(sizes))(*[
+            LambTensorStruct(ptr(o[0]), ptr(o[1]), ptr(o[2]), ptr(s[3]), n, a, d)
+            for o, s, n, (a, d) in zip(multi, states, sizes, flags)])
+        workspace = torch.empty(max(1, k.inline("tfbert_lamb_multi_workspace_floats", table,
+                                                len(sizes))), device="cuda")
+        call = ("tfbert_lamb_multi_update_f32", table, len(sizes), *scalars, ptr(workspace),
+                ctx.stream())
+        k(*call)
+        single_workspace = torch.empty(max(k.inline("tfbert_lamb_workspace_floats", max(n, 1))
+                                           for n in sizes), device="cuda")
+
+        def one_per_tensor(outs):
+            for (var, m, v), (_, _, _, grad), n, (a, d) in zip(outs, states, sizes, flags):
+                k("tfbert_lamb_update_f32", ptr(var), ptr(m), ptr(v), ptr(grad), n, *scalars,
+                  a, d, ptr(single_workspace), ctx.stream())
+
+        one_per_tensor(single)
+        torch.cuda.synchronize()
+        identical = all(torch.equal(a, b) for x, y in zip(multi, single) for a, b in zip(x, y))
+        checks = []
+        for i, ((var, m, v, grad), (a, d)) in enumerate(zip(states, flags)):
+            if var.numel() == 0:
+                continue
+            ref = lamb_reference(torch, var.double(), m.double(), v.double(), grad.double(),
+                                 h["lr"], h["beta1"], h["beta2"], h["epsilon"], h["weight_decay"],
+                                 h["step"], a, d)
+            checks += [(f"var{i}", multi[i][0], ref[0], tol), (f"m{i}", multi[i][1], ref[1], tol),
+                       (f"v{i}", multi[i][2], ref[2], tol)]
+        err, worst, ok, ratio = ctx.compare(checks)
+        total = sum(sizes)
+        row = Row("lamb_multi_update", "float32", f"{name}: {len(sizes)} tensors, {total} elements",
+                  err, worst, ratio, ok and identical,
+                  note=("bit-identical to one launch per tensor" if identical else
+                        "DIFFERS from one launch per tensor")
+                  + ("; torch ms = one tfbert_lamb_update_f32 per tensor" if timed else ""))
+        if timed:
+            ctx.add(row, lambda: k(*call), lambda: one_per_tensor(single), nbytes=total * 4 * 7)
+        else:
+            ctx.add(row)
+
+
 # --------------------------------------------------------------------------------------------
 # LAMB over a ZeRO shard.
 # --------------------------------------------------------------------------------------------
@@ -969,7 +1053,7 @@ CHECKS = {
     "layer_norm": check_layer_norm,
     "attention_softmax": check_attention_softmax,
     "gelu": check_gelu,
-    "lamb": check_lamb,
+    "lamb": lambda ctx, k: (check_lamb(ctx, k), check_lamb_multi(ctx, k)),
     "lamb_shard": check_lamb_shard,
 }
 

@@ -25,7 +25,7 @@ CORE_SYMBOLS = [
     for name in ("layer_norm_forward", "layer_norm_backward", "attention_softmax_forward",
                  "attention_softmax_backward")
     for suffix in ("f32", "f16", "bf16")
-] + ["tfbert_dropout_keep_mask"]
+] + ["tfbert_dropout_keep_mask", "tfbert_lamb_update_f32", "tfbert_lamb_multi_update_f32"]
 
 
 def _harness():
@@ -75,6 +75,15 @@ def test_build_library_exports_the_launch_functions(tmp_path):
     kernels = harness.Kernels(lib, build.headers["layer_norm"])
     assert kernels.inline("tfbert_layer_norm_grad_workspace_floats", 4096, 1024) == 2 * 64 * 1024
     assert kernels.inline("tfbert_layer_norm_grad_row_blocks", 10**6) == 512
+    # The multi-tensor LAMB workspace: 2 partials per block + the ratio, for each tensor with
+    # layer adaptation (blocks of 1024 elements, at most 1024 blocks), read from a ctypes table.
+    lamb = harness.Kernels(lib, build.headers["lamb"])
+    table = (harness.LambTensorStruct * 3)(
+        harness.LambTensorStruct(None, None, None, None, 5000, 1, 1),
+        harness.LambTensorStruct(None, None, None, None, 10**9, 0, 1),
+        harness.LambTensorStruct(None, None, None, None, 2 * 10**6, 1, 0))
+    assert lamb.inline("tfbert_lamb_multi_workspace_floats", table, 3) == (2 * 5 + 1) + (
+        2 * 1024 + 1)
 
 
 @pytest.mark.skipif(shutil.which("c++") is None, reason="no C++ compiler")

@@ -2,6 +2,8 @@
 
 - one op call equals `lamb_update_reference` on odd shapes, with and without weight decay and
   layer adaptation, a zero-norm variable (ratio 1), and a tensor spanning several CPU chunks;
+- the multi-tensor op steps a list of tensors (odd sizes, several chunks, mixed flags, an empty
+  one) bit-identically to one op per tensor, and refuses a variable given twice;
 - FusedLambUpdate over 20 steps on a tiny model equals tfa.optimizers.LAMB with the same
   hyperparameters and exclusions, eagerly and inside tf.function;
 - the slots and the step counter survive a checkpoint round trip.
@@ -21,8 +23,8 @@ if not loader.ops_available():
     pytest.skip(f"the op library is not built ({loader.LIBRARY_PATH}); run `make ops`",
                 allow_module_level=True)
 
-from tfbert.ops.lamb_ops import (FusedLambUpdate, fused_lamb_update,  # noqa: E402
-                                 lamb_update_reference)
+from tfbert.ops.lamb_ops import (FusedLambUpdate, fused_lamb_multi_update,  # noqa: E402
+                                 fused_lamb_update, lamb_update_reference)
 
 HYPER = dict(lr=0.01, beta1=0.9, beta2=0.999, epsilon=1e-6, weight_decay=0.01)
 FLAGS = list(itertools.product([True, False], [True, False]))  # (adaptation, weight decay)
@@ -80,6 +82,49 @@ def test_op_rejects_bad_inputs():
         fused_lamb_update(var, m, v, tf.ones([4]), step=1, **HYPER)
     with pytest.raises(tf.errors.InvalidArgumentError, match="1-based"):
         fused_lamb_update(var, m, v, tf.ones([3]), step=0, **HYPER)
+
+
+def test_multi_tensor_op_equals_one_op_per_tensor_bit_for_bit():
+    # Sizes around the CPU chunk (16384) and the GPU block (1024), a scalar, an empty tensor, a
+    # zero variable (ratio 1); every combination of the two flags.
+    shapes = [[37], [16384], [16385], [3, 1024], [1], [], [0], [201, 200], [5, 3], [40000]]
+    flags = [FLAGS[i % len(FLAGS)] for i in range(len(shapes))]
+    states = [random_state(shape, seed=i, zero_var=(i == 8)) for i, shape in enumerate(shapes)]
+    make = lambda: [tuple(tf.Variable(x) for x in state[:3]) for state in states]  # noqa: E731
+    one_by_one, together = make(), make()
+    for step in (1, 2, 3):  # the moments carry over: later steps use the updated m and v
+        grads = [tf.constant(state[3] * step) for state in states]
+        for (var, m, v), grad, (adapt, decay) in zip(one_by_one, grads, flags):
+            fused_lamb_update(var, m, v, grad, step=step, **HYPER, use_layer_adaptation=adapt,
+                              apply_weight_decay=decay)
+        variables, ms, vs = zip(*together)
+        fused_lamb_multi_update(variables, ms, vs, grads, step=step, **HYPER,
+                                use_layer_adaptation=[f[0] for f in flags],
+                                apply_weight_decay=[f[1] for f in flags])
+    for i, (alone, multi) in enumerate(zip(one_by_one, together)):
+        for name, a, b in zip(("var", "m", "v"), alone, multi):
+            np.testing.assert_array_equal(a.numpy(), b.numpy(), err_msg=f"{name} of {shapes[i]}")
+    # And the step did move the variables (an op that did nothing would pass the above).
+    assert not np.array_equal(together[0][0].numpy(), states[0][0])
+
+
+def test_multi_tensor_op_rejects_bad_inputs():
+    a = [tf.Variable(tf.ones([3])) for _ in range(3)]
+    b = [tf.Variable(tf.ones([2])) for _ in range(3)]
+    c = [tf.Variable(tf.ones([3])) for _ in range(3)]
+    grads = [tf.ones([3]), tf.ones([2])]
+    flags = dict(use_layer_adaptation=[True, True], apply_weight_decay=[True, False])
+    with pytest.raises(tf.errors.InvalidArgumentError, match="appears twice"):
+        fused_lamb_multi_update([a[0], a[0]], [a[1], c[1]], [a[2], c[2]], [grads[0], grads[0]],
+                                step=1, **HYPER, **flags)
+    with pytest.raises((tf.errors.InvalidArgumentError, ValueError), match="shape"):
+        fused_lamb_multi_update([a[0], b[0]], [a[1], b[1]], [a[2], b[2]], grads[::-1], step=1,
+                                **HYPER, **flags)
+    with pytest.raises((tf.errors.InvalidArgumentError, ValueError), match="N = 2|length"):
+        fused_lamb_multi_update([a[0], b[0]], [a[1], b[1]], [a[2], b[2]], grads, step=1,
+                                **HYPER, use_layer_adaptation=[True],
+                                apply_weight_decay=[True, True])
+    np.testing.assert_array_equal(a[0].numpy(), np.ones(3))  # nothing was stepped
 
 
 # --- FusedLambUpdate against tfa.optimizers.LAMB -------------------------------------------

@@ -1,8 +1,9 @@
 """Fused LAMB: the custom op (custom_ops/cc/ops/lamb_ops.cc), its TF reference, and the update
 step that uses them in place of tfa.optimizers.LAMB.
 
-One op per parameter tensor updates the parameter and its two moments in place, with the same
-numerics as tensorflow_addons' LAMB (t = the 1-based step):
+One op updates every parameter and its two moments in place (TfBert>FusedLambMultiUpdate: one
+launch for the whole model, not one per tensor), with the same numerics as tensorflow_addons'
+LAMB (t = the 1-based step), each tensor's norms its own:
 
     m = beta1 * m + (1 - beta1) * g
     v = beta2 * v + (1 - beta2) * g^2
@@ -46,6 +47,32 @@ def fused_lamb_update(var, m, v, grad, lr, beta1, beta2, epsilon, weight_decay, 
         var.handle, m.handle, v.handle, f32(grad), f32(lr), f32(beta1), f32(beta2),
         f32(epsilon), f32(weight_decay), f32(step),
         use_layer_adaptation=use_layer_adaptation, apply_weight_decay=apply_weight_decay)
+
+
+def fused_lamb_multi_update(variables, ms, vs, grads, lr, beta1, beta2, epsilon, weight_decay,
+                            step, use_layer_adaptation, apply_weight_decay):
+    """`fused_lamb_update` of several tensors in one op; each tensor's result is bit-identical
+    to `fused_lamb_update` of it alone.
+
+    Args:
+      variables, ms, vs: equal-length lists of distinct float32 resource tf.Variables; tensor i
+        is (variables[i], ms[i], vs[i]), all three of one shape.
+      grads: float32 Tensors, grads[i] of variables[i]'s shape.
+      lr, beta1, beta2, epsilon, weight_decay, step: as in `fused_lamb_update`.
+      use_layer_adaptation, apply_weight_decay: lists of bools, one per tensor.
+
+    Returns:
+      The op (no outputs).
+
+    Raises:
+      loader.OpsNotBuiltError: the op library is not built.
+    """
+    f32 = lambda x: tf.cast(x, tf.float32)  # noqa: E731
+    return loader.load_ops().tf_bert_fused_lamb_multi_update(
+        [x.handle for x in variables], [x.handle for x in ms], [x.handle for x in vs],
+        [f32(g) for g in grads], f32(lr), f32(beta1), f32(beta2), f32(epsilon),
+        f32(weight_decay), f32(step), use_layer_adaptation=[bool(x) for x in use_layer_adaptation],
+        apply_weight_decay=[bool(x) for x in apply_weight_decay])
 
 
 def lamb_update_reference(var, m, v, grad, lr, beta1, beta2, epsilon, weight_decay, step,
@@ -191,19 +218,21 @@ class FusedLambUpdate:
         lr = tf.cast(self.learning_rate(), tf.float32)
         # tfa: local_step = iterations + 1, cast to the variable's dtype.
         step = tf.cast(state.iterations + 1, tf.float32)
+        args = (lr, config.beta_1, config.beta_2, config.epsilon, config.weight_decay_rate, step)
+        stepped = []  # (grad, var, m, v, not excluded) of the variables with a gradient
         for grad, var, key, not_excluded in zip(grads, variables, self._keys, self._flags):
-            m, v = state.m[key], state.v[key]
             if grad is None:
                 continue
             if isinstance(grad, tf.IndexedSlices):
                 grad = tf.convert_to_tensor(grad)
-            grad = tf.cast(grad, tf.float32)
-            args = (lr, config.beta_1, config.beta_2, config.epsilon, config.weight_decay_rate,
-                    step)
-            if self.use_fused_op:
-                fused_lamb_update(var, m, v, grad, *args, use_layer_adaptation=not_excluded,
-                                  apply_weight_decay=not_excluded)
-            else:
+            stepped.append((tf.cast(grad, tf.float32), var, state.m[key], state.v[key],
+                            not_excluded))
+        if stepped and self.use_fused_op:
+            grads, variables, ms, vs, flags = zip(*stepped)
+            fused_lamb_multi_update(variables, ms, vs, grads, *args, use_layer_adaptation=flags,
+                                    apply_weight_decay=flags)
+        elif stepped:
+            for grad, var, m, v, not_excluded in stepped:
                 new_var, new_m, new_v = lamb_update_reference(
                     var, m, v, grad, *args, use_layer_adaptation=not_excluded,
                     apply_weight_decay=not_excluded)

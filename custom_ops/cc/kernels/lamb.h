@@ -1,7 +1,7 @@
-// Functor of the fused LAMB update (op in cc/ops/lamb_ops.cc): one specialisation per device in
+// Functor of the fused LAMB update (ops in cc/ops/lamb_ops.cc): one specialisation per device in
 // lamb_kernels.cc; the GPU one calls the CUDA kernels through cuda/lamb_launch.h.
 //
-// Legend: n = the number of elements of the parameter. var, m, v: float32 [n], updated in
+// Legend: n = the number of elements of a parameter. var, m, v: float32 [n], updated in
 // place; grad: float32 [n]. Scalars are host values.
 
 #ifndef TFBERT_CUSTOM_OPS_CC_KERNELS_LAMB_H_
@@ -9,6 +9,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <vector>
 
 #include "lamb_variables.h"  // LambStepHyperparams
 #include "tensorflow/core/framework/op_kernel.h"
@@ -16,12 +17,10 @@
 namespace tfbert {
 namespace functor {
 
-// The step's scalars: LambStepHyperparams (bias corrections taken on the host), the learning rate
-// and the op's attributes.
+// The step's scalars: LambStepHyperparams (bias corrections taken on the host) and the learning
+// rate.
 struct LambHyperparams : LambStepHyperparams {
   float lr;
-  bool use_layer_adaptation;
-  bool apply_weight_decay;
 };
 
 // The trust ratio ||var|| / ||update||, or 1 when either norm is 0 (tfa's tf.where pair).
@@ -31,12 +30,25 @@ inline float LambTrustRatio(double var_norm_squared, double update_norm_squared)
   return (var_norm > 0.0f && update_norm > 0.0f) ? var_norm / update_norm : 1.0f;
 }
 
+// One tensor of a multi-tensor step: its buffers, size and flags.
+struct LambTensor {
+  const float* grad;
+  int64_t n;
+  float* var;
+  float* m;
+  float* v;
+  bool use_layer_adaptation;
+  bool apply_weight_decay;
+};
+
+// One LAMB step over any number of tensors (TfBert>FusedLambMultiUpdate; TfBert>FusedLambUpdate
+// is the case of one), each with its own flags. Each tensor's result is bit-identical to a step
+// of that tensor alone, and deterministic. Tensors with n == 0 are allowed (nothing to do).
 template <typename Device>
-struct FusedLambUpdate {
-  // n >= 1. Deterministic: the same inputs give bit-identical results on every run.
-  ::tensorflow::Status operator()(::tensorflow::OpKernelContext* context, const float* grad,
-                                  int64_t n, const LambHyperparams& hp, float* var, float* m,
-                                  float* v);
+struct FusedLambMultiUpdate {
+  ::tensorflow::Status operator()(::tensorflow::OpKernelContext* context,
+                                  const std::vector<LambTensor>& tensors,
+                                  const LambHyperparams& hp);
 };
 
 }  // namespace functor

@@ -1,7 +1,8 @@
-// Kernel of TfBert>FusedLambUpdate (cc/ops/lamb_ops.cc): the input checks, the CPU functor and,
-// in a WITH_CUDA=1 build, the GPU registration that calls the CUDA kernels of cuda/lamb.cu
-// through the C ABI in cuda/lamb_launch.h. The scalar inputs and the resource-variable handling
-// (copy-on-write) are shared with the shard ops, in lamb_variables.h.
+// Kernels of TfBert>FusedLambUpdate and TfBert>FusedLambMultiUpdate (cc/ops/lamb_ops.cc): the
+// input checks, the CPU functor and, in a WITH_CUDA=1 build, the GPU registration that calls the
+// CUDA kernels of cuda/lamb.cu through the C ABI in cuda/lamb_launch.h. The scalar inputs and
+// the resource-variable handling (copy-on-write) are shared with the shard ops, in
+// lamb_variables.h.
 //
 // Legend: n = the number of elements of the parameter (see lamb.h).
 
@@ -41,70 +42,108 @@ struct CpuStep {
   }
   // u in tfa's order: (m / bc1) / (sqrt(v / bc2) + eps) (+ wd * var). One function for both
   // passes, so the u whose norm is taken is exactly the u that is applied.
-  float Direction(float m, float v, float var) const {
+  float Direction(float m, float v, float var, bool apply_weight_decay) const {
     const float m_hat = m / hp.bias_correction1;
     const float v_hat = v / hp.bias_correction2;
     float u = m_hat / (std::sqrt(v_hat) + hp.epsilon);
-    if (hp.apply_weight_decay) u += hp.weight_decay * var;
+    if (apply_weight_decay) u += hp.weight_decay * var;
     return u;
   }
+};
+
+// One chunk of one tensor: the unit of work of every pass.
+struct Chunk {
+  int tensor;
+  int64_t begin, end;
 };
 
 }  // namespace
 
 template <>
-struct FusedLambUpdate<CPUDevice> {
-  Status operator()(OpKernelContext* context, const float* grad, int64_t n,
-                    const LambHyperparams& hp, float* var, float* m, float* v) {
+struct FusedLambMultiUpdate<CPUDevice> {
+  Status operator()(OpKernelContext* context, const std::vector<LambTensor>& tensors,
+                    const LambHyperparams& hp) {
     auto* workers = context->device()->tensorflow_cpu_worker_threads()->workers;
     const CpuStep step{hp.beta1, 1.0f - hp.beta1, hp.beta2, 1.0f - hp.beta2, hp};
-    const int64_t chunks = (n + kChunkElements - 1) / kChunkElements;
     const int64_t cost_per_chunk = kChunkElements * kCostPerElement;
 
-    if (!hp.use_layer_adaptation) {
-      // The ratio is 1: one pass does the whole step.
-      workers->ParallelFor(chunks, cost_per_chunk, [&](int64_t chunk_begin, int64_t chunk_end) {
-        const int64_t end = std::min(n, chunk_end * kChunkElements);
-        for (int64_t i = chunk_begin * kChunkElements; i < end; ++i) {
-          step.Moments(grad[i], &m[i], &v[i]);
-          var[i] -= hp.lr * step.Direction(m[i], v[i], var[i]);
+    // Every tensor cut at multiples of kChunkElements (as if alone), all chunks in one list, so
+    // one ParallelFor spreads the small tensors (biases, LayerNorm) and the large ones over the
+    // threads together. adapted_chunks: the chunks of the tensors with layer adaptation, which
+    // need the second pass; first_partial[t]: where tensor t's chunks start in `partials`.
+    std::vector<Chunk> chunks, adapted_chunks;
+    std::vector<int64_t> first_partial(tensors.size(), 0);
+    int64_t num_partials = 0;
+    for (int t = 0; t < static_cast<int>(tensors.size()); ++t) {
+      const LambTensor& tensor = tensors[t];
+      first_partial[t] = num_partials;
+      for (int64_t begin = 0; begin < tensor.n; begin += kChunkElements) {
+        const Chunk chunk{t, begin, std::min(tensor.n, begin + kChunkElements)};
+        chunks.push_back(chunk);
+        if (tensor.use_layer_adaptation) {
+          adapted_chunks.push_back(chunk);
+          ++num_partials;
         }
-      });
-      return ::tensorflow::OkStatus();
+      }
     }
 
-    // Pass 1: the moments, and per-chunk sums of var^2 and u^2 (double: the sums run over up to
-    // millions of elements). u is not stored; pass 2 recomputes it from m, v and var.
-    std::vector<double> partials(2 * chunks, 0.0);
-    workers->ParallelFor(chunks, cost_per_chunk, [&](int64_t chunk_begin, int64_t chunk_end) {
-      for (int64_t c = chunk_begin; c < chunk_end; ++c) {
-        double var_sq = 0.0, update_sq = 0.0;
-        const int64_t end = std::min(n, (c + 1) * kChunkElements);
-        for (int64_t i = c * kChunkElements; i < end; ++i) {
-          step.Moments(grad[i], &m[i], &v[i]);
-          const float u = step.Direction(m[i], v[i], var[i]);
-          var_sq += static_cast<double>(var[i]) * var[i];
-          update_sq += static_cast<double>(u) * u;
-        }
-        partials[2 * c] = var_sq;
-        partials[2 * c + 1] = update_sq;
+    // Pass 1: the moments and, with layer adaptation, per-chunk sums of var^2 and u^2 (double:
+    // the sums run over up to millions of elements); u is not stored, pass 2 recomputes it from
+    // m, v and var. Without layer adaptation the ratio is 1 and this pass is the whole step.
+    std::vector<double> partials(2 * num_partials, 0.0);
+    workers->ParallelFor(
+        chunks.size(), cost_per_chunk, [&](int64_t chunk_begin, int64_t chunk_end) {
+          for (int64_t c = chunk_begin; c < chunk_end; ++c) {
+            const Chunk& chunk = chunks[c];
+            const LambTensor& t = tensors[chunk.tensor];
+            if (!t.use_layer_adaptation) {
+              for (int64_t i = chunk.begin; i < chunk.end; ++i) {
+                step.Moments(t.grad[i], &t.m[i], &t.v[i]);
+                t.var[i] -= hp.lr * step.Direction(t.m[i], t.v[i], t.var[i],
+                                                   t.apply_weight_decay);
+              }
+              continue;
+            }
+            double var_sq = 0.0, update_sq = 0.0;
+            for (int64_t i = chunk.begin; i < chunk.end; ++i) {
+              step.Moments(t.grad[i], &t.m[i], &t.v[i]);
+              const float u = step.Direction(t.m[i], t.v[i], t.var[i], t.apply_weight_decay);
+              var_sq += static_cast<double>(t.var[i]) * t.var[i];
+              update_sq += static_cast<double>(u) * u;
+            }
+            const int64_t p = first_partial[chunk.tensor] + chunk.begin / kChunkElements;
+            partials[2 * p] = var_sq;
+            partials[2 * p + 1] = update_sq;
+          }
+        });
+    if (adapted_chunks.empty()) return ::tensorflow::OkStatus();
+
+    // Per tensor, its partials added in chunk order (deterministic), and the step's scale. tfa
+    // multiplies the scalars first: var - (ratio * lr) * u.
+    std::vector<float> scale(tensors.size(), 0.0f);
+    for (int t = 0; t < static_cast<int>(tensors.size()); ++t) {
+      if (!tensors[t].use_layer_adaptation) continue;
+      double var_sq = 0.0, update_sq = 0.0;
+      const int64_t num_chunks = (tensors[t].n + kChunkElements - 1) / kChunkElements;
+      for (int64_t p = first_partial[t]; p < first_partial[t] + num_chunks; ++p) {
+        var_sq += partials[2 * p];
+        update_sq += partials[2 * p + 1];
       }
-    });
-    double var_sq = 0.0, update_sq = 0.0;
-    for (int64_t c = 0; c < chunks; ++c) {  // in chunk order: deterministic
-      var_sq += partials[2 * c];
-      update_sq += partials[2 * c + 1];
+      scale[t] = LambTrustRatio(var_sq, update_sq) * hp.lr;
     }
-    // tfa multiplies the scalars first: var - (ratio * lr) * u.
-    const float scale = LambTrustRatio(var_sq, update_sq) * hp.lr;
 
     // Pass 2: var -= ratio * lr * u.
-    workers->ParallelFor(chunks, cost_per_chunk, [&](int64_t chunk_begin, int64_t chunk_end) {
-      const int64_t end = std::min(n, chunk_end * kChunkElements);
-      for (int64_t i = chunk_begin * kChunkElements; i < end; ++i) {
-        var[i] -= scale * step.Direction(m[i], v[i], var[i]);
-      }
-    });
+    workers->ParallelFor(
+        adapted_chunks.size(), cost_per_chunk, [&](int64_t chunk_begin, int64_t chunk_end) {
+          for (int64_t c = chunk_begin; c < chunk_end; ++c) {
+            const Chunk& chunk = adapted_chunks[c];
+            const LambTensor& t = tensors[chunk.tensor];
+            for (int64_t i = chunk.begin; i < chunk.end; ++i) {
+              t.var[i] -= scale[chunk.tensor] *
+                          step.Direction(t.m[i], t.v[i], t.var[i], t.apply_weight_decay);
+            }
+          }
+        });
     return ::tensorflow::OkStatus();
   }
 };
@@ -113,78 +152,160 @@ struct FusedLambUpdate<CPUDevice> {
 using GPUDevice = Eigen::GpuDevice;
 
 template <>
-struct FusedLambUpdate<GPUDevice> {
-  Status operator()(OpKernelContext* context, const float* grad, int64_t n,
-                    const LambHyperparams& hp, float* var, float* m, float* v) {
+struct FusedLambMultiUpdate<GPUDevice> {
+  Status operator()(OpKernelContext* context, const std::vector<LambTensor>& tensors,
+                    const LambHyperparams& hp) {
+    std::vector<TfbertLambTensor> launch_tensors;
+    launch_tensors.reserve(tensors.size());
+    for (const LambTensor& t : tensors) {
+      launch_tensors.push_back(TfbertLambTensor{t.var, t.m, t.v, t.grad, t.n,
+                                                t.use_layer_adaptation ? 1 : 0,
+                                                t.apply_weight_decay ? 1 : 0});
+    }
+    const int count = static_cast<int>(launch_tensors.size());
+    const long long workspace_floats =
+        tfbert_lamb_multi_workspace_floats(launch_tensors.data(), count);
     Tensor workspace;
-    if (hp.use_layer_adaptation) {
+    if (workspace_floats > 0) {
       TF_RETURN_IF_ERROR(context->allocate_temp(
-          ::tensorflow::DT_FLOAT, TensorShape({tfbert_lamb_workspace_floats(n)}), &workspace));
+          ::tensorflow::DT_FLOAT, TensorShape({workspace_floats}), &workspace));
     }
     const cudaStream_t stream = context->eigen_device<GPUDevice>().stream();
     return CudaStatus(
-        tfbert_lamb_update_f32(var, m, v, grad, n, hp.lr, hp.beta1, hp.beta2, hp.epsilon,
-                               hp.weight_decay, hp.bias_correction1, hp.bias_correction2,
-                               hp.use_layer_adaptation ? 1 : 0, hp.apply_weight_decay ? 1 : 0,
-                               hp.use_layer_adaptation ? workspace.flat<float>().data() : nullptr,
-                               stream),
-        "FusedLambUpdate");
+        tfbert_lamb_multi_update_f32(
+            launch_tensors.data(), count, hp.lr, hp.beta1, hp.beta2, hp.epsilon, hp.weight_decay,
+            hp.bias_correction1, hp.bias_correction2,
+            workspace_floats > 0 ? workspace.flat<float>().data() : nullptr, stream),
+        "FusedLambMultiUpdate");
   }
 };
 #endif  // GOOGLE_CUDA
 
 }  // namespace functor
 
+// The resource variables at inputs 0 .. 3 * count - 1 (var[count], m[count], v[count]), checked
+// to be float32 and distinct: a variable given twice (or as its own moment) would be stepped
+// twice with one gradient.
+inline Status LookupLambVariables(
+    OpKernelContext* context, const char* op, int count,
+    std::vector<::tensorflow::core::RefCountPtr<::tensorflow::Var>>* variables) {
+  static const char* const kRoles[] = {"var", "m", "v"};
+  variables->resize(3 * count);
+  for (int i = 0; i < 3 * count; ++i) {
+    TF_RETURN_IF_ERROR(LookupFloatVariable(context, op, i, kRoles[i / count], &(*variables)[i]));
+  }
+  std::vector<const ::tensorflow::Var*> distinct;
+  for (const auto& variable : *variables) distinct.push_back(variable.get());
+  std::sort(distinct.begin(), distinct.end());
+  if (std::adjacent_find(distinct.begin(), distinct.end()) != distinct.end()) {
+    return errors::InvalidArgument(op, ": a variable appears twice among var, m and v");
+  }
+  return ::tensorflow::OkStatus();
+}
+
+// Tensor `index` of `count`: its var, m and v (variables[index + {0, count, 2 * count}]) made
+// ready to be written in place, and its gradient (input 3 * count + index), shapes checked.
+// `held` keeps the tensors (and so the buffers) alive. REQUIRES: the variables' mutexes are held.
 template <typename Device>
-class FusedLambUpdateOp : public OpKernel {
+Status GatherLambTensor(
+    OpKernelContext* context, const char* op, int index, int count,
+    const std::vector<::tensorflow::core::RefCountPtr<::tensorflow::Var>>& variables,
+    bool use_layer_adaptation, bool apply_weight_decay, std::vector<Tensor>* held,
+    functor::LambTensor* out) {
+  Tensor var, m, v;
+  TF_RETURN_IF_ERROR(SharedTensor<Device>(context, op, variables[index].get(), true, &var));
+  TF_RETURN_IF_ERROR(
+      SharedTensor<Device>(context, op, variables[count + index].get(), true, &m));
+  TF_RETURN_IF_ERROR(
+      SharedTensor<Device>(context, op, variables[2 * count + index].get(), true, &v));
+  const Tensor& grad = context->input(3 * count + index);
+  if (var.shape() != grad.shape()) {
+    return errors::InvalidArgument(op, ": grad ", index, " must have var's shape ",
+                                   var.shape().DebugString(), ", got ",
+                                   grad.shape().DebugString());
+  }
+  if (m.shape() != var.shape() || v.shape() != var.shape()) {
+    return errors::InvalidArgument(op, ": m and v ", index, " must have var's shape ",
+                                   var.shape().DebugString(), ", got ", m.shape().DebugString(),
+                                   " and ", v.shape().DebugString());
+  }
+  *out = functor::LambTensor{grad.flat<float>().data(), var.NumElements(),
+                             var.flat<float>().data(), m.flat<float>().data(),
+                             v.flat<float>().data(), use_layer_adaptation, apply_weight_decay};
+  held->insert(held->end(), {var, m, v});
+  return ::tensorflow::OkStatus();
+}
+
+// TfBert>FusedLambUpdate (count 1, flags from scalar attributes) and TfBert>FusedLambMultiUpdate
+// (count N, flags from list attributes). Inputs: var[count], m[count], v[count], grad[count],
+// then lr, beta1, beta2, epsilon, weight_decay, step.
+template <typename Device>
+class FusedLambOp : public OpKernel {
  public:
-  explicit FusedLambUpdateOp(OpKernelConstruction* context) : OpKernel(context) {
-    OP_REQUIRES_OK(context, context->GetAttr("use_layer_adaptation", &use_layer_adaptation_));
-    OP_REQUIRES_OK(context, context->GetAttr("apply_weight_decay", &apply_weight_decay_));
+  explicit FusedLambOp(OpKernelConstruction* context) : OpKernel(context) {
+    if (context->HasAttr("N")) {  // TfBert>FusedLambMultiUpdate
+      op_name_ = "FusedLambMultiUpdate";
+      OP_REQUIRES_OK(context, context->GetAttr("N", &count_));
+      std::vector<bool> adaptation, decay;
+      OP_REQUIRES_OK(context, context->GetAttr("use_layer_adaptation", &adaptation));
+      OP_REQUIRES_OK(context, context->GetAttr("apply_weight_decay", &decay));
+      OP_REQUIRES(context, adaptation.size() == count_ && decay.size() == count_,
+                  errors::InvalidArgument(op_name_, ": use_layer_adaptation and "
+                                          "apply_weight_decay need N = ", count_, " entries, got ",
+                                          adaptation.size(), " and ", decay.size()));
+      use_layer_adaptation_.assign(adaptation.begin(), adaptation.end());
+      apply_weight_decay_.assign(decay.begin(), decay.end());
+    } else {
+      op_name_ = "FusedLambUpdate";
+      count_ = 1;
+      bool adaptation, decay;
+      OP_REQUIRES_OK(context, context->GetAttr("use_layer_adaptation", &adaptation));
+      OP_REQUIRES_OK(context, context->GetAttr("apply_weight_decay", &decay));
+      use_layer_adaptation_ = {adaptation};
+      apply_weight_decay_ = {decay};
+    }
   }
 
   void Compute(OpKernelContext* context) override {
-    constexpr const char* kOp = "FusedLambUpdate";
+    const char* op = op_name_;
+    const int scalars = 4 * count_;
     functor::LambHyperparams hp;
-    OP_REQUIRES_OK(context, ScalarInput(context, kOp, 4, "lr", &hp.lr));
-    OP_REQUIRES_OK(context, HyperparamInputs(context, kOp, 5, &hp));
-    hp.use_layer_adaptation = use_layer_adaptation_;
-    hp.apply_weight_decay = apply_weight_decay_;
+    OP_REQUIRES_OK(context, ScalarInput(context, op, scalars, "lr", &hp.lr));
+    OP_REQUIRES_OK(context, HyperparamInputs(context, op, scalars + 1, &hp));
 
-    // Exclusive locks on var, m and v, taken in address order. The helper's Device parameter
-    // only selects the copy for sparse (copy-on-read) access, which sparse=false never makes,
-    // so the CPU instantiation serves the GPU kernel too.
+    // Exclusive locks on every var, m and v, taken in address order (so two steps over
+    // overlapping variables cannot deadlock). The helper's Device parameter only selects the
+    // copy for sparse (copy-on-read) access, which sparse=false never makes, so the CPU
+    // instantiation serves the GPU kernel too.
+    std::vector<int> variable_inputs(3 * count_);
+    for (int i = 0; i < 3 * count_; ++i) variable_inputs[i] = i;
     auto locks = ::tensorflow::MaybeLockVariableInputMutexesInOrder<CPUDevice, float>(
-        context, /*do_lock=*/true, /*sparse=*/false, {0, 1, 2});
-    Tensor var, m, v;
-    OP_REQUIRES_OK(context, VariableTensor<Device>(context, kOp, 0, "var", true, &var));
-    OP_REQUIRES_OK(context, VariableTensor<Device>(context, kOp, 1, "m", true, &m));
-    OP_REQUIRES_OK(context, VariableTensor<Device>(context, kOp, 2, "v", true, &v));
-    const Tensor& grad = context->input(3);
-    OP_REQUIRES(context, var.shape() == grad.shape(),
-                errors::InvalidArgument(kOp, ": grad must have var's shape ",
-                                        var.shape().DebugString(), ", got ",
-                                        grad.shape().DebugString()));
-    OP_REQUIRES(context, m.shape() == var.shape() && v.shape() == var.shape(),
-                errors::InvalidArgument(kOp, ": m and v must have var's shape ",
-                                        var.shape().DebugString(), ", got ",
-                                        m.shape().DebugString(), " and ",
-                                        v.shape().DebugString()));
-    const int64_t n = var.NumElements();
-    if (n == 0) return;
-    OP_REQUIRES_OK(context, functor::FusedLambUpdate<Device>()(
-                                context, grad.flat<float>().data(), n, hp,
-                                var.flat<float>().data(), m.flat<float>().data(),
-                                v.flat<float>().data()));
+        context, /*do_lock=*/true, /*sparse=*/false, variable_inputs);
+    std::vector<::tensorflow::core::RefCountPtr<::tensorflow::Var>> variables;
+    OP_REQUIRES_OK(context, LookupLambVariables(context, op, count_, &variables));
+    std::vector<Tensor> held;
+    held.reserve(3 * count_);
+    std::vector<functor::LambTensor> tensors(count_);
+    for (int i = 0; i < count_; ++i) {
+      OP_REQUIRES_OK(context, GatherLambTensor<Device>(context, op, i, count_, variables,
+                                                       use_layer_adaptation_[i],
+                                                       apply_weight_decay_[i], &held,
+                                                       &tensors[i]));
+    }
+    OP_REQUIRES_OK(context, functor::FusedLambMultiUpdate<Device>()(context, tensors, hp));
   }
 
  private:
-  bool use_layer_adaptation_;
-  bool apply_weight_decay_;
+  const char* op_name_;
+  int count_;
+  std::vector<bool> use_layer_adaptation_;
+  std::vector<bool> apply_weight_decay_;
 };
 
 REGISTER_KERNEL_BUILDER(Name("TfBert>FusedLambUpdate").Device(DEVICE_CPU),
-                        FusedLambUpdateOp<CPUDevice>);
+                        FusedLambOp<CPUDevice>);
+REGISTER_KERNEL_BUILDER(Name("TfBert>FusedLambMultiUpdate").Device(DEVICE_CPU),
+                        FusedLambOp<CPUDevice>);
 
 #if GOOGLE_CUDA
 // The scalars stay on the host: the launch takes them by value.
@@ -196,7 +317,16 @@ REGISTER_KERNEL_BUILDER(Name("TfBert>FusedLambUpdate")
                             .HostMemory("epsilon")
                             .HostMemory("weight_decay")
                             .HostMemory("step"),
-                        FusedLambUpdateOp<functor::GPUDevice>);
+                        FusedLambOp<functor::GPUDevice>);
+REGISTER_KERNEL_BUILDER(Name("TfBert>FusedLambMultiUpdate")
+                            .Device(::tensorflow::DEVICE_GPU)
+                            .HostMemory("lr")
+                            .HostMemory("beta1")
+                            .HostMemory("beta2")
+                            .HostMemory("epsilon")
+                            .HostMemory("weight_decay")
+                            .HostMemory("step"),
+                        FusedLambOp<functor::GPUDevice>);
 #endif  // GOOGLE_CUDA
 
 }  // namespace tfbert

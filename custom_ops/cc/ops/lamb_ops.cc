@@ -1,6 +1,9 @@
 // TfBert>FusedLambUpdate: one LAMB step for one parameter tensor, updating the parameter and
 // its two moments in place (resource variables, as TF's ResourceApplyAdam does), so a step
 // allocates no [n]-sized temporaries beyond what copy-on-write of a shared buffer needs.
+// TfBert>FusedLambMultiUpdate: the same step for N tensors in one op, so a model's few hundred
+// parameters cost one launch (and on CPU one pass of the thread pool over all of them), not one
+// each; every tensor's result is bit-identical to TfBert>FusedLambUpdate's.
 //
 // The math is tensorflow_addons' LAMB (tensorflow_addons/optimizers/lamb.py), with t = step:
 //   m = beta1 * m + (1 - beta1) * g
@@ -38,6 +41,27 @@ Status FusedLambUpdateShape(InferenceContext* c) {
   return ::tensorflow::OkStatus();
 }
 
+Status FusedLambMultiUpdateShape(InferenceContext* c) {
+  int count;
+  TF_RETURN_IF_ERROR(c->GetAttr("N", &count));
+  // Inputs: var[N], m[N], v[N], grad[N], then the six scalars. Each grad must match the shapes
+  // recorded in its variables' handles (when they are known).
+  for (int t = 0; t < count; ++t) {
+    ShapeHandle grad = c->input(3 * count + t);
+    for (int i : {t, count + t, 2 * count + t}) {
+      const auto* handle_data = c->input_handle_shapes_and_types(i);
+      if (handle_data != nullptr && handle_data->size() == 1) {
+        TF_RETURN_IF_ERROR(c->Merge(grad, (*handle_data)[0].shape, &grad));
+      }
+    }
+  }
+  ShapeHandle unused;
+  for (int i = 4 * count; i < 4 * count + 6; ++i) {
+    TF_RETURN_IF_ERROR(c->WithRank(c->input(i), 0, &unused));
+  }
+  return ::tensorflow::OkStatus();
+}
+
 }  // namespace
 
 REGISTER_OP("TfBert>FusedLambUpdate")
@@ -61,6 +85,28 @@ same shape, in place. grad: float32, var's shape. lr, beta1, beta2, epsilon, wei
 float32 scalars. step: float32 scalar, the 1-based step t of the bias corrections 1 - beta^t.
 use_layer_adaptation: scale by the trust ratio ||var|| / ||update||. apply_weight_decay: add
 weight_decay * var to the update direction (decoupled decay, inside the trust ratio).
+)doc");
+
+REGISTER_OP("TfBert>FusedLambMultiUpdate")
+    .Input("var: N * resource")
+    .Input("m: N * resource")
+    .Input("v: N * resource")
+    .Input("grad: N * float")
+    .Input("lr: float")
+    .Input("beta1: float")
+    .Input("beta2: float")
+    .Input("epsilon: float")
+    .Input("weight_decay: float")
+    .Input("step: float")
+    .Attr("N: int >= 1")
+    .Attr("use_layer_adaptation: list(bool)")
+    .Attr("apply_weight_decay: list(bool)")
+    .SetIsStateful()
+    .SetShapeFn(FusedLambMultiUpdateShape)
+    .Doc(R"doc(
+TfBert>FusedLambUpdate for N parameter tensors in one op: var[i], m[i], v[i] float32 resource
+variables of one shape, grad[i] float32 of that shape, all distinct. use_layer_adaptation and
+apply_weight_decay: N flags, tensor i's. Each tensor's norms are its own, as if updated alone.
 )doc");
 
 }  // namespace tfbert
