@@ -37,10 +37,18 @@ __device__ __forceinline__ float Direction(float m, float v, float var, const Hy
   return u;
 }
 
-// m = beta1 * m + (1 - beta1) * g; v = beta2 * v + (1 - beta2) * g^2, as tfa writes them.
-__device__ __forceinline__ void Moments(float g, const Hyper& h, float* m, float* v) {
-  *m = __fadd_rn(__fmul_rn(*m, h.beta1), __fmul_rn(g, h.one_minus_beta1));
-  *v = __fadd_rn(__fmul_rn(*v, h.beta2), __fmul_rn(__fmul_rn(g, g), h.one_minus_beta2));
+// Element i's moments in place, as tfa writes them: m = beta1 * m + (1 - beta1) * g;
+// v = beta2 * v + (1 - beta2) * g^2. Returns the update direction u.
+__device__ __forceinline__ float StepMoments(long long i, const float* __restrict__ grad,
+                                             float* __restrict__ m, float* __restrict__ v,
+                                             float var, const Hyper& h) {
+  const float g = grad[i];
+  const float m_i = __fadd_rn(__fmul_rn(m[i], h.beta1), __fmul_rn(g, h.one_minus_beta1));
+  const float v_i =
+      __fadd_rn(__fmul_rn(v[i], h.beta2), __fmul_rn(__fmul_rn(g, g), h.one_minus_beta2));
+  m[i] = m_i;
+  v[i] = v_i;
+  return Direction(m_i, v_i, var, h);
 }
 
 // Sums `value` over the block (a fixed tree); the result is valid in thread 0.
@@ -98,23 +106,15 @@ __global__ void LambMomentsKernel(Batch batch, Hyper h) {
 
   if (partials == nullptr) {
     for (long long i = first; i < n; i += stride) {
-      float m_i = m[i], v_i = v[i];
-      Moments(grad[i], h, &m_i, &v_i);
-      m[i] = m_i;
-      v[i] = v_i;
       const float w = var[i];
-      var[i] = __fsub_rn(w, __fmul_rn(h.lr, Direction(m_i, v_i, w, h)));
+      var[i] = __fsub_rn(w, __fmul_rn(h.lr, StepMoments(i, grad, m, v, w, h)));
     }
     return;
   }
   float var_sq = 0.0f, update_sq = 0.0f;
   for (long long i = first; i < n; i += stride) {
-    float m_i = m[i], v_i = v[i];
-    Moments(grad[i], h, &m_i, &v_i);
-    m[i] = m_i;
-    v[i] = v_i;
     const float w = var[i];
-    const float u = Direction(m_i, v_i, w, h);
+    const float u = StepMoments(i, grad, m, v, w, h);
     var_sq = __fadd_rn(var_sq, __fmul_rn(w, w));
     update_sq = __fadd_rn(update_sq, __fmul_rn(u, u));
   }

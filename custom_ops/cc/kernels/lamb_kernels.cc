@@ -309,24 +309,19 @@ REGISTER_KERNEL_BUILDER(Name("TfBert>FusedLambMultiUpdate").Device(DEVICE_CPU),
 
 #if GOOGLE_CUDA
 // The scalars stay on the host: the launch takes them by value.
-REGISTER_KERNEL_BUILDER(Name("TfBert>FusedLambUpdate")
-                            .Device(::tensorflow::DEVICE_GPU)
-                            .HostMemory("lr")
-                            .HostMemory("beta1")
-                            .HostMemory("beta2")
-                            .HostMemory("epsilon")
-                            .HostMemory("weight_decay")
-                            .HostMemory("step"),
-                        FusedLambOp<functor::GPUDevice>);
-REGISTER_KERNEL_BUILDER(Name("TfBert>FusedLambMultiUpdate")
-                            .Device(::tensorflow::DEVICE_GPU)
-                            .HostMemory("lr")
-                            .HostMemory("beta1")
-                            .HostMemory("beta2")
-                            .HostMemory("epsilon")
-                            .HostMemory("weight_decay")
-                            .HostMemory("step"),
-                        FusedLambOp<functor::GPUDevice>);
+#define TFBERT_REGISTER_LAMB_GPU_KERNEL(op_name)             \
+  REGISTER_KERNEL_BUILDER(Name(op_name)                      \
+                              .Device(::tensorflow::DEVICE_GPU) \
+                              .HostMemory("lr")              \
+                              .HostMemory("beta1")           \
+                              .HostMemory("beta2")           \
+                              .HostMemory("epsilon")         \
+                              .HostMemory("weight_decay")    \
+                              .HostMemory("step"),           \
+                          FusedLambOp<functor::GPUDevice>)
+TFBERT_REGISTER_LAMB_GPU_KERNEL("TfBert>FusedLambUpdate");
+TFBERT_REGISTER_LAMB_GPU_KERNEL("TfBert>FusedLambMultiUpdate");
+#undef TFBERT_REGISTER_LAMB_GPU_KERNEL
 #endif  // GOOGLE_CUDA
 
 }  // namespace tfbert
