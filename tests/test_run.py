@@ -30,6 +30,7 @@ def test_default_run_trains_and_the_loss_falls(tmp_path, sample):
     # From ln(4000) ~ 8.3 at the start: the model must have learnt token frequencies at least.
     assert summary["final_mlm_loss"] < summary["first_mlm_loss"] - 1.0, summary
     assert summary["examples_per_sec"] > 0 and summary["tokens_per_sec"] > 0
+    assert 0 < summary["first_step_secs"] < 600  # tracing and the first step, timed apart
     assert summary["peak_memory_bytes"] > 2 ** 20  # batch 32 x seq 128 activations are counted
     assert summary["op_determinism"] is False  # on with --deterministic only
     for name in ("config.json", "bert_config.json", "spm.model", "checkpoint", "log.jsonl"):

@@ -19,6 +19,8 @@ import tensorflow as tf
 from scipy import stats
 from sklearn import metrics as sk_metrics
 
+from tfbert.training.tracing import graph_function
+
 
 def _log_softmax(logits: np.ndarray) -> np.ndarray:
     shifted = logits - logits.max(axis=-1, keepdims=True)
@@ -103,7 +105,7 @@ class PredictionEvaluator:
         rank: {"logits": float32 [N, C]} or {"score": float32 [N]}."""
         if self._model is not model:
             self._model = model
-            self._predict_step = tf.function(model.predict, reduce_retracing=True)
+            self._predict_step = graph_function(model.predict, reduce_retracing=True)
         rank, size = self.group.rank, self.group.size
         share = {name: values[rank::size] for name, values in self.inputs.items()}
         dataset = tf.data.Dataset.from_tensor_slices(share).batch(self.batch_size)
@@ -225,8 +227,8 @@ class PretrainingEvaluator:
     def evaluate(self, model) -> dict[str, float]:
         if self._model is not model:
             self._model = model
-            self._step = tf.function(lambda batch: self._sums(model, batch),
-                                     reduce_retracing=True)
+            self._step = graph_function(lambda batch: self._sums(model, batch),
+                                        reduce_retracing=True)
         names = self._figures(model)
         totals = np.zeros([len(names) + 2])
         for batch in self.dataset_fn().take(self.max_eval_steps):

@@ -35,6 +35,7 @@ from tfbert.training import sharding
 from tfbert.training.gradient_sync import TensorNorms, build_gradient_sync, variable_name
 from tfbert.training.optimization import WarmupPolynomialDecay
 from tfbert.training.precision import DynamicLossScale
+from tfbert.training.tracing import graph_function
 from tfbert.training.xla import configure_xla
 
 
@@ -346,23 +347,23 @@ class Trainer:
                 for i, shape in enumerate(self.sync.accumulator_shapes())]
             if self.jit_compile and not jit_collectives and self.sync.zero_stage == 2:
                 # ZeRO-2 reduce-scatters each micro-batch: compile the gradients, not that.
-                self.micro_gradients_step = tf.function(self._gradients_and_metrics,
-                                                        jit_compile=True)
-                self.add_micro_step = tf.function(self._add_to_accumulators)
+                self.micro_gradients_step = graph_function(self._gradients_and_metrics,
+                                                           jit_compile=True)
+                self.add_micro_step = graph_function(self._add_to_accumulators)
                 self.accumulate_step = lambda batch, frozen=False: self.add_micro_step(
                     self.micro_gradients_step(batch, frozen)[1])
             else:
-                self.accumulate_step = tf.function(self._accumulate,
-                                                   jit_compile=self.jit_compile)
-            self.apply_accumulated_step = tf.function(self._apply_accumulated,
-                                                      jit_compile=jit_collectives)
+                self.accumulate_step = graph_function(self._accumulate,
+                                                      jit_compile=self.jit_compile)
+            self.apply_accumulated_step = graph_function(self._apply_accumulated,
+                                                         jit_compile=jit_collectives)
         elif self.jit_compile and not jit_collectives:
-            self.gradients_step = tf.function(self._gradients_and_metrics, jit_compile=True)
-            self.finish_step = tf.function(self._finish_batch_step)
+            self.gradients_step = graph_function(self._gradients_and_metrics, jit_compile=True)
+            self.finish_step = graph_function(self._finish_batch_step)
             self.train_step = lambda batch, requests, frozen=False: self._join(
                 self.gradients_step(batch, frozen), self.finish_step, requests, frozen)
         else:
-            self.train_step = tf.function(self._train_step, jit_compile=self.jit_compile)
+            self.train_step = graph_function(self._train_step, jit_compile=self.jit_compile)
         self._start_step = None
 
     # ----------------------------------------------------------------------------------------
@@ -714,7 +715,7 @@ class Trainer:
         memory = PeakMemory()
         first = None
         window = dict(start_time=time.perf_counter(), start_step=start_step)
-        timed = dict(start_time=None, steps=0)
+        timed = dict(start_time=None, steps=0, loop_start=time.perf_counter())
         last_record = None
         step = start_step
         last_save_time = time.monotonic()
@@ -750,6 +751,9 @@ class Trainer:
                         # The first step traces and compiles: excluded from the throughput.
                         first = {name: float(m.result()) for name, m in self.metrics.items()}
                         timed["start_time"] = time.perf_counter()
+                        timed["first_step_secs"] = timed["start_time"] - timed["loop_start"]
+                        logging.info("First step (tracing, graph optimisation and compiling "
+                                     "included): %.1f s", timed["first_step_secs"])
                     else:
                         timed["steps"] += 1
                     requests = outputs["requests"].numpy()
@@ -830,6 +834,7 @@ class Trainer:
             # Per rank (this one), then over all ranks.
             examples_per_sec=examples_per_sec,
             tokens_per_sec=examples_per_sec * data.max_seq_length,
+            first_step_secs=timed.get("first_step_secs"),
             peak_memory_bytes=memory.run_peak_bytes, peak_rss_bytes=peak_rss_bytes(),
             # Each replica's examples once (its tensor-parallel ranks read the same batch).
             examples_per_sec_total=float(per_rank[:, 0].sum()) / self.tensor_group.size,
