@@ -2,10 +2,13 @@
 
     python benchmarks/compare_reference.py                      # mini model, both setups
     python benchmarks/compare_reference.py --model=tiny --setups=plain --repeats=1
+    python benchmarks/compare_reference.py --vocab_file=spm7000/spm.model   # another vocabulary
 
 Both run the same model size, batch, sequence length, dropouts, optimizer (LAMB from
 tensorflow-addons with the same schedule, clipping and weight-decay exclusions), loss and input
-pipeline (the sample corpus through tfbert's reader), each in its own process:
+pipeline (the sample corpus through tfbert's reader, tokenized by the sample's own tokenizer or
+by --vocab_file's, e.g. one that `python -m tfbert.train_tokenizer` made with another vocabulary
+size), each in its own process:
 
 - tfbert: `python -m tfbert.run` (the real training loop, checkpoints and logging included);
 - reference: `official.nlp.modeling.networks.BertEncoder` + `models.BertPretrainer` in a plain
@@ -19,7 +22,8 @@ Two setups, each side at its own setting:
 
 Every setup runs --repeats times, tfbert and the reference alternated, so that the machine's
 noise hits both; the table shows medians. Figures: examples/s over --steps steps after the first
-(compiling) one, the TensorFlow allocator's peak memory, and the model FLOPs utilisation (MFU):
+(compiling) one, the first step's seconds (tracing, graph optimisation and compiling: the
+start-up cost), the TensorFlow allocator's peak memory, and the model FLOPs utilisation (MFU):
 examples/s x the model FLOPs of one example (`tfbert.training.flops`, the same for both: the
 same model) / the measured matmul peak of this machine in the setup's compute dtype. Writes a
 CSV (one row per run) and prints a Markdown table of medians with the tfbert/reference ratios.
@@ -49,7 +53,6 @@ def reference_worker(args) -> dict:
 
     from tfbert import config as cfg
     from tfbert.data.pretraining_dataset import pretraining_dataset
-    from tfbert.data.sample import prepare_sample_data
     from tfbert.modeling.losses import pretraining_losses
     from tfbert.tokenization import load_tokenizer
     from tfbert.training.memory import PeakMemory
@@ -60,8 +63,7 @@ def reference_worker(args) -> dict:
     if args.precision == "fp16":
         raise SystemExit("fp16 needs loss scaling, which this reference step does not do")
     tf.keras.mixed_precision.set_global_policy(policy[args.precision])
-    files, vocab_file = prepare_sample_data(max_seq_length=args.seq,
-                                            max_predictions_per_seq=args.predictions)
+    files, vocab_file = sample_data(args)
     vocab_size = load_tokenizer("sentencepiece", vocab_file).vocab_size
     shape = cfg.MODEL_PRESETS[args.model]
     initializer = tf.keras.initializers.TruncatedNormal(stddev=0.02)
@@ -100,15 +102,17 @@ def reference_worker(args) -> dict:
 
     memory = PeakMemory()
     iterator = iter(dataset)
-    first_loss = float(train_step(next(iterator)))  # traces: not timed
+    start = time.perf_counter()
+    first_loss = float(train_step(next(iterator)))  # traces: not in the throughput
+    first_step_secs = time.perf_counter() - start
     start = time.perf_counter()
     for _ in range(args.steps):
         loss = train_step(next(iterator))
     last_loss = float(loss)  # waits for the last step
     elapsed = time.perf_counter() - start
     return dict(examples_per_sec=args.steps * args.batch / elapsed,
-                peak_memory_bytes=memory.window_peak(), first_loss=first_loss,
-                final_loss=last_loss,
+                first_step_secs=first_step_secs, peak_memory_bytes=memory.window_peak(),
+                first_loss=first_loss, final_loss=last_loss,
                 num_parameters=int(sum(v.shape.num_elements() for v in model.trainable_variables)))
 
 
@@ -116,6 +120,14 @@ def reference_worker(args) -> dict:
 SETUPS = {"plain": ("", "fp32"), "best": (None, "bf16")}  # None: --best_flags
 BEST_FLAGS = ("--precision=bf16 --ln_ytf_impl --attn_softmax_ytf_impl --ytf_gelu "
               "--optimizer=fused_lamb --xla=auto")
+
+
+def sample_data(args) -> tuple[list[str], str]:
+    """The sample corpus' records and tokenizer: its own, or --vocab_file's (both sides)."""
+    from tfbert.data.sample import prepare_sample_data
+
+    return prepare_sample_data(vocab_file=args.vocab_file or None, max_seq_length=args.seq,
+                               max_predictions_per_seq=args.predictions)
 
 
 def model_flops(args, vocab_size: int) -> int:
@@ -140,6 +152,8 @@ def main() -> None:
     parser.add_argument("--predictions", type=int, default=20)
     parser.add_argument("--dropout", type=float, default=0.1)
     parser.add_argument("--learning_rate", type=float, default=1e-3)
+    parser.add_argument("--vocab_file", default="",
+                        help="a sentencepiece .model for both sides (default: the sample's own)")
     parser.add_argument("--csv", default=os.path.join(REPO_ROOT, "runs", "bench",
                                                       "compare_reference.csv"))
     # The reference run, in its own process.
@@ -153,7 +167,6 @@ def main() -> None:
         return
 
     sys.path.insert(0, REPO_ROOT)
-    from tfbert.data.sample import prepare_sample_data
     from tfbert.tokenization import load_tokenizer
     from tfbert.training.flops import COMPUTE_DTYPES, matmul_peak
 
@@ -161,15 +174,21 @@ def main() -> None:
     unknown = sorted(set(setups) - set(SETUPS))
     if unknown:
         raise SystemExit(f"--setups: unknown {unknown}; known: {sorted(SETUPS)}")
-    _, vocab_file = prepare_sample_data(max_seq_length=args.seq,
-                                        max_predictions_per_seq=args.predictions)
-    flops = model_flops(args, load_tokenizer("sentencepiece", vocab_file).vocab_size)
+    if args.vocab_file:
+        if not os.path.isfile(args.vocab_file):
+            raise SystemExit(f"--vocab_file: {args.vocab_file} does not exist")
+        args.vocab_file = os.path.abspath(args.vocab_file)  # the jobs run in the repository
+    _, vocab_file = sample_data(args)
+    vocab_size = load_tokenizer("sentencepiece", vocab_file).vocab_size
+    flops = model_flops(args, vocab_size)
     common = [f"--model={args.model}", f"--train_batch_size={args.batch}",
               f"--max_seq_length={args.seq}", f"--max_predictions_per_seq={args.predictions}",
               f"--hidden_dropout_prob={args.dropout}",
               f"--attention_probs_dropout_prob={args.dropout}",
               f"--learning_rate={args.learning_rate}", "--num_warmup_steps=0",
               f"--num_train_steps={args.steps + 1}", f"--log_every_n_steps={args.steps + 1}"]
+    if args.vocab_file:
+        common.append(f"--vocab_file={args.vocab_file}")
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for repeat in range(args.repeats):
@@ -184,6 +203,7 @@ def main() -> None:
                 rows.append(dict(setup=setup, repeat=repeat, implementation="tfbert",
                                  precision=precision, flags=" ".join(tfbert_flags),
                                  examples_per_sec=summary["examples_per_sec"],
+                                 first_step_secs=summary["first_step_secs"],
                                  max_gb=summary["peak_memory_bytes"] / 2 ** 30,
                                  first_loss=summary["first_loss"],
                                  final_loss=summary["final_loss"]))
@@ -193,7 +213,8 @@ def main() -> None:
                            f"--steps={args.steps}", f"--batch={args.batch}", f"--seq={args.seq}",
                            f"--predictions={args.predictions}", f"--dropout={args.dropout}",
                            f"--learning_rate={args.learning_rate}",
-                           f"--precision={reference_precision}", f"--worker_json={worker_json}"]
+                           f"--precision={reference_precision}", f"--worker_json={worker_json}",
+                           f"--vocab_file={args.vocab_file}"]
                 result = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True,
                                         env=dict(os.environ, PYTHONPATH=REPO_ROOT))
                 if result.returncode != 0:
@@ -204,6 +225,7 @@ def main() -> None:
                                  implementation="tf-models-official BertPretrainer",
                                  precision=reference_precision, flags="",
                                  examples_per_sec=reference["examples_per_sec"],
+                                 first_step_secs=reference["first_step_secs"],
                                  max_gb=reference["peak_memory_bytes"] / 2 ** 30,
                                  first_loss=reference["first_loss"],
                                  final_loss=reference["final_loss"]))
@@ -217,7 +239,7 @@ def main() -> None:
     runs["model_flops_per_example"] = flops
     runs["matmul_peak_tflops"] = runs["precision"].map(peaks) / 1e12
     runs["mfu"] = runs["examples_per_sec"] * flops / runs["precision"].map(peaks)
-    for key, value in dict(model=args.model, batch=args.batch, seq=args.seq,
+    for key, value in dict(model=args.model, vocab_size=vocab_size, batch=args.batch, seq=args.seq,
                            predictions=args.predictions, steps=args.steps).items():
         runs[key] = value
     os.makedirs(os.path.dirname(args.csv) or ".", exist_ok=True)
@@ -225,14 +247,15 @@ def main() -> None:
 
     table = (runs.groupby(["setup", "implementation"], sort=False)
              .agg(precision=("precision", "first"), examples_per_sec=("examples_per_sec", "median"),
-                  mfu=("mfu", "median"), max_gb=("max_gb", "median"),
+                  mfu=("mfu", "median"), first_step_secs=("first_step_secs", "median"),
+                  max_gb=("max_gb", "median"),
                   first_loss=("first_loss", "median"), final_loss=("final_loss", "median"))
              .reset_index())
     reference = table[table["implementation"] != "tfbert"].set_index("setup")
     table["speed_vs_reference"] = [
         row.examples_per_sec / reference.loc[row.setup, "examples_per_sec"]
         for row in table.itertuples()]
-    print(f"\n{args.model} model, batch {args.batch} x {args.seq}, {args.predictions} predictions, "
+    print(f"\n{args.model} model, vocabulary {vocab_size}, batch {args.batch} x {args.seq}, {args.predictions} predictions, "
           f"{flops / 1e9:.3f} GFLOP per example; medians of {args.repeats} run(s) of "
           f"{args.steps} steps after the first; matmul peaks (TFLOP/s): "
           + ", ".join(f"{p} {v / 1e12:.3f}" for p, v in sorted(peaks.items())) + "\n")

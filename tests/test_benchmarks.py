@@ -96,22 +96,31 @@ def test_zero_benchmark_halves_the_optimizer_state_per_rank(tmp_path, tfbert_cac
 
 
 def test_reference_comparison_runs_both_implementations(tmp_path, tfbert_cache):
+    from tfbert.data.sample import sample_corpus_files
+    from tfbert.tokenization import train_sentencepiece
+
     csv = tmp_path / "reference.csv"
+    # Both sides on a tokenizer of another size than the sample's own (--vocab_file).
+    vocab_file = train_sentencepiece(sample_corpus_files(), str(tmp_path / "spm600"), 600)
     # The best setup only (the plain one is the same code path in float32): each side at its
     # best in bfloat16, tfbert with the fused ops and XLA auto-clustering.
     result = run_benchmark("compare_reference.py", "--model=tiny", "--setups=best",
                            "--repeats=1", "--steps=2", "--batch=8", "--seq=32",
-                           "--predictions=5", f"--csv={csv}")
+                           "--predictions=5", f"--vocab_file={vocab_file}", f"--csv={csv}")
     table = pd.read_csv(csv)
     assert list(table["implementation"]) == ["tfbert", "tf-models-official BertPretrainer"]
     assert list(table["setup"]) == ["best", "best"]
     assert list(table["precision"]) == ["bf16", "bf16"]
+    assert list(table["vocab_size"]) == [600, 600]
     assert "--attn_softmax_ytf_impl" in table["flags"][0]
     assert (table["examples_per_sec"] > 0).all()
     assert ((table["mfu"] > 0) & (table["mfu"] < 2)).all()
-    # Same model size and data: the untrained losses agree (ln V + ln 2 give or take).
+    assert (table["first_step_secs"] > 0).all()
+    # Same model size and data: the untrained losses agree, about ln 600 + ln 2 (not ln 4000).
     assert abs(table["first_loss"][0] - table["first_loss"][1]) < 0.1
+    assert abs(table["first_loss"][0] - (math.log(600) + math.log(2))) < 0.5
     assert "| best" in result.stdout and "speed_vs_reference" in result.stdout
+    assert "vocabulary 600" in result.stdout
 
 
 # The tensor-parallel benchmark's volume functions, without training.
