@@ -17,8 +17,11 @@ size), each in its own process:
 Two setups, each side at its own setting:
 
 - plain: float32 on both sides, tfbert with its defaults;
-- best: each at its best: tfbert in bfloat16 with every fused op, the fused LAMB and XLA
-  auto-clustering (`--best_flags`), the reference with Keras' `mixed_bfloat16`.
+- best: each at its best: tfbert in bfloat16 with every fused op and the fused LAMB
+  (`--best_flags`), the reference with Keras' `mixed_bfloat16`. Without XLA: on a CPU with
+  bfloat16 matrix units (AMX), auto-clustering hands the bfloat16 matmuls to XLA's own CPU
+  code instead of oneDNN's AMX kernels, and the step ran 3x slower (22 against 69 examples/s,
+  mini model); `--best_flags="... --xla=auto"` measures it.
 
 Every setup runs --repeats times, tfbert and the reference alternated, so that the machine's
 noise hits both; the table shows medians. Figures: examples/s over --steps steps after the first
@@ -119,7 +122,7 @@ def reference_worker(args) -> dict:
 # Each side's settings per setup: tfbert's flags and the reference's precision.
 SETUPS = {"plain": ("", "fp32"), "best": (None, "bf16")}  # None: --best_flags
 BEST_FLAGS = ("--precision=bf16 --ln_ytf_impl --attn_softmax_ytf_impl --ytf_gelu "
-              "--optimizer=fused_lamb --xla=auto")
+              "--optimizer=fused_lamb")
 
 
 def sample_data(args) -> tuple[list[str], str]:

@@ -103,7 +103,7 @@ def test_reference_comparison_runs_both_implementations(tmp_path, tfbert_cache):
     # Both sides on a tokenizer of another size than the sample's own (--vocab_file).
     vocab_file = train_sentencepiece(sample_corpus_files(), str(tmp_path / "spm600"), 600)
     # The best setup only (the plain one is the same code path in float32): each side at its
-    # best in bfloat16, tfbert with the fused ops and XLA auto-clustering.
+    # best in bfloat16, tfbert with the fused ops and the fused LAMB.
     result = run_benchmark("compare_reference.py", "--model=tiny", "--setups=best",
                            "--repeats=1", "--steps=2", "--batch=8", "--seq=32",
                            "--predictions=5", f"--vocab_file={vocab_file}", f"--csv={csv}")
