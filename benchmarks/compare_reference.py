@@ -242,8 +242,8 @@ def main() -> None:
     runs["model_flops_per_example"] = flops
     runs["matmul_peak_tflops"] = runs["precision"].map(peaks) / 1e12
     runs["mfu"] = runs["examples_per_sec"] * flops / runs["precision"].map(peaks)
-    for key, value in dict(model=args.model, vocab_size=vocab_size, batch=args.batch, seq=args.seq,
-                           predictions=args.predictions, steps=args.steps).items():
+    for key, value in dict(model=args.model, vocab_size=vocab_size, batch=args.batch,
+                           seq=args.seq, predictions=args.predictions, steps=args.steps).items():
         runs[key] = value
     os.makedirs(os.path.dirname(args.csv) or ".", exist_ok=True)
     runs.to_csv(args.csv, index=False)
@@ -258,9 +258,9 @@ def main() -> None:
     table["speed_vs_reference"] = [
         row.examples_per_sec / reference.loc[row.setup, "examples_per_sec"]
         for row in table.itertuples()]
-    print(f"\n{args.model} model, vocabulary {vocab_size}, batch {args.batch} x {args.seq}, {args.predictions} predictions, "
-          f"{flops / 1e9:.3f} GFLOP per example; medians of {args.repeats} run(s) of "
-          f"{args.steps} steps after the first; matmul peaks (TFLOP/s): "
+    print(f"\n{args.model} model, vocabulary {vocab_size}, batch {args.batch} x {args.seq}, "
+          f"{args.predictions} predictions, {flops / 1e9:.3f} GFLOP per example; medians of "
+          f"{args.repeats} run(s) of {args.steps} steps after the first; matmul peaks (TFLOP/s): "
           + ", ".join(f"{p} {v / 1e12:.3f}" for p, v in sorted(peaks.items())) + "\n")
     print(table.to_markdown(index=False, floatfmt=".3f"))
     if {"plain", "best"} <= set(setups):

@@ -714,8 +714,9 @@ class Trainer:
         evaluation.resume(start_step)
         memory = PeakMemory()
         first = None
-        window = dict(start_time=time.perf_counter(), start_step=start_step)
-        timed = dict(start_time=None, steps=0, loop_start=time.perf_counter())
+        loop_start = time.perf_counter()
+        window = dict(start_time=loop_start, start_step=start_step)
+        timed = dict(start_time=None, steps=0)
         last_record = None
         step = start_step
         last_save_time = time.monotonic()
@@ -751,7 +752,7 @@ class Trainer:
                         # The first step traces and compiles: excluded from the throughput.
                         first = {name: float(m.result()) for name, m in self.metrics.items()}
                         timed["start_time"] = time.perf_counter()
-                        timed["first_step_secs"] = timed["start_time"] - timed["loop_start"]
+                        timed["first_step_secs"] = timed["start_time"] - loop_start
                         logging.info("First step (tracing, graph optimisation and compiling "
                                      "included): %.1f s", timed["first_step_secs"])
                     else:
