@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from typing import Any
+from typing import Any, ClassVar
 
 PRECISIONS = ("fp32", "fp16", "bf16")
 XLA_MODES = ("off", "auto", "jit")
@@ -133,9 +133,14 @@ class FusedOpsConfig:
     ln_ytf_impl: bool = False  # fused LayerNorm forward/backward
     attn_softmax_ytf_impl: bool = False  # fused scale + mask + softmax + dropout
     ytf_gelu: bool = False  # fused bias + GELU / GeGLU in the feed-forward block
+    ytf_dropout: bool = False  # the encoder's hidden dropout as one fused op, mask regenerated
     # dtype of the LayerNorm mean and variance. float32 by default: a float16 variance of
     # activations in the hundreds overflows. A lower dtype saves the float32 copy of the input.
     ln_dtype: str = "float32"
+
+    # The boolean fields above, each a --flag that asks for a fused op.
+    FLAGS: ClassVar[tuple[str, ...]] = ("ln_ytf_impl", "attn_softmax_ytf_impl", "ytf_gelu",
+                                        "ytf_dropout")
 
     def __post_init__(self):
         _require(self.ln_dtype in LN_DTYPES,
@@ -146,12 +151,11 @@ class FusedOpsConfig:
 
     @property
     def any(self) -> bool:
-        return self.ln_ytf_impl or self.attn_softmax_ytf_impl or self.ytf_gelu
+        return any(getattr(self, name) for name in self.FLAGS)
 
     def enabled_flags(self) -> list[str]:
         """The --flags that ask for fused ops (for error messages)."""
-        return [f"--{name}" for name in ("ln_ytf_impl", "attn_softmax_ytf_impl", "ytf_gelu")
-                if getattr(self, name)]
+        return [f"--{name}" for name in self.FLAGS if getattr(self, name)]
 
 
 @dataclasses.dataclass(frozen=True)

@@ -184,6 +184,10 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
                                                          "regenerated, not stored).", **fv)
     flags.DEFINE_boolean("ytf_gelu", False, "Fused bias + GELU/GeGLU op in the feed-forward "
                                             "block.", **fv)
+    flags.DEFINE_boolean("ytf_dropout", False, "The encoder's hidden dropout (embeddings, "
+                                               "attention output, feed-forward output) as one "
+                                               "fused op whose mask is regenerated in the "
+                                               "backward pass, not stored.", **fv)
     flags.DEFINE_enum("ln_dtype", "float32", ["float32", "float16", "bfloat16"],
                       "dtype of the LayerNorm's elementwise arithmetic (the mean and variance "
                       "are summed in float32 whatever it is); float16 needs --precision=fp16, "
@@ -615,7 +619,7 @@ def build_config(fv: flags.FlagValues, group=None):
                     f"alone; launch with horovodrun (-np 1 is fine) or drop the flag")
     ops = cfg.FusedOpsConfig(ln_ytf_impl=fv.ln_ytf_impl,
                              attn_softmax_ytf_impl=fv.attn_softmax_ytf_impl, ytf_gelu=fv.ytf_gelu,
-                             ln_dtype=fv.ln_dtype)
+                             ytf_dropout=fv.ytf_dropout, ln_dtype=fv.ln_dtype)
     config = cfg.Config(model=model, data=data, optimizer=optimizer, runtime=runtime,
                         distribution=distribution, ops=ops, task=task_config(fv))
     check_custom_ops(config)
@@ -638,6 +642,7 @@ def check_custom_ops(config) -> None:
     op_of_flag = {"--ln_ytf_impl": "tf_bert_fused_layer_norm",
                   "--attn_softmax_ytf_impl": "tf_bert_fused_attention_softmax",
                   "--ytf_gelu": "tf_bert_fused_bias_gelu",
+                  "--ytf_dropout": "tf_bert_fused_dropout",
                   "--optimizer=fused_lamb": "tf_bert_fused_lamb_update"}
     wanted = config.ops.enabled_flags() + (
         ["--optimizer=fused_lamb"] if config.optimizer.optimizer == "fused_lamb" else [])

@@ -48,6 +48,13 @@ SUFFIX = {"float32": "f32", "float16": "f16", "bfloat16": "bf16"}
 # Relative tolerances per storage type: about two half-ulps of a 16-bit output, a few float32
 # ulps of accumulated error in float32 (the reference is float64).
 TOLERANCE = {"float32": 1e-5, "float16": 1e-3, "bfloat16": 1e-2}
+
+
+def as_float32(x: float) -> float:
+    """x rounded to float32 (the kernels' scalar arguments are float32)."""
+    return ctypes.c_float(x).value
+
+
 # H100 SXM5 HBM3. torch.cuda.get_device_properties does not give the memory bandwidth.
 DEFAULT_PEAK_GBPS = 3350.0
 
@@ -652,12 +659,72 @@ def check_attention_softmax(ctx: Context, k: Kernels):
 
 
 # --------------------------------------------------------------------------------------------
-# LAMB.
+# Dropout (the encoder's hidden dropout, --ytf_dropout).
 # --------------------------------------------------------------------------------------------
 
-def as_float32(x: float) -> float:
-    return ctypes.c_float(x).value
 
+def dropout_shapes(args):
+    """[rows, cols]: odd sizes and one over several grid-stride passes; BERT-large's hidden
+    states [B * S, 1024] at batch 8 x 512 and 32 x 512."""
+    small = [(5, 7), (3, 70001)] if args.shapes in ("small", "all") else []
+    bert = [(8 * 512, 1024), (32 * 512, 1024)] if args.shapes in ("bert", "all") else []
+    return [(shape, False) for shape in small] + [(shape, True) for shape in bert]
+
+
+def misaligned(torch, t):
+    """A copy of t whose data starts one element past a 16-byte boundary (the kernels' vector
+    loads need 16-byte alignment; this takes their element-wise path)."""
+    storage = torch.empty(t.numel() + 1, dtype=t.dtype, device=t.device)
+    view = storage[1:].view(t.shape)
+    view.copy_(t)
+    return view
+
+
+def check_dropout(ctx: Context, k: Kernels):
+    """y = x * keep / (1 - rate) with keep from the numpy port of dropout_rng.h: the float32
+    product rounded once to the storage type, so y must equal that bit for bit (the note counts
+    mismatches); also against float64 (tol)."""
+    torch = ctx.torch
+    for dtype in DTYPES:
+        k.require(f"tfbert_dropout_{SUFFIX[dtype]}", "p,ll,f,ll,ll,p,s")
+    rate = DROPOUT_RATE
+    import numpy as np
+
+    one = np.float32(1.0)
+    keep_scale = float(one / (one - np.float32(rate)))  # the kernel's 1 / (1 - rate), float32
+    for (rows, cols), bert in dropout_shapes(ctx.args):
+        n = rows * cols
+        kept = torch.from_numpy(dropout_keep_reference(n, rate, *SEEDS)).cuda().view(rows, cols)
+        for dtype, aligned in [(d, True) for d in DTYPES] + (
+                [] if bert else [(d, False) for d in DTYPES]):
+            tdt, size = getattr(torch, dtype), 2 if dtype != "float32" else 4
+            x = ctx.randn((rows, cols), dtype, scale=3.0)
+            y = torch.full_like(x, float("nan"))
+            if not aligned:
+                x, y = misaligned(torch, x), misaligned(torch, y)
+            fn = f"tfbert_dropout_{SUFFIX[dtype]}"
+            args = (ptr(x), n, rate, SEEDS[0], SEEDS[1], ptr(y), ctx.stream())
+            k(fn, *args)
+            torch.cuda.synchronize()
+            exact = torch.where(kept, x.float() * keep_scale, torch.zeros_like(x.float())).to(tdt)
+            bits = torch.int16 if size == 2 else torch.int32
+            mismatches = int((y.contiguous().view(bits) != exact.view(bits)).sum())
+            ref64 = torch.where(kept, x.double() / (1.0 - rate), torch.zeros_like(x.double()))
+            err, worst, ok, ratio = ctx.compare([("y", y, ref64, TOLERANCE[dtype])])
+            row = Row("dropout", dtype, shape_str(rows, cols) + ("" if aligned else " misaligned"),
+                      err, worst, ratio, ok and mismatches == 0,
+                      note=f"{mismatches} elements differ from the float32 product" if mismatches
+                      else "bit-identical to the float32 product")
+            if bert:
+                ctx.add(row, lambda: k(fn, *args),
+                        lambda: torch.nn.functional.dropout(x, rate, True), 2 * n * size)
+            else:
+                ctx.add(row)
+
+
+# --------------------------------------------------------------------------------------------
+# LAMB.
+# --------------------------------------------------------------------------------------------
 
 # The kernels take float32 hyperparameters, and the float64 references use the same values:
 # 0.999 is no float32, and 1 - float32(0.999) differs from 0.001 by 1.3e-5 relative, which
@@ -1090,6 +1157,7 @@ CHECKS = {
     "layer_norm": check_layer_norm,
     "attention_softmax": check_attention_softmax,
     "gelu": check_gelu,
+    "dropout": check_dropout,
     "lamb": lambda ctx, k: (check_lamb(ctx, k), check_lamb_multi(ctx, k)),
     "lamb_shard": check_lamb_shard,
 }

@@ -12,7 +12,8 @@ from tfbert.ops.loader import load_ops, ops_available
 
 OP_OF_FLAG = {"ln_ytf_impl": "tf_bert_fused_layer_norm",
               "attn_softmax_ytf_impl": "tf_bert_fused_attention_softmax",
-              "ytf_gelu": "tf_bert_fused_bias_gelu"}
+              "ytf_gelu": "tf_bert_fused_bias_gelu",
+              "ytf_dropout": "tf_bert_fused_dropout"}
 
 
 def built(flag: str) -> bool:
@@ -52,6 +53,36 @@ def test_fused_model_equals_reference(flags, hidden_act):
     np.testing.assert_allclose(fused_losses["loss"].numpy(), ref_losses["loss"].numpy(), rtol=1e-5)
     for var, a, b in zip(reference.trainable_variables, fused_grads, ref_grads):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6, err_msg=var.name)
+
+
+@pytest.mark.skipif(not built("ytf_dropout"), reason="fused dropout not built")
+def test_fused_dropout_replaces_every_hidden_dropout_of_the_encoder():
+    """With --ytf_dropout the training graph drops the embeddings' output and each layer's
+    attention and feed-forward outputs with the fused op, and draws no random uniforms for
+    them (the attention probabilities' dropout stays TensorFlow's without
+    --attn_softmax_ytf_impl); the model still trains (finite gradients for every weight)."""
+    config = odd_model_config(hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.0)
+    model = BertPretrainer(config, DropoutRng(0), ops=FusedOpsConfig(ytf_dropout=True))
+    model.build(ODD["seq"], ODD["predictions"])
+    batch = synthetic_batch()
+
+    @tf.function(autograph=False)
+    def step():
+        with tf.GradientTape() as tape:
+            loss = model.compute_losses(batch, training=True)["loss"]
+        return loss, tape.gradient(loss, model.trainable_variables)
+
+    graph = step.get_concrete_function().graph
+    op_types = [op.type for op in graph.get_operations()]
+    fused_forward = 1 + 2 * config.num_hidden_layers
+    # The forward ops and their gradients (the same op on the upstream gradient).
+    assert op_types.count("TfBert>FusedDropout") == 2 * fused_forward
+    # No float uniforms (the generator's tiny int64 seed draws remain).
+    assert "StatelessRandomUniformV2" not in op_types
+    loss, grads = step()
+    eval_loss = model.compute_losses(batch, training=False)["loss"]
+    assert np.isfinite(loss.numpy()) and loss.numpy() != pytest.approx(eval_loss.numpy())
+    assert all(np.all(np.isfinite(tf.convert_to_tensor(g).numpy())) for g in grads)
 
 
 @pytest.mark.skipif(not (ops_available() and hasattr(load_ops(), "tf_bert_fused_lamb_update")),

@@ -11,7 +11,7 @@
 #include <limits>
 
 #include "attention_softmax.h"
-#include "dropout_rng.h"
+#include "dropout.h"
 #include "Eigen/Core"
 #include "tensorflow/core/framework/tensor_shape.h"
 #include "tensorflow/core/framework/tensor_util.h"
@@ -53,19 +53,6 @@ void ParallelRows(OpKernelContext* context, int64_t rows, int64_t cols, const Fn
 // the end: that vectorises for every ISA without reassociating anything, so the result does not
 // depend on which clone runs.
 constexpr int kLanes = 16;
-
-// The dropout keep decision of cuda/dropout_rng.h, tfbert_dropout_keep(key, index, rate) =
-// (bits(index) >> 40) * 2^-24 >= rate, as an integer comparison, which vectorises:
-// (bits >> 40) is an integer k < 2^24 and k * 2^-24 >= rate exactly when k >= rate * 2^24 (exact
-// in float: a power-of-two scaling), i.e. when k >= ceil(rate * 2^24). The same bits, the same
-// decisions, on the CPU and the GPU, forward and backward.
-uint64_t KeepThreshold(float rate) {
-  return static_cast<uint64_t>(std::ceil(static_cast<double>(rate) * 16777216.0));
-}
-
-TFBERT_INLINE bool Keep(uint64_t key, uint64_t index, uint64_t threshold) {
-  return (tfbert_dropout_mix64(key + (index + 1) * TFBERT_DROPOUT_RNG_GAMMA) >> 40) >= threshold;
-}
 
 // x = s * scale + m (the reference's order) over one row, in float32.
 template <typename T>
@@ -117,7 +104,7 @@ TFBERT_CPU_CLONES void NormalizeAndDrop(const float* __restrict e, int64_t n, fl
   for (int64_t k = 0; k < n; ++k) {
     const float p = e[k] * inv_sum;
     Store(softmax, k, p);
-    Store(probs, k, Select(Keep(key, base + k, threshold), p * keep_scale, 0.0f));
+    Store(probs, k, Select(DropoutKeep(key, base + k, threshold), p * keep_scale, 0.0f));
   }
 }
 
@@ -148,13 +135,13 @@ TFBERT_CPU_CLONES void DropoutSoftmaxGrad(const T* __restrict dprobs, const T* _
   int64_t k = 0;
   for (; k + kLanes <= n; k += kLanes) {
     for (int l = 0; l < kLanes; ++l) {
-      d[k + l] = Select(Keep(key, base + k + l, threshold), Load(dprobs, k + l) * keep_scale,
-                        0.0f);
+      d[k + l] = Select(DropoutKeep(key, base + k + l, threshold),
+                        Load(dprobs, k + l) * keep_scale, 0.0f);
       lane_sum[l] += d[k + l] * Load(p, k + l);
     }
   }
   for (; k < n; ++k) {
-    d[k] = Select(Keep(key, base + k, threshold), Load(dprobs, k) * keep_scale, 0.0f);
+    d[k] = Select(DropoutKeep(key, base + k, threshold), Load(dprobs, k) * keep_scale, 0.0f);
     lane_sum[0] += d[k] * Load(p, k);
   }
   float dot = lane_sum[0];
@@ -171,7 +158,7 @@ struct FusedAttentionSoftmaxForward<CPUDevice, T> {
                     int64_t seed0, int64_t seed1, T* probs, T* softmax) {
     const int64_t cols = dims.cols;
     const uint64_t key = tfbert_dropout_key(seed0, seed1);
-    const uint64_t threshold = KeepThreshold(dropout_rate);
+    const uint64_t threshold = DropoutKeepThreshold(dropout_rate);
     const float keep_scale = 1.0f / (1.0f - dropout_rate);  // inverted dropout
     ParallelRows(context, dims.rows, cols, [&](int64_t begin, int64_t end) {
       std::vector<float> x(cols);  // the row's float32 logits, then its exponentials
@@ -207,7 +194,7 @@ struct FusedAttentionSoftmaxBackward<CPUDevice, T> {
                     int64_t cols, float scale, float dropout_rate, int64_t seed0, int64_t seed1,
                     T* dscores) {
     const uint64_t key = tfbert_dropout_key(seed0, seed1);
-    const uint64_t threshold = KeepThreshold(dropout_rate);
+    const uint64_t threshold = DropoutKeepThreshold(dropout_rate);
     const float keep_scale = 1.0f / (1.0f - dropout_rate);
     ParallelRows(context, rows, cols, [&](int64_t begin, int64_t end) {
       std::vector<float> d(dropout_rate > 0.0f ? cols : 0);
@@ -228,38 +215,18 @@ struct FusedAttentionSoftmaxBackward<CPUDevice, T> {
 
 #if GOOGLE_CUDA
 
-namespace {
-
-// Eigen::half / Eigen::bfloat16 hold the raw 16 bits, which is what the C ABI takes.
-inline const float* Raw(const float* p) { return p; }
-inline float* Raw(float* p) { return p; }
-inline const unsigned short* Raw(const Eigen::half* p) {
-  return reinterpret_cast<const unsigned short*>(p);
-}
-inline unsigned short* Raw(Eigen::half* p) { return reinterpret_cast<unsigned short*>(p); }
-inline const unsigned short* Raw(const Eigen::bfloat16* p) {
-  return reinterpret_cast<const unsigned short*>(p);
-}
-inline unsigned short* Raw(Eigen::bfloat16* p) { return reinterpret_cast<unsigned short*>(p); }
-
-Status CudaStatus(cudaError_t error, const char* what) {
-  if (error == cudaSuccess) return ::tensorflow::OkStatus();
-  return errors::Internal(what, " failed to launch: ", cudaGetErrorString(error));
-}
-
-}  // namespace
-
 #define TFBERT_ATTENTION_SOFTMAX_GPU_FUNCTORS(T, SUFFIX)                                      \
   template <>                                                                                \
   struct FusedAttentionSoftmaxForward<GPUDevice, T> {                                        \
     Status operator()(OpKernelContext* context, const T* scores, const T* mask_bias,         \
                       const AttentionSoftmaxDims& dims, float scale, float dropout_rate,     \
                       int64_t seed0, int64_t seed1, T* probs, T* softmax) {                  \
-      return CudaStatus(                                                                     \
+      return CudaLaunchStatus(                                                               \
           tfbert_attention_softmax_forward_##SUFFIX(                                         \
-              Raw(scores), Raw(mask_bias), dims.rows, dims.cols, dims.heads_queries,         \
-              dims.queries, dims.mask_rows, scale, dropout_rate, seed0, seed1, Raw(probs),   \
-              Raw(softmax), context->eigen_device<GPUDevice>().stream()),                    \
+              RawBits(scores), RawBits(mask_bias), dims.rows, dims.cols,                     \
+              dims.heads_queries, dims.queries, dims.mask_rows, scale, dropout_rate, seed0,  \
+              seed1, RawBits(probs), RawBits(softmax),                                       \
+              context->eigen_device<GPUDevice>().stream()),                                  \
           "tfbert_attention_softmax_forward_" #SUFFIX);                                      \
     }                                                                                        \
   };                                                                                         \
@@ -268,11 +235,11 @@ Status CudaStatus(cudaError_t error, const char* what) {
     Status operator()(OpKernelContext* context, const T* dprobs, const T* softmax,           \
                       int64_t rows, int64_t cols, float scale, float dropout_rate,           \
                       int64_t seed0, int64_t seed1, T* dscores) {                            \
-      return CudaStatus(tfbert_attention_softmax_backward_##SUFFIX(                          \
-                            Raw(dprobs), Raw(softmax), rows, cols, scale, dropout_rate,      \
-                            seed0, seed1, Raw(dscores),                                      \
-                            context->eigen_device<GPUDevice>().stream()),                    \
-                        "tfbert_attention_softmax_backward_" #SUFFIX);                       \
+      return CudaLaunchStatus(                                                               \
+          tfbert_attention_softmax_backward_##SUFFIX(                                        \
+              RawBits(dprobs), RawBits(softmax), rows, cols, scale, dropout_rate, seed0,     \
+              seed1, RawBits(dscores), context->eigen_device<GPUDevice>().stream()),         \
+          "tfbert_attention_softmax_backward_" #SUFFIX);                                     \
     }                                                                                        \
   };
 
@@ -293,18 +260,6 @@ Status ReadAttrs(OpKernelConstruction* context, float* scale, float* dropout_rat
   if (!(*dropout_rate >= 0.0f && *dropout_rate < 1.0f)) {
     return errors::InvalidArgument("dropout_rate must be in [0, 1), got ", *dropout_rate);
   }
-  return ::tensorflow::OkStatus();
-}
-
-// The int64 [2] seed's values (seed is in host memory on every device).
-Status ReadSeed(const Tensor& seed, int64_t* seed0, int64_t* seed1) {
-  if (!TensorShapeUtils::IsVector(seed.shape()) || seed.NumElements() != 2) {
-    return errors::InvalidArgument("seed must be an int64 vector of 2 elements, got shape ",
-                                   seed.shape().DebugString());
-  }
-  auto values = seed.flat<int64_t>();
-  *seed0 = values(0);
-  *seed1 = values(1);
   return ::tensorflow::OkStatus();
 }
 
@@ -334,7 +289,7 @@ class FusedAttentionSoftmaxOp : public OpKernel {
                                         "scores of shape ", scores.shape().DebugString(),
                                         ", got shape ", mask_bias.shape().DebugString()));
     int64_t seed0, seed1;
-    OP_REQUIRES_OK(context, ReadSeed(context->input(2), &seed0, &seed1));
+    OP_REQUIRES_OK(context, ReadDropoutSeed(context->input(2), &seed0, &seed1));
 
     Tensor* probs = nullptr;
     OP_REQUIRES_OK(context, context->allocate_output(0, scores.shape(), &probs));
@@ -379,7 +334,7 @@ class FusedAttentionSoftmaxGradOp : public OpKernel {
                                         "shapes ", dprobs.shape().DebugString(), " and ",
                                         softmax.shape().DebugString()));
     int64_t seed0, seed1;
-    OP_REQUIRES_OK(context, ReadSeed(context->input(2), &seed0, &seed1));
+    OP_REQUIRES_OK(context, ReadDropoutSeed(context->input(2), &seed0, &seed1));
     Tensor* dscores = nullptr;
     OP_REQUIRES_OK(context, context->allocate_output(0, dprobs.shape(), &dscores));
     if (dprobs.NumElements() == 0) return;
@@ -408,7 +363,7 @@ class DropoutKeepMaskOp : public OpKernel {
     TensorShape shape;
     OP_REQUIRES_OK(context, ::tensorflow::tensor::MakeShape(context->input(0), &shape));
     int64_t seed0, seed1;
-    OP_REQUIRES_OK(context, ReadSeed(context->input(1), &seed0, &seed1));
+    OP_REQUIRES_OK(context, ReadDropoutSeed(context->input(1), &seed0, &seed1));
     Tensor* keep = nullptr;
     OP_REQUIRES_OK(context, context->allocate_output(0, shape, &keep));
     const int64_t size = shape.num_elements();
@@ -453,7 +408,7 @@ template <>
 void DropoutKeepMaskOp<GPUDevice>::Fill(OpKernelContext* context, int64_t size, int64_t seed0,
                                         int64_t seed1, bool* keep) {
   static_assert(sizeof(bool) == 1, "the C ABI writes one byte per bool");
-  OP_REQUIRES_OK(context, functor::CudaStatus(
+  OP_REQUIRES_OK(context, CudaLaunchStatus(
                               tfbert_dropout_keep_mask(
                                   size, rate_, seed0, seed1,
                                   reinterpret_cast<unsigned char*>(keep),

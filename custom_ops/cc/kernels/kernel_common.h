@@ -21,6 +21,10 @@
 #include "tensorflow/core/platform/threadpool.h"
 #include "unsupported/Eigen/CXX11/Tensor"
 
+#if GOOGLE_CUDA
+#include <cuda_runtime.h>
+#endif
+
 namespace tfbert {
 
 using ::tensorflow::DEVICE_CPU;
@@ -198,6 +202,29 @@ TFBERT_INLINE void Store(Eigen::bfloat16* row, int64_t j, float value) {
 }
 
 }  // namespace cpu_math
+
+#if GOOGLE_CUDA
+// The C ABIs of cuda/*_launch.h take float16 and bfloat16 buffers as their raw bits (unsigned
+// short), which is what Eigen::half and Eigen::bfloat16 hold.
+inline const float* RawBits(const float* p) { return p; }
+inline float* RawBits(float* p) { return p; }
+inline const unsigned short* RawBits(const Eigen::half* p) {
+  return reinterpret_cast<const unsigned short*>(p);
+}
+inline unsigned short* RawBits(Eigen::half* p) { return reinterpret_cast<unsigned short*>(p); }
+inline const unsigned short* RawBits(const Eigen::bfloat16* p) {
+  return reinterpret_cast<const unsigned short*>(p);
+}
+inline unsigned short* RawBits(Eigen::bfloat16* p) {
+  return reinterpret_cast<unsigned short*>(p);
+}
+
+// A launch function's cudaError_t as the op's Status.
+inline Status CudaLaunchStatus(cudaError_t error, const char* what) {
+  if (error == cudaSuccess) return ::tensorflow::OkStatus();
+  return errors::Internal(what, " failed to launch: ", cudaGetErrorString(error));
+}
+#endif  // GOOGLE_CUDA
 
 }  // namespace tfbert
 

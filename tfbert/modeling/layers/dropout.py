@@ -34,22 +34,30 @@ class Dropout(tf.keras.layers.Layer):
     Args:
       rate: probability of zeroing an element; 0 makes the layer an identity (no random op).
       rng: the DropoutRng shared by the model.
+      fused: draw the mask inside tfbert's fused op (--ytf_dropout): a counter-based hash of
+        (seed, element index), regenerated in the backward pass instead of stored. Another
+        mask than TensorFlow's stateless dropout for the same seed, with the same distribution.
     """
 
-    def __init__(self, rate: float, rng: DropoutRng | None, **kwargs):
+    def __init__(self, rate: float, rng: DropoutRng | None, fused: bool = False, **kwargs):
         super().__init__(**kwargs)
         if rate > 0 and rng is None:
             raise ValueError(f"{self.name}: dropout rate {rate} needs a DropoutRng")
         self.rate = rate
+        self.fused = fused
         self._rng = rng
 
     def call(self, inputs, training=False):
         if not training or self.rate == 0:
             return inputs
+        if self.fused:
+            from tfbert.ops.dropout_ops import fused_dropout
+
+            return fused_dropout(inputs, self._rng.next_seed(), self.rate)
         return tf.nn.experimental.stateless_dropout(inputs, rate=self.rate,
                                                     seed=self._rng.next_seed())
 
     def get_config(self):
         config = super().get_config()
-        config.update(rate=self.rate)
+        config.update(rate=self.rate, fused=self.fused)
         return config

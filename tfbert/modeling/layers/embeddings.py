@@ -33,6 +33,7 @@ class Embeddings(tf.keras.layers.Layer):
                  type_vocab_size: int, initializer_range: float, dropout: float = 0.0,
                  layer_norm_eps: float = 1e-12, rng: DropoutRng | None = None,
                  fused_layer_norm: bool = False, layer_norm_dtype: str = "float32",
+                 fused_dropout: bool = False,
                  one_hot_token_types: bool = True, vocab_shard=None, **kwargs):
         super().__init__(**kwargs)
         self.vocab_shard = vocab_shard
@@ -46,7 +47,8 @@ class Embeddings(tf.keras.layers.Layer):
         self.layer_norm = LayerNorm(layer_norm_eps, stats_dtype=layer_norm_dtype,
                                     fused=fused_layer_norm, name="LayerNorm",
                                     dtype=self.dtype_policy)
-        self.dropout = Dropout(dropout, rng, name="dropout", dtype=self.dtype_policy)
+        self.dropout = Dropout(dropout, rng, fused=fused_dropout, name="dropout",
+                               dtype=self.dtype_policy)
 
     def build(self, input_shape):
         def table(name, rows, shard=None):

@@ -57,7 +57,8 @@ class TransformerBlock(tf.keras.layers.Layer):
                                        rng=attention_rng or rng,
                                        fused_softmax=ops.attn_softmax_ytf_impl,
                                        name="attention", dtype=policy)
-        self.attention_dropout = Dropout(hidden_dropout, rng, name="dropout", dtype=policy)
+        self.attention_dropout = Dropout(hidden_dropout, rng, fused=ops.ytf_dropout,
+                                         name="dropout", dtype=policy)
         self.attention_layer_norm = LayerNorm(layer_norm_eps, stats_dtype=ops.ln_dtype,
                                               fused=ops.ln_ytf_impl, name="LayerNorm",
                                               dtype=policy)
@@ -68,7 +69,8 @@ class TransformerBlock(tf.keras.layers.Layer):
                                                           fused_activation=fused_activation,
                                                           gated=gated)
         self.ffn_output = dense_factory.row_parallel(hidden, name="dense")
-        self.ffn_dropout = Dropout(hidden_dropout, rng, name="dropout", dtype=policy)
+        self.ffn_dropout = Dropout(hidden_dropout, rng, fused=ops.ytf_dropout, name="dropout",
+                                   dtype=policy)
         self.ffn_layer_norm = LayerNorm(layer_norm_eps, stats_dtype=ops.ln_dtype,
                                         fused=ops.ln_ytf_impl, name="LayerNorm", dtype=policy)
 

@@ -46,7 +46,7 @@ class BertEncoder(tf.keras.Model):
             config.type_vocab_size, config.initializer_range,
             dropout=config.hidden_dropout_prob, layer_norm_eps=config.layer_norm_eps, rng=rng,
             fused_layer_norm=ops.ln_ytf_impl, layer_norm_dtype=ops.ln_dtype,
-            one_hot_token_types=one_hot_token_types,
+            fused_dropout=ops.ytf_dropout, one_hot_token_types=one_hot_token_types,
             vocab_shard=factory.vocab_shard(config.vocab_size) if factory.parts > 1 else None,
             name="embeddings", dtype=policy)
         self.blocks = [

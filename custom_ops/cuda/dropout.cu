@@ -1,0 +1,108 @@
+// The fused dropout CUDA kernel, behind the C ABI of dropout_launch.h.
+//
+// The keep decision of element i is tfbert_dropout_keep(key, i, rate) (dropout_rng.h, the CPU
+// kernel's function), so the op needs neither a random-number state nor a stored mask, and its
+// backward pass is the same kernel on the upstream gradient. float32 arithmetic whatever the
+// storage type.
+//
+// The hash (two 64-bit multiplies per element) costs about as much as the memory traffic, so
+// each thread takes 16 bytes at a time (8 16-bit or 4 float32 elements: one vector load and
+// store, the hashes independent of each other) and steps the hash's counter by additions:
+// bits(i) = mix64(key + (i + 1) * G), and (i + 1) * G for the next element is G more. A
+// grid-stride loop over the 16-byte vectors, then the last size % 16-byte elements; buffers
+// not 16-byte aligned take the element-wise loop alone.
+
+#include <stdint.h>
+
+#include "dropout_launch.h"
+#include "dropout_rng.h"
+#include "half_bits.cuh"
+
+namespace {
+
+constexpr int kThreads = 256;
+// Blocks of the grid; larger inputs loop (grid-stride). Enough to fill any current GPU.
+constexpr long long kMaxBlocks = 1LL << 15;
+
+// tfbert_dropout_keep as an integer comparison: u = (bits >> 40) * 2^-24 >= rate exactly when
+// (bits >> 40) >= ceil(rate * 2^24) (a power-of-two scaling is exact), the CPU kernel's form.
+__host__ unsigned int KeepThreshold(float rate) {
+  return (unsigned int)ceil((double)rate * 16777216.0);
+}
+
+template <typename T>
+__device__ __forceinline__ T Drop(T x, uint64_t counter, unsigned int threshold,
+                                  float keep_scale) {
+  const bool keep = (tfbert_dropout_mix64(counter) >> 40) >= threshold;
+  return FromFloat<T>(keep ? __fmul_rn(ToFloat(x), keep_scale) : 0.0f);
+}
+
+template <typename T>
+struct alignas(16) Vector {
+  static constexpr int kSize = 16 / sizeof(T);
+  T values[kSize];
+};
+
+template <typename T>
+__global__ void DropoutKernel(const T* __restrict__ x, long long size, bool vectorised,
+                              unsigned int threshold, uint64_t key, float keep_scale,
+                              T* __restrict__ y) {
+  constexpr int kSize = Vector<T>::kSize;
+  const long long thread = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+  const long long threads = (long long)gridDim.x * blockDim.x;
+  const long long vectors = vectorised ? size / kSize : 0;
+  const Vector<T>* x_vectors = reinterpret_cast<const Vector<T>*>(x);
+  Vector<T>* y_vectors = reinterpret_cast<Vector<T>*>(y);
+  for (long long v = thread; v < vectors; v += threads) {
+    const Vector<T> in = x_vectors[v];
+    Vector<T> out;
+    uint64_t counter = key + ((uint64_t)v * kSize + 1) * TFBERT_DROPOUT_RNG_GAMMA;
+#pragma unroll
+    for (int e = 0; e < kSize; ++e) {
+      out.values[e] = Drop(in.values[e], counter, threshold, keep_scale);
+      counter += TFBERT_DROPOUT_RNG_GAMMA;
+    }
+    y_vectors[v] = out;
+  }
+  for (long long i = vectors * kSize + thread; i < size; i += threads) {
+    y[i] = Drop(x[i], key + ((uint64_t)i + 1) * TFBERT_DROPOUT_RNG_GAMMA, threshold, keep_scale);
+  }
+}
+
+template <typename T>
+cudaError_t Launch(const T* x, long long size, float rate, long long seed0, long long seed1,
+                   T* y, cudaStream_t stream) {
+  if (size <= 0) return cudaSuccess;
+  const bool vectorised = (reinterpret_cast<uintptr_t>(x) % 16 == 0) &&
+                          (reinterpret_cast<uintptr_t>(y) % 16 == 0);
+  const long long work = vectorised ? (size + Vector<T>::kSize - 1) / Vector<T>::kSize : size;
+  long long blocks = (work + kThreads - 1) / kThreads;
+  if (blocks > kMaxBlocks) blocks = kMaxBlocks;
+  const float keep_scale = 1.0f / (1.0f - rate);  // inverted dropout, as the CPU kernel
+  DropoutKernel<T><<<(unsigned int)blocks, kThreads, 0, stream>>>(
+      x, size, vectorised, KeepThreshold(rate), tfbert_dropout_key(seed0, seed1), keep_scale, y);
+  return cudaGetLastError();
+}
+
+}  // namespace
+
+extern "C" {
+
+cudaError_t tfbert_dropout_f32(const float* x, long long size, float rate, long long seed0,
+                               long long seed1, float* y, cudaStream_t stream) {
+  return Launch(x, size, rate, seed0, seed1, y, stream);
+}
+
+cudaError_t tfbert_dropout_f16(const unsigned short* x, long long size, float rate,
+                               long long seed0, long long seed1, unsigned short* y,
+                               cudaStream_t stream) {
+  return Launch(AsHalf(x), size, rate, seed0, seed1, AsHalf(y), stream);
+}
+
+cudaError_t tfbert_dropout_bf16(const unsigned short* x, long long size, float rate,
+                                long long seed0, long long seed1, unsigned short* y,
+                                cudaStream_t stream) {
+  return Launch(AsBf16(x), size, rate, seed0, seed1, AsBf16(y), stream);
+}
+
+}  // extern "C"
