@@ -3,9 +3,12 @@
 // Legend: rows = the product of x's leading dimensions, cols = H. x, y, dy, dx: [rows, cols];
 // gamma, beta, dgamma, dbeta: float32 [cols]; mean, rstd: float32 [rows].
 //
-// Forward and dx: one block per row (a grid-stride loop over rows), up to 256 threads striding
-// over the columns, so any H works (no vector loads that would need H % 2, 4 or 8 == 0). Each
-// row is read from global memory two or three times; after the first read it is in L1/L2.
+// Forward and dx, rows of up to 2048 elements whose width is a multiple of a 16-byte vector
+// (8 16-bit or 4 float32 elements) in 16-byte aligned buffers: one warp per row, the row read
+// once with 16-byte loads into the lanes' registers, the statistics reduced with shuffles
+// (no shared memory, no barriers), several rows per block. Any other H: one block per row (a
+// grid-stride loop over rows), up to 256 threads striding over the columns; each row is read
+// from global memory two or three times (after the first read it is in L1/L2).
 // All arithmetic and all statistics are float32 whatever the storage type T: a float16
 // variance overflows (x^2 > 65504 once |x| > 256) or underflows, and bfloat16 sums of hundreds
 // of elements lose everything below the 8th bit.
@@ -13,6 +16,10 @@
 // dgamma and dbeta: a partial-sum kernel (32 columns x one block of rows per CUDA block) then a
 // kernel that adds the partials of each column in block order: no atomics, so the sums are
 // bit-identical from run to run.
+
+#include <stdint.h>
+
+#include <initializer_list>
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -116,6 +123,185 @@ __global__ void LayerNormBackwardDxKernel(const T* __restrict__ dy, const T* __r
   }
 }
 
+// ---- The warp-per-row kernels ----
+
+template <typename T>
+struct alignas(16) Vector16 {
+  static constexpr int kSize = 16 / sizeof(T);  // elements per 16-byte load
+  T values[kSize];
+};
+
+// 16-byte vectors each lane holds: 64 elements, so a row of up to 32 * 64 = 2048 elements.
+template <typename T>
+constexpr int kLaneVectors = 64 / Vector16<T>::kSize;
+constexpr int kWarpMaxCols = kWarpSize * 64;
+constexpr int kRowsPerWarpBlock = 4;  // warps (rows) per block
+
+// Loads lane `lane`'s vectors of one row (vectors lane, lane + 32, ...; `vectors` in the row).
+template <typename T>
+__device__ __forceinline__ void LoadRow(const T* row, int vectors, int lane,
+                                        Vector16<T> (&values)[kLaneVectors<T>]) {
+  const Vector16<T>* row_vectors = reinterpret_cast<const Vector16<T>*>(row);
+#pragma unroll
+  for (int i = 0; i < kLaneVectors<T>; ++i) {
+    const int v = lane + i * kWarpSize;
+    if (v < vectors) values[i] = row_vectors[v];
+  }
+}
+
+// params[j .. j + kSize) (gamma or beta, float32) with 16-byte loads: j is a multiple of kSize
+// (4 or 8) and params is 16-byte aligned (WarpPerRow), so every load is aligned.
+template <int kSize>
+__device__ __forceinline__ void LoadParams(const float* params, int j, float (&out)[kSize]) {
+  const float4* vectors = reinterpret_cast<const float4*>(params + j);
+#pragma unroll
+  for (int q = 0; q < kSize / 4; ++q) {
+    const float4 value = vectors[q];
+    out[4 * q] = value.x;
+    out[4 * q + 1] = value.y;
+    out[4 * q + 2] = value.z;
+    out[4 * q + 3] = value.w;
+  }
+}
+
+// The block kernel's arithmetic (shifted mean, centred second pass, the same expression for y)
+// with the row in registers.
+template <typename T>
+__global__ void LayerNormForwardWarpKernel(const T* __restrict__ x,
+                                           const float* __restrict__ gamma,
+                                           const float* __restrict__ beta, long long rows,
+                                           int cols, float epsilon, T* __restrict__ y,
+                                           float* __restrict__ mean, float* __restrict__ rstd) {
+  constexpr int kSize = Vector16<T>::kSize;
+  const int lane = threadIdx.x % kWarpSize;
+  const int vectors = cols / kSize;
+  const float inv_cols = 1.0f / static_cast<float>(cols);
+  for (long long row = static_cast<long long>(blockIdx.x) * kRowsPerWarpBlock +
+                       threadIdx.x / kWarpSize;
+       row < rows; row += static_cast<long long>(gridDim.x) * kRowsPerWarpBlock) {
+    Vector16<T> values[kLaneVectors<T>];
+    LoadRow(x + row * cols, vectors, lane, values);
+    const float shift = ToFloat(x[row * cols]);
+    float shifted_sum = 0.0f;
+#pragma unroll
+    for (int i = 0; i < kLaneVectors<T>; ++i) {
+      if (lane + i * kWarpSize < vectors) {
+#pragma unroll
+        for (int e = 0; e < kSize; ++e) shifted_sum += ToFloat(values[i].values[e]) - shift;
+      }
+    }
+    const float row_mean = shift + WarpSum(shifted_sum) * inv_cols;
+    float centred_squares = 0.0f;
+#pragma unroll
+    for (int i = 0; i < kLaneVectors<T>; ++i) {
+      if (lane + i * kWarpSize < vectors) {
+#pragma unroll
+        for (int e = 0; e < kSize; ++e) {
+          const float d = ToFloat(values[i].values[e]) - row_mean;
+          centred_squares += d * d;
+        }
+      }
+    }
+    const float row_rstd = rsqrtf(WarpSum(centred_squares) * inv_cols + epsilon);
+    Vector16<T>* y_row = reinterpret_cast<Vector16<T>*>(y + row * cols);
+#pragma unroll
+    for (int i = 0; i < kLaneVectors<T>; ++i) {
+      const int v = lane + i * kWarpSize;
+      if (v < vectors) {
+        float gamma_values[kSize], beta_values[kSize];
+        LoadParams(gamma, v * kSize, gamma_values);
+        LoadParams(beta, v * kSize, beta_values);
+        Vector16<T> out;
+#pragma unroll
+        for (int e = 0; e < kSize; ++e) {
+          out.values[e] = FromFloat<T>((ToFloat(values[i].values[e]) - row_mean) * row_rstd *
+                                       gamma_values[e] + beta_values[e]);
+        }
+        y_row[v] = out;
+      }
+    }
+    if (lane == 0) {
+      mean[row] = row_mean;
+      rstd[row] = row_rstd;
+    }
+  }
+}
+
+// LayerNormBackwardDxKernel's arithmetic with dy and x in registers.
+template <typename T>
+__global__ void LayerNormBackwardDxWarpKernel(const T* __restrict__ dy, const T* __restrict__ x,
+                                              const float* __restrict__ mean,
+                                              const float* __restrict__ rstd,
+                                              const float* __restrict__ gamma, long long rows,
+                                              int cols, T* __restrict__ dx) {
+  constexpr int kSize = Vector16<T>::kSize;
+  const int lane = threadIdx.x % kWarpSize;
+  const int vectors = cols / kSize;
+  const float inv_cols = 1.0f / static_cast<float>(cols);
+  for (long long row = static_cast<long long>(blockIdx.x) * kRowsPerWarpBlock +
+                       threadIdx.x / kWarpSize;
+       row < rows; row += static_cast<long long>(gridDim.x) * kRowsPerWarpBlock) {
+    Vector16<T> dy_values[kLaneVectors<T>], x_values[kLaneVectors<T>];
+    LoadRow(dy + row * cols, vectors, lane, dy_values);
+    LoadRow(x + row * cols, vectors, lane, x_values);
+    const float row_mean = mean[row];
+    const float row_rstd = rstd[row];
+    float sum_g = 0.0f, sum_g_xhat = 0.0f;
+#pragma unroll
+    for (int i = 0; i < kLaneVectors<T>; ++i) {
+      const int v = lane + i * kWarpSize;
+      if (v < vectors) {
+        float gamma_values[kSize];
+        LoadParams(gamma, v * kSize, gamma_values);
+#pragma unroll
+        for (int e = 0; e < kSize; ++e) {
+          const float xhat = (ToFloat(x_values[i].values[e]) - row_mean) * row_rstd;
+          const float g = __fmul_rn(gamma_values[e], ToFloat(dy_values[i].values[e]));
+          sum_g += g;
+          sum_g_xhat += g * xhat;
+        }
+      }
+    }
+    const float mean_g = WarpSum(sum_g) * inv_cols;
+    const float mean_g_xhat = WarpSum(sum_g_xhat) * inv_cols;
+    Vector16<T>* dx_row = reinterpret_cast<Vector16<T>*>(dx + row * cols);
+#pragma unroll
+    for (int i = 0; i < kLaneVectors<T>; ++i) {
+      const int v = lane + i * kWarpSize;
+      if (v < vectors) {
+        float gamma_values[kSize];
+        LoadParams(gamma, v * kSize, gamma_values);
+        Vector16<T> out;
+#pragma unroll
+        for (int e = 0; e < kSize; ++e) {
+          const float xhat = (ToFloat(x_values[i].values[e]) - row_mean) * row_rstd;
+          const float g = __fmul_rn(gamma_values[e], ToFloat(dy_values[i].values[e]));
+          out.values[e] = FromFloat<T>(row_rstd * (g - mean_g - xhat * mean_g_xhat));
+        }
+        dx_row[v] = out;
+      }
+    }
+  }
+}
+
+bool Aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+
+// Whether rows of `cols` elements take the warp-per-row kernels: whole 16-byte vectors, at most
+// kWarpMaxCols, every buffer the kernel reads or writes with vector loads 16-byte aligned.
+template <typename T>
+bool WarpPerRow(int cols, std::initializer_list<const void*> buffers) {
+  if (cols % Vector16<T>::kSize != 0 || cols > kWarpMaxCols) return false;
+  for (const void* buffer : buffers) {
+    if (!Aligned16(buffer)) return false;
+  }
+  return true;
+}
+
+unsigned int WarpRowGrid(long long rows) {
+  const long long blocks = (rows + kRowsPerWarpBlock - 1) / kRowsPerWarpBlock;
+  return static_cast<unsigned int>(blocks < kMaxRowBlocks ? blocks : kMaxRowBlocks);
+}
+
 // Block (32, kParamRowsPerPass), grid (ceil(cols / 32), row_blocks): block (bx, by) sums
 // dy * xhat and dy over its rows for columns [32 bx, 32 bx + 32) into row `by` of the partials
 // ([row_blocks, cols] each). The sums over threadIdx.y are added in a fixed order.
@@ -186,8 +372,14 @@ cudaError_t LaunchForward(const T* x, const float* gamma, const float* beta, lon
                           int cols, float epsilon, T* y, float* mean, float* rstd,
                           cudaStream_t stream) {
   if (rows <= 0 || cols <= 0) return cudaSuccess;
-  LayerNormForwardKernel<T><<<RowGrid(rows), ThreadsPerRow(cols), 0, stream>>>(
-      x, gamma, beta, rows, cols, epsilon, y, mean, rstd);
+  if (WarpPerRow<T>(cols, {x, y, gamma, beta})) {
+    LayerNormForwardWarpKernel<T><<<WarpRowGrid(rows), kRowsPerWarpBlock * kWarpSize, 0,
+                                    stream>>>(x, gamma, beta, rows, cols, epsilon, y, mean,
+                                              rstd);
+  } else {
+    LayerNormForwardKernel<T><<<RowGrid(rows), ThreadsPerRow(cols), 0, stream>>>(
+        x, gamma, beta, rows, cols, epsilon, y, mean, rstd);
+  }
   return cudaGetLastError();
 }
 
@@ -201,8 +393,13 @@ cudaError_t LaunchBackward(const T* dy, const T* x, const float* mean, const flo
     if (error != cudaSuccess) return error;
     return cudaMemsetAsync(dbeta, 0, sizeof(float) * cols, stream);
   }
-  LayerNormBackwardDxKernel<T><<<RowGrid(rows), ThreadsPerRow(cols), 0, stream>>>(
-      dy, x, mean, rstd, gamma, rows, cols, dx);
+  if (WarpPerRow<T>(cols, {dy, x, dx, gamma})) {
+    LayerNormBackwardDxWarpKernel<T><<<WarpRowGrid(rows), kRowsPerWarpBlock * kWarpSize, 0,
+                                       stream>>>(dy, x, mean, rstd, gamma, rows, cols, dx);
+  } else {
+    LayerNormBackwardDxKernel<T><<<RowGrid(rows), ThreadsPerRow(cols), 0, stream>>>(
+        dy, x, mean, rstd, gamma, rows, cols, dx);
+  }
   cudaError_t error = cudaGetLastError();
   if (error != cudaSuccess) return error;
 

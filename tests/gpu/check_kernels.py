@@ -404,7 +404,9 @@ def shape_str(*dims) -> str:
 # LayerNorm.
 # --------------------------------------------------------------------------------------------
 
-LAYER_NORM_SMALL = [(13 * 7, 37), (3, 1), (5, 33), (2, 4099)]  # (rows, cols): odd, 1 column, ...
+# (rows, cols): odd widths, 1 column, > 2048 (the block-per-row kernels); widths that are whole
+# 16-byte vectors up to 2048 (the warp-per-row kernels: fewer vectors than lanes, the maximum).
+LAYER_NORM_SMALL = [(13 * 7, 37), (3, 1), (5, 33), (2, 4099), (7, 24), (5, 2048)]
 
 
 def layer_norm_shapes(args):
