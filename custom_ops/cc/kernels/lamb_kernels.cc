@@ -31,25 +31,90 @@ constexpr int64_t kChunkElements = 1 << 14;
 // Rough cycles per element (a division, a square root, three reads and writes), for sharding.
 constexpr int64_t kCostPerElement = 30;
 
-struct CpuStep {
-  float beta1, one_minus_beta1, beta2, one_minus_beta2;
-  const LambHyperparams& hp;
+// Independent partial sums per chunk for the norms (added in lane order at the end: the loop
+// vectorises without reassociating anything, so every clone gives the same sums).
+constexpr int kLanes = 16;
 
-  // m and v in place, as tfa writes them: beta * m + (g * (1 - beta)).
-  void Moments(float g, float* m, float* v) const {
-    *m = *m * beta1 + g * one_minus_beta1;
-    *v = *v * beta2 + (g * g) * one_minus_beta2;
-  }
-  // u in tfa's order: (m / bc1) / (sqrt(v / bc2) + eps) (+ wd * var). One function for both
-  // passes, so the u whose norm is taken is exactly the u that is applied.
-  float Direction(float m, float v, float var, bool apply_weight_decay) const {
-    const float m_hat = m / hp.bias_correction1;
-    const float v_hat = v / hp.bias_correction2;
-    float u = m_hat / (std::sqrt(v_hat) + hp.epsilon);
-    if (apply_weight_decay) u += hp.weight_decay * var;
-    return u;
-  }
+// The step's scalars, passed by value into the loops: a reference could alias the float
+// buffers they write, and would keep GCC from vectorising them.
+struct LambScalars {
+  float beta1, one_minus_beta1, beta2, one_minus_beta2;
+  float bias_correction1, bias_correction2, epsilon, weight_decay;
 };
+
+LambScalars ScalarsOf(const LambHyperparams& hp) {
+  return {hp.beta1, 1.0f - hp.beta1, hp.beta2, 1.0f - hp.beta2, hp.bias_correction1,
+          hp.bias_correction2, hp.epsilon, hp.weight_decay};
+}
+
+// u in tfa's order: (m / bc1) / (sqrt(v / bc2) + eps) (+ wd * var). One function for both
+// passes, so the u whose norm is taken is exactly the u that is applied.
+template <bool kDecay>
+TFBERT_INLINE float Direction(const LambScalars& s, float m, float v, float var) {
+  float u = (m / s.bias_correction1) / (std::sqrt(v / s.bias_correction2) + s.epsilon);
+  if (kDecay) u += s.weight_decay * var;
+  return u;
+}
+
+// m and v of element i in place, as tfa writes them (beta * m + (g * (1 - beta))); returns u.
+template <bool kDecay>
+TFBERT_INLINE float MomentsAndDirection(const LambScalars& s, float g, float* m, float* v,
+                                        float var) {
+  const float m_new = *m * s.beta1 + g * s.one_minus_beta1;
+  const float v_new = *v * s.beta2 + (g * g) * s.one_minus_beta2;
+  *m = m_new;
+  *v = v_new;
+  return Direction<kDecay>(s, m_new, v_new, var);
+}
+
+// The whole step of a chunk without layer adaptation (trust ratio 1): var -= lr * u.
+template <bool kDecay>
+TFBERT_CPU_CLONES void StepChunk(LambScalars s, float lr, const float* __restrict grad,
+                                      float* __restrict m, float* __restrict v,
+                                      float* __restrict var, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) {
+    var[i] -= lr * MomentsAndDirection<kDecay>(s, grad[i], m + i, v + i, var[i]);
+  }
+}
+
+// Pass 1 of a chunk with layer adaptation: the moments, and the chunk's sums of var^2 and u^2
+// in double (the sums run over up to millions of elements) into sums[0], sums[1].
+template <bool kDecay>
+TFBERT_CPU_CLONES void MomentsAndSumsChunk(LambScalars s, const float* __restrict grad,
+                                                float* __restrict m, float* __restrict v,
+                                                const float* __restrict var, int64_t n,
+                                                double* __restrict sums) {
+  double var_sq[kLanes] = {}, update_sq[kLanes] = {};
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
+    for (int l = 0; l < kLanes; ++l) {
+      const float u = MomentsAndDirection<kDecay>(s, grad[i + l], m + i + l, v + i + l,
+                                                  var[i + l]);
+      var_sq[l] += static_cast<double>(var[i + l]) * var[i + l];
+      update_sq[l] += static_cast<double>(u) * u;
+    }
+  }
+  for (; i < n; ++i) {
+    const float u = MomentsAndDirection<kDecay>(s, grad[i], m + i, v + i, var[i]);
+    var_sq[0] += static_cast<double>(var[i]) * var[i];
+    update_sq[0] += static_cast<double>(u) * u;
+  }
+  double var_sum = var_sq[0], update_sum = update_sq[0];
+  for (int l = 1; l < kLanes; ++l) {
+    var_sum += var_sq[l];
+    update_sum += update_sq[l];
+  }
+  sums[0] = var_sum;
+  sums[1] = update_sum;
+}
+
+// Pass 2 of a chunk with layer adaptation: var -= (ratio * lr) * u, u again from m, v and var.
+template <bool kDecay>
+TFBERT_CPU_CLONES void ApplyChunk(LambScalars s, float scale, const float* __restrict m,
+                                       const float* __restrict v, float* __restrict var,
+                                       int64_t n) {
+  for (int64_t i = 0; i < n; ++i) var[i] -= scale * Direction<kDecay>(s, m[i], v[i], var[i]);
+}
 
 // One chunk of one tensor: the unit of work of every pass.
 struct Chunk {
@@ -64,7 +129,7 @@ struct FusedLambMultiUpdate<CPUDevice> {
   Status operator()(OpKernelContext* context, const std::vector<LambTensor>& tensors,
                     const LambHyperparams& hp) {
     auto* workers = context->device()->tensorflow_cpu_worker_threads()->workers;
-    const CpuStep step{hp.beta1, 1.0f - hp.beta1, hp.beta2, 1.0f - hp.beta2, hp};
+    const LambScalars scalars = ScalarsOf(hp);
     const int64_t cost_per_chunk = kChunkElements * kCostPerElement;
 
     // Every tensor cut at multiples of kChunkElements (as if alone), all chunks in one list, so
@@ -96,24 +161,25 @@ struct FusedLambMultiUpdate<CPUDevice> {
           for (int64_t c = chunk_begin; c < chunk_end; ++c) {
             const Chunk& chunk = chunks[c];
             const LambTensor& t = tensors[chunk.tensor];
+            const int64_t n = chunk.end - chunk.begin;
+            const float* grad = t.grad + chunk.begin;
+            float* m = t.m + chunk.begin;
+            float* v = t.v + chunk.begin;
+            float* var = t.var + chunk.begin;
             if (!t.use_layer_adaptation) {
-              for (int64_t i = chunk.begin; i < chunk.end; ++i) {
-                step.Moments(t.grad[i], &t.m[i], &t.v[i]);
-                t.var[i] -= hp.lr * step.Direction(t.m[i], t.v[i], t.var[i],
-                                                   t.apply_weight_decay);
+              if (t.apply_weight_decay) {
+                StepChunk<true>(scalars, hp.lr, grad, m, v, var, n);
+              } else {
+                StepChunk<false>(scalars, hp.lr, grad, m, v, var, n);
               }
               continue;
             }
-            double var_sq = 0.0, update_sq = 0.0;
-            for (int64_t i = chunk.begin; i < chunk.end; ++i) {
-              step.Moments(t.grad[i], &t.m[i], &t.v[i]);
-              const float u = step.Direction(t.m[i], t.v[i], t.var[i], t.apply_weight_decay);
-              var_sq += static_cast<double>(t.var[i]) * t.var[i];
-              update_sq += static_cast<double>(u) * u;
-            }
             const int64_t p = first_partial[chunk.tensor] + chunk.begin / kChunkElements;
-            partials[2 * p] = var_sq;
-            partials[2 * p + 1] = update_sq;
+            if (t.apply_weight_decay) {
+              MomentsAndSumsChunk<true>(scalars, grad, m, v, var, n, &partials[2 * p]);
+            } else {
+              MomentsAndSumsChunk<false>(scalars, grad, m, v, var, n, &partials[2 * p]);
+            }
           }
         });
     if (adapted_chunks.empty()) return ::tensorflow::OkStatus();
@@ -138,9 +204,13 @@ struct FusedLambMultiUpdate<CPUDevice> {
           for (int64_t c = chunk_begin; c < chunk_end; ++c) {
             const Chunk& chunk = adapted_chunks[c];
             const LambTensor& t = tensors[chunk.tensor];
-            for (int64_t i = chunk.begin; i < chunk.end; ++i) {
-              t.var[i] -= scale[chunk.tensor] *
-                          step.Direction(t.m[i], t.v[i], t.var[i], t.apply_weight_decay);
+            const int64_t n = chunk.end - chunk.begin;
+            if (t.apply_weight_decay) {
+              ApplyChunk<true>(scalars, scale[chunk.tensor], t.m + chunk.begin,
+                               t.v + chunk.begin, t.var + chunk.begin, n);
+            } else {
+              ApplyChunk<false>(scalars, scale[chunk.tensor], t.m + chunk.begin,
+                                t.v + chunk.begin, t.var + chunk.begin, n);
             }
           }
         });
