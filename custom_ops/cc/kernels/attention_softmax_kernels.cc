@@ -288,7 +288,7 @@ class FusedAttentionSoftmaxOp : public OpKernel {
                 errors::InvalidArgument("mask_bias must be [B, 1, 1, Sk] or [B, 1, Sq, Sk] for "
                                         "scores of shape ", scores.shape().DebugString(),
                                         ", got shape ", mask_bias.shape().DebugString()));
-    int64_t seed0, seed1;
+    int64_t seed0 = 0, seed1 = 0;  // set by ReadDropoutSeed (GCC cannot see through OP_REQUIRES_OK)
     OP_REQUIRES_OK(context, ReadDropoutSeed(context->input(2), &seed0, &seed1));
 
     Tensor* probs = nullptr;
@@ -333,7 +333,7 @@ class FusedAttentionSoftmaxGradOp : public OpKernel {
                 errors::InvalidArgument("dprobs and softmax must both be [B, N, Sq, Sk], got "
                                         "shapes ", dprobs.shape().DebugString(), " and ",
                                         softmax.shape().DebugString()));
-    int64_t seed0, seed1;
+    int64_t seed0 = 0, seed1 = 0;  // set by ReadDropoutSeed (GCC cannot see through OP_REQUIRES_OK)
     OP_REQUIRES_OK(context, ReadDropoutSeed(context->input(2), &seed0, &seed1));
     Tensor* dscores = nullptr;
     OP_REQUIRES_OK(context, context->allocate_output(0, dprobs.shape(), &dscores));
@@ -362,7 +362,7 @@ class DropoutKeepMaskOp : public OpKernel {
   void Compute(OpKernelContext* context) override {
     TensorShape shape;
     OP_REQUIRES_OK(context, ::tensorflow::tensor::MakeShape(context->input(0), &shape));
-    int64_t seed0, seed1;
+    int64_t seed0 = 0, seed1 = 0;  // set by ReadDropoutSeed (GCC cannot see through OP_REQUIRES_OK)
     OP_REQUIRES_OK(context, ReadDropoutSeed(context->input(1), &seed0, &seed1));
     Tensor* keep = nullptr;
     OP_REQUIRES_OK(context, context->allocate_output(0, shape, &keep));

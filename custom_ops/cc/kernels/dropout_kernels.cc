@@ -95,7 +95,7 @@ class FusedDropoutOp : public OpKernel {
 
   void Compute(OpKernelContext* context) override {
     const Tensor& x = context->input(0);
-    int64_t seed0, seed1;
+    int64_t seed0 = 0, seed1 = 0;  // set by ReadDropoutSeed (GCC cannot see through OP_REQUIRES_OK)
     OP_REQUIRES_OK(context, ReadDropoutSeed(context->input(1), &seed0, &seed1));
     Tensor* y = nullptr;
     OP_REQUIRES_OK(context, context->allocate_output(0, x.shape(), &y));
