@@ -1062,8 +1062,11 @@ def check_lamb_shard(ctx: Context, k: Kernels):
 
 
 def gelu_shapes(args):
-    """(rows, cols): for GeGLU cols is half_cols (x is [rows, 2 * cols])."""
-    small = [(13 * 7, 37), (3, 1), (5, 33), (2, 4099)] if args.shapes in ("small", "all") else []
+    """(rows, cols): for GeGLU cols is half_cols (x is [rows, 2 * cols]). Odd widths take the
+    GELU backward's one-column-per-thread kernel, even ones its two-column kernel (a partial
+    last block of columns: 66 and 2050)."""
+    small = ([(13 * 7, 37), (3, 1), (5, 33), (2, 4099), (7, 66), (3, 2050)]
+             if args.shapes in ("small", "all") else [])
     # BERT's intermediate layer: [B * S, 4 * hidden].
     bert = ([(8 * s, 4 * h) for s in (128, 512) for h in (1024, 2048)]
             if args.shapes in ("bert", "all") else [])
