@@ -1,7 +1,6 @@
 """The entry point end to end, in real subprocesses, on the shipped sample corpus."""
 
 import json
-import os
 import shutil
 
 import pytest

@@ -184,8 +184,10 @@ class DataConfig:
         _require(self.train_batch_size > 0, f"--train_batch_size must be positive, got "
                                             f"{self.train_batch_size}")
         _require(self.num_readers > 0, f"--num_readers must be positive, got {self.num_readers}")
-        _require(self.shuffle_buffer > 0, f"--shuffle_buffer must be positive")
-        _require(0.0 < self.masked_lm_prob < 1.0, f"--masked_lm_prob must be in (0, 1)")
+        _require(self.shuffle_buffer > 0,
+                 f"--shuffle_buffer must be positive, got {self.shuffle_buffer}")
+        _require(0.0 < self.masked_lm_prob < 1.0,
+                 f"--masked_lm_prob must be in (0, 1), got {self.masked_lm_prob}")
         _require(self.tokenizer_type in TOKENIZER_TYPES,
                  f"--tokenizer_type={self.tokenizer_type!r} is not one of {TOKENIZER_TYPES}")
         _require(not self.dynamic_masking or self.vocab_file,
@@ -213,10 +215,14 @@ class OptimizerConfig:
     def __post_init__(self):
         _require(self.optimizer in OPTIMIZERS,
                  f"--optimizer={self.optimizer!r} is not one of {OPTIMIZERS}")
-        _require(self.learning_rate > 0, f"--learning_rate must be positive")
-        _require(self.num_warmup_steps >= 0, f"--num_warmup_steps must be >= 0")
-        _require(self.weight_decay_rate >= 0, f"--weight_decay_rate must be >= 0")
-        _require(self.clip_norm >= 0, f"--clip_norm must be >= 0 (0 turns clipping off)")
+        _require(self.learning_rate > 0,
+                 f"--learning_rate must be positive, got {self.learning_rate}")
+        _require(self.num_warmup_steps >= 0,
+                 f"--num_warmup_steps must be >= 0, got {self.num_warmup_steps}")
+        _require(self.weight_decay_rate >= 0,
+                 f"--weight_decay_rate must be >= 0, got {self.weight_decay_rate}")
+        _require(self.clip_norm >= 0,
+                 f"--clip_norm must be >= 0 (0 turns clipping off), got {self.clip_norm}")
         _require(0 <= self.beta_1 < 1 and 0 <= self.beta_2 < 1, "--beta_1/--beta_2 must be in [0, 1)")
 
 
@@ -264,7 +270,8 @@ class RuntimeConfig:
 
     def __post_init__(self):
         _require(bool(self.output_dir), "--output_dir is empty")
-        _require(self.num_train_steps > 0, f"--num_train_steps must be positive")
+        _require(self.num_train_steps > 0,
+                 f"--num_train_steps must be positive, got {self.num_train_steps}")
         _require(self.precision in PRECISIONS,
                  f"--precision={self.precision!r} is not one of {PRECISIONS}")
         _require(self.xla in XLA_MODES, f"--xla={self.xla!r} is not one of {XLA_MODES}")

@@ -1116,7 +1116,6 @@ def check_gelu(ctx: Context, k: Kernels):
                     shape = shape_str(rows, x_cols)
                     row = Row(op + "_fwd", dtype, shape, err, worst, ratio, ok)
                     if bert:
-                        tdt = x.dtype
                         if kind == "gelu":
                             theirs = lambda: F.gelu(x + bias, approximate=approximate)  # noqa: E731
                         else:
