@@ -24,38 +24,26 @@ constexpr int kThreads = 256;
 // Blocks of the grid; larger inputs loop (grid-stride). Enough to fill any current GPU.
 constexpr long long kMaxBlocks = 1LL << 15;
 
-// tfbert_dropout_keep as an integer comparison: u = (bits >> 40) * 2^-24 >= rate exactly when
-// (bits >> 40) >= ceil(rate * 2^24) (a power-of-two scaling is exact), the CPU kernel's form.
-__host__ unsigned int KeepThreshold(float rate) {
-  return (unsigned int)ceil((double)rate * 16777216.0);
-}
-
+// Element i from counter = key + (i + 1) * G, with dropout_rng.h's integer keep decision.
 template <typename T>
-__device__ __forceinline__ T Drop(T x, uint64_t counter, unsigned int threshold,
-                                  float keep_scale) {
+__device__ __forceinline__ T Drop(T x, uint64_t counter, uint64_t threshold, float keep_scale) {
   const bool keep = (tfbert_dropout_mix64(counter) >> 40) >= threshold;
   return FromFloat<T>(keep ? __fmul_rn(ToFloat(x), keep_scale) : 0.0f);
 }
 
 template <typename T>
-struct alignas(16) Vector {
-  static constexpr int kSize = 16 / sizeof(T);
-  T values[kSize];
-};
-
-template <typename T>
 __global__ void DropoutKernel(const T* __restrict__ x, long long size, bool vectorised,
-                              unsigned int threshold, uint64_t key, float keep_scale,
+                              uint64_t threshold, uint64_t key, float keep_scale,
                               T* __restrict__ y) {
-  constexpr int kSize = Vector<T>::kSize;
+  constexpr int kSize = Vector16<T>::kSize;
   const long long thread = (long long)blockIdx.x * blockDim.x + threadIdx.x;
   const long long threads = (long long)gridDim.x * blockDim.x;
   const long long vectors = vectorised ? size / kSize : 0;
-  const Vector<T>* x_vectors = reinterpret_cast<const Vector<T>*>(x);
-  Vector<T>* y_vectors = reinterpret_cast<Vector<T>*>(y);
+  const Vector16<T>* x_vectors = reinterpret_cast<const Vector16<T>*>(x);
+  Vector16<T>* y_vectors = reinterpret_cast<Vector16<T>*>(y);
   for (long long v = thread; v < vectors; v += threads) {
-    const Vector<T> in = x_vectors[v];
-    Vector<T> out;
+    const Vector16<T> in = x_vectors[v];
+    Vector16<T> out;
     uint64_t counter = key + ((uint64_t)v * kSize + 1) * TFBERT_DROPOUT_RNG_GAMMA;
 #pragma unroll
     for (int e = 0; e < kSize; ++e) {
@@ -73,14 +61,14 @@ template <typename T>
 cudaError_t Launch(const T* x, long long size, float rate, long long seed0, long long seed1,
                    T* y, cudaStream_t stream) {
   if (size <= 0) return cudaSuccess;
-  const bool vectorised = (reinterpret_cast<uintptr_t>(x) % 16 == 0) &&
-                          (reinterpret_cast<uintptr_t>(y) % 16 == 0);
-  const long long work = vectorised ? (size + Vector<T>::kSize - 1) / Vector<T>::kSize : size;
+  const bool vectorised = IsAligned(x, 16) && IsAligned(y, 16);
+  const long long work = vectorised ? (size + Vector16<T>::kSize - 1) / Vector16<T>::kSize : size;
   long long blocks = (work + kThreads - 1) / kThreads;
   if (blocks > kMaxBlocks) blocks = kMaxBlocks;
   const float keep_scale = 1.0f / (1.0f - rate);  // inverted dropout, as the CPU kernel
   DropoutKernel<T><<<(unsigned int)blocks, kThreads, 0, stream>>>(
-      x, size, vectorised, KeepThreshold(rate), tfbert_dropout_key(seed0, seed1), keep_scale, y);
+      x, size, vectorised, tfbert_dropout_keep_threshold(rate), tfbert_dropout_key(seed0, seed1),
+      keep_scale, y);
   return cudaGetLastError();
 }
 

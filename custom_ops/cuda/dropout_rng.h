@@ -51,4 +51,14 @@ TFBERT_DROPOUT_RNG_FN bool tfbert_dropout_keep(uint64_t key, uint64_t index, flo
   return tfbert_dropout_uniform(key, index) >= rate;
 }
 
+// The same decision as an integer comparison, which vectorises on a CPU and needs no float on a
+// GPU: keep(i) = (bits(i) >> 40) >= tfbert_dropout_keep_threshold(rate). (bits >> 40) is an
+// integer k < 2^24, and k * 2^-24 >= rate exactly when k >= rate * 2^24 (exact in double: a
+// power-of-two scaling), i.e. when k >= ceil(rate * 2^24).
+TFBERT_DROPOUT_RNG_FN uint64_t tfbert_dropout_keep_threshold(float rate) {
+  const double scaled = (double)rate * 16777216.0;
+  const uint64_t k = (uint64_t)scaled;  // floor: rate >= 0
+  return (double)k < scaled ? k + 1 : k;
+}
+
 #endif  // TFBERT_CUSTOM_OPS_CUDA_DROPOUT_RNG_H_

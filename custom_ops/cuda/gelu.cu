@@ -15,8 +15,6 @@
 // takes two adjacent columns per thread (BiasGeluBackwardPairKernel: the same sums).
 // x + bias is recomputed here rather than saved by the forward pass.
 
-#include <stdint.h>
-
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
@@ -149,11 +147,6 @@ __global__ void BiasGeluBackwardKernel(const T* __restrict__ dy, const T* __rest
 // reads 64 consecutive elements of a row (128 bytes in 16 bits) in one load per thread. The
 // same arithmetic per element and the same order of the column sums as the kernel above.
 template <typename T>
-struct alignas(2 * sizeof(T)) Pair {
-  T first, second;
-};
-
-template <typename T>
 __global__ void BiasGeluBackwardPairKernel(const T* __restrict__ dy, const T* __restrict__ x,
                                            const T* __restrict__ bias, long long rows, int cols,
                                            bool approximate, T* __restrict__ dx,
@@ -199,10 +192,6 @@ __global__ void BiasGeluBackwardPairKernel(const T* __restrict__ dy, const T* __
     partial[blockIdx.y * static_cast<long long>(cols) + col] = sum0;
     partial[blockIdx.y * static_cast<long long>(cols) + col + 1] = sum1;
   }
-}
-
-bool AlignedTo(const void* p, size_t bytes) {
-  return reinterpret_cast<uintptr_t>(p) % bytes == 0;
 }
 
 // One thread per column adds the row blocks' partials in block order.
@@ -252,8 +241,8 @@ cudaError_t LaunchBackward(const T* dy, const T* x, const T* bias, long long row
   const int row_blocks = static_cast<int>(tfbert_bias_gelu_grad_row_blocks(rows));
   const dim3 block(kWarpSize, kGradRowsPerPass);
   const size_t pair_bytes = sizeof(Pair<T>);
-  if (!kGated && cols % 2 == 0 && AlignedTo(dy, pair_bytes) && AlignedTo(x, pair_bytes) &&
-      AlignedTo(bias, pair_bytes) && AlignedTo(dx, pair_bytes)) {
+  if (!kGated && cols % 2 == 0 && IsAligned(dy, pair_bytes) && IsAligned(x, pair_bytes) &&
+      IsAligned(bias, pair_bytes) && IsAligned(dx, pair_bytes)) {
     const dim3 grid((cols / 2 + kWarpSize - 1) / kWarpSize, row_blocks);
     BiasGeluBackwardPairKernel<T><<<grid, block, 0, stream>>>(dy, x, bias, rows, cols,
                                                               approximate != 0, dx, workspace);

@@ -1,9 +1,12 @@
 // The C ABIs pass float16 and bfloat16 buffers as unsigned short (the raw bits), so that no
 // caller needs CUDA's half types; these views turn them back into __half / __nv_bfloat16.
-// Also the conversions to and from float32 that the kernels share.
+// Also the conversions to and from float32 and the vector types that the kernels share.
 
 #ifndef TFBERT_CUDA_HALF_BITS_CUH_
 #define TFBERT_CUDA_HALF_BITS_CUH_
+
+#include <stddef.h>
+#include <stdint.h>
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -33,6 +36,24 @@ __device__ __forceinline__ __half FromFloat<__half>(float v) { return __float2ha
 template <>
 __device__ __forceinline__ __nv_bfloat16 FromFloat<__nv_bfloat16>(float v) {
   return __float2bfloat16_rn(v);
+}
+
+// kSize elements loaded or stored as one 16-byte access (8 16-bit or 4 float32 elements).
+template <typename T>
+struct alignas(16) Vector16 {
+  static constexpr int kSize = 16 / sizeof(T);
+  T values[kSize];
+};
+
+// Two adjacent elements loaded or stored as one access (4 bytes in 16 bits, 8 in float32).
+template <typename T>
+struct alignas(2 * sizeof(T)) Pair {
+  T first, second;
+};
+
+// Whether p may be read or written as a `bytes`-aligned vector (a Vector16 or a Pair).
+inline bool IsAligned(const void* p, size_t bytes) {
+  return reinterpret_cast<uintptr_t>(p) % bytes == 0;
 }
 
 #endif  // TFBERT_CUDA_HALF_BITS_CUH_

@@ -17,8 +17,6 @@
 // two per thread, for an even H) then a kernel that adds the partials of each column in block
 // order: no atomics, so the sums are bit-identical from run to run.
 
-#include <stdint.h>
-
 #include <initializer_list>
 
 #include <cuda_bf16.h>
@@ -124,12 +122,6 @@ __global__ void LayerNormBackwardDxKernel(const T* __restrict__ dy, const T* __r
 }
 
 // ---- The warp-per-row kernels ----
-
-template <typename T>
-struct alignas(16) Vector16 {
-  static constexpr int kSize = 16 / sizeof(T);  // elements per 16-byte load
-  T values[kSize];
-};
 
 // 16-byte vectors each lane holds: 64 elements, so a row of up to 32 * 64 = 2048 elements.
 template <typename T>
@@ -284,15 +276,13 @@ __global__ void LayerNormBackwardDxWarpKernel(const T* __restrict__ dy, const T*
   }
 }
 
-bool Aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
-
 // Whether rows of `cols` elements take the warp-per-row kernels: whole 16-byte vectors, at most
 // kWarpMaxCols, every buffer the kernel reads or writes with vector loads 16-byte aligned.
 template <typename T>
 bool WarpPerRow(int cols, std::initializer_list<const void*> buffers) {
   if (cols % Vector16<T>::kSize != 0 || cols > kWarpMaxCols) return false;
   for (const void* buffer : buffers) {
-    if (!Aligned16(buffer)) return false;
+    if (!IsAligned(buffer, 16)) return false;
   }
   return true;
 }
@@ -343,11 +333,6 @@ __global__ void LayerNormParamGradPartialKernel(const T* __restrict__ dy,
 // buffers aligned to two elements: block (32, kParamRowsPerPass) owns 64 columns and a warp
 // reads 64 consecutive elements of a row (128 bytes in 16 bits). The same arithmetic per
 // element and the same order of the sums.
-template <typename T>
-struct alignas(2 * sizeof(T)) Pair {
-  T first, second;
-};
-
 template <typename T>
 __global__ void LayerNormParamGradPartialPairKernel(const T* __restrict__ dy,
                                                     const T* __restrict__ x,
@@ -467,9 +452,7 @@ cudaError_t LaunchBackward(const T* dy, const T* x, const float* mean, const flo
   float* partial_dgamma = workspace;
   float* partial_dbeta = workspace + static_cast<long long>(row_blocks) * cols;
   const dim3 partial_block(kWarpSize, kParamRowsPerPass);
-  const uintptr_t pair_bytes = sizeof(Pair<T>);
-  if (cols % 2 == 0 && reinterpret_cast<uintptr_t>(dy) % pair_bytes == 0 &&
-      reinterpret_cast<uintptr_t>(x) % pair_bytes == 0) {
+  if (cols % 2 == 0 && IsAligned(dy, sizeof(Pair<T>)) && IsAligned(x, sizeof(Pair<T>))) {
     const dim3 partial_grid((cols / 2 + kWarpSize - 1) / kWarpSize, row_blocks);
     LayerNormParamGradPartialPairKernel<T><<<partial_grid, partial_block, 0, stream>>>(
         dy, x, mean, rstd, rows, cols, partial_dgamma, partial_dbeta);

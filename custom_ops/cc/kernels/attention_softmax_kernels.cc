@@ -158,7 +158,7 @@ struct FusedAttentionSoftmaxForward<CPUDevice, T> {
                     int64_t seed0, int64_t seed1, T* probs, T* softmax) {
     const int64_t cols = dims.cols;
     const uint64_t key = tfbert_dropout_key(seed0, seed1);
-    const uint64_t threshold = DropoutKeepThreshold(dropout_rate);
+    const uint64_t threshold = tfbert_dropout_keep_threshold(dropout_rate);
     const float keep_scale = 1.0f / (1.0f - dropout_rate);  // inverted dropout
     ParallelRows(context, dims.rows, cols, [&](int64_t begin, int64_t end) {
       std::vector<float> x(cols);  // the row's float32 logits, then its exponentials
@@ -194,7 +194,7 @@ struct FusedAttentionSoftmaxBackward<CPUDevice, T> {
                     int64_t cols, float scale, float dropout_rate, int64_t seed0, int64_t seed1,
                     T* dscores) {
     const uint64_t key = tfbert_dropout_key(seed0, seed1);
-    const uint64_t threshold = DropoutKeepThreshold(dropout_rate);
+    const uint64_t threshold = tfbert_dropout_keep_threshold(dropout_rate);
     const float keep_scale = 1.0f / (1.0f - dropout_rate);
     ParallelRows(context, rows, cols, [&](int64_t begin, int64_t end) {
       std::vector<float> d(dropout_rate > 0.0f ? cols : 0);

@@ -5,7 +5,6 @@
 #ifndef TFBERT_CUSTOM_OPS_CC_KERNELS_DROPOUT_H_
 #define TFBERT_CUSTOM_OPS_CC_KERNELS_DROPOUT_H_
 
-#include <cmath>
 #include <cstdint>
 
 #include "dropout_rng.h"
@@ -27,15 +26,9 @@ inline ::tensorflow::Status ReadDropoutSeed(const ::tensorflow::Tensor& seed, in
   return ::tensorflow::OkStatus();
 }
 
-// tfbert_dropout_keep(key, index, rate) = (bits(index) >> 40) * 2^-24 >= rate, as an integer
-// comparison, which vectorises: (bits >> 40) is an integer k < 2^24 and k * 2^-24 >= rate
-// exactly when k >= rate * 2^24 (exact in float: a power-of-two scaling), i.e. when
-// k >= ceil(rate * 2^24). The same bits, the same decisions, on the CPU and the GPU, forward and
-// backward.
-inline uint64_t DropoutKeepThreshold(float rate) {
-  return static_cast<uint64_t>(std::ceil(static_cast<double>(rate) * 16777216.0));
-}
-
+// tfbert_dropout_keep(key, index, rate) with threshold = tfbert_dropout_keep_threshold(rate):
+// the integer comparison of dropout_rng.h, which vectorises. The same bits, the same decisions,
+// on the CPU and the GPU, forward and backward.
 TFBERT_INLINE bool DropoutKeep(uint64_t key, uint64_t index, uint64_t threshold) {
   return (tfbert_dropout_mix64(key + (index + 1) * TFBERT_DROPOUT_RNG_GAMMA) >> 40) >= threshold;
 }

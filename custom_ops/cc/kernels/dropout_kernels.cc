@@ -45,7 +45,7 @@ struct FusedDropout<CPUDevice, T> {
   Status operator()(OpKernelContext* context, const T* x, int64_t size, float rate,
                     int64_t seed0, int64_t seed1, T* y) {
     const uint64_t key = tfbert_dropout_key(seed0, seed1);
-    const uint64_t threshold = DropoutKeepThreshold(rate);
+    const uint64_t threshold = tfbert_dropout_keep_threshold(rate);
     const float keep_scale = 1.0f / (1.0f - rate);  // inverted dropout
     const int64_t blocks = (size + kBlock - 1) / kBlock;
     auto* workers = context->device()->tensorflow_cpu_worker_threads()->workers;
