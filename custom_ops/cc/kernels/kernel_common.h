@@ -201,6 +201,18 @@ TFBERT_INLINE void Store(Eigen::bfloat16* row, int64_t j, float value) {
   reinterpret_cast<uint16_t*>(row)[j] = FloatToBfloat(value);
 }
 
+// A row's sums in the vectorised loops are kept in kSumLanes independent partial sums, element
+// j in lane j % kSumLanes (a row's tail in lane 0), added in lane order at the end: that
+// vectorises for every ISA without reassociating anything, so the result does not depend on
+// which clone runs.
+constexpr int kSumLanes = 16;
+
+TFBERT_INLINE float SumOfLanes(const float (&lanes)[kSumLanes]) {
+  float sum = lanes[0];
+  for (int l = 1; l < kSumLanes; ++l) sum += lanes[l];
+  return sum;
+}
+
 }  // namespace cpu_math
 
 #if GOOGLE_CUDA

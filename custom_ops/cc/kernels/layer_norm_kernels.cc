@@ -21,9 +21,102 @@ namespace functor {
 
 namespace {
 
+using cpu_math::kSumLanes;
+using cpu_math::Load;
+using cpu_math::Store;
+using cpu_math::SumOfLanes;
+
 // Rough cycles per element, for the thread pool's sharding.
 constexpr int64_t kForwardCostPerElement = 12;
 constexpr int64_t kBackwardCostPerElement = 20;
+
+// ---- One row of each pass, vectorised (TFBERT_CPU_CLONES in kernel_common.h) ----
+
+// y = (x - mean) * rstd * gamma + beta over one row of n elements; writes the row's mean and
+// rstd. `row` is float32 scratch of n elements: the row is read from memory once and the
+// statistics sweep this copy.
+template <typename T>
+TFBERT_CPU_CLONES void LayerNormRow(const T* __restrict x, const float* __restrict gamma,
+                                    const float* __restrict beta, int64_t n, float epsilon,
+                                    float* __restrict row, T* __restrict y, float* mean,
+                                    float* rstd) {
+  const float inv_n = 1.0f / static_cast<float>(n);
+  // Mean of (x - x[0]) plus x[0]: for a row like x + 1000 the shifted values are small, so the
+  // float32 sum keeps their low bits that a sum of the raw values would round off.
+  const float shift = Load(x, 0);
+  float lanes[kSumLanes] = {};
+  int64_t j = 0;
+  for (; j + kSumLanes <= n; j += kSumLanes) {
+    for (int l = 0; l < kSumLanes; ++l) {
+      row[j + l] = Load(x, j + l);
+      lanes[l] += row[j + l] - shift;
+    }
+  }
+  for (; j < n; ++j) {
+    row[j] = Load(x, j);
+    lanes[0] += row[j] - shift;
+  }
+  const float row_mean = shift + SumOfLanes(lanes) * inv_n;
+  // Variance of the centred values, not E[x^2] - mean^2: that difference of two large numbers
+  // cancels catastrophically in float32 once |mean| >> std (x + 1000: x^2 ~ 1e6, whose float32
+  // spacing 0.06 is as large as the variance we want).
+  float squares[kSumLanes] = {};
+  for (j = 0; j + kSumLanes <= n; j += kSumLanes) {
+    for (int l = 0; l < kSumLanes; ++l) {
+      const float d = row[j + l] - row_mean;
+      squares[l] += d * d;
+    }
+  }
+  for (; j < n; ++j) squares[0] += (row[j] - row_mean) * (row[j] - row_mean);
+  const float row_rstd = 1.0f / std::sqrt(SumOfLanes(squares) * inv_n + epsilon);
+  for (j = 0; j < n; ++j) Store(y, j, (row[j] - row_mean) * row_rstd * gamma[j] + beta[j]);
+  *mean = row_mean;
+  *rstd = row_rstd;
+}
+
+// Element j of LayerNormGradRow's first sweep: xhat[j], g[j], the two row sums' lane terms and
+// the parameter gradients' partial sums.
+template <typename T>
+TFBERT_INLINE void LayerNormGradElement(const T* dy, const T* x, float row_mean, float row_rstd,
+                                        const float* gamma, int64_t j, float* xhat, float* g,
+                                        float* dgamma, float* dbeta, float* g_sum,
+                                        float* g_xhat_sum) {
+  const float dy_j = Load(dy, j);
+  xhat[j] = (Load(x, j) - row_mean) * row_rstd;
+  g[j] = gamma[j] * dy_j;  // stored once: both sums and dx see the same rounded product
+  *g_sum += g[j];
+  *g_xhat_sum += g[j] * xhat[j];
+  dgamma[j] += dy_j * xhat[j];
+  dbeta[j] += dy_j;
+}
+
+// With xhat = (x - mean) * rstd and g = gamma * dy, over one row of n elements:
+//   dx = rstd * (g - mean_j(g) - xhat * mean_j(g * xhat)),
+// and dgamma += dy * xhat, dbeta += dy. xhat and g are float32 scratch of n elements.
+template <typename T>
+TFBERT_CPU_CLONES void LayerNormGradRow(const T* __restrict dy, const T* __restrict x,
+                                        float row_mean, float row_rstd,
+                                        const float* __restrict gamma, int64_t n,
+                                        float* __restrict xhat, float* __restrict g,
+                                        T* __restrict dx, float* __restrict dgamma,
+                                        float* __restrict dbeta) {
+  float g_lanes[kSumLanes] = {}, g_xhat_lanes[kSumLanes] = {};
+  int64_t j = 0;
+  for (; j + kSumLanes <= n; j += kSumLanes) {
+    for (int l = 0; l < kSumLanes; ++l) {
+      LayerNormGradElement(dy, x, row_mean, row_rstd, gamma, j + l, xhat, g, dgamma, dbeta,
+                           &g_lanes[l], &g_xhat_lanes[l]);
+    }
+  }
+  for (; j < n; ++j) {
+    LayerNormGradElement(dy, x, row_mean, row_rstd, gamma, j, xhat, g, dgamma, dbeta,
+                         &g_lanes[0], &g_xhat_lanes[0]);
+  }
+  const float inv_n = 1.0f / static_cast<float>(n);
+  const float mean_g = SumOfLanes(g_lanes) * inv_n;
+  const float mean_g_xhat = SumOfLanes(g_xhat_lanes) * inv_n;
+  for (j = 0; j < n; ++j) Store(dx, j, row_rstd * (g[j] - mean_g - xhat[j] * mean_g_xhat));
+}
 
 }  // namespace
 
@@ -32,36 +125,11 @@ struct FusedLayerNormForward<CPUDevice, T> {
   Status operator()(OpKernelContext* context, const T* x, const float* gamma, const float* beta,
                     int64_t rows, int64_t cols, float epsilon, T* y, float* mean, float* rstd) {
     auto* workers = context->device()->tensorflow_cpu_worker_threads()->workers;
-    const float inv_cols = 1.0f / static_cast<float>(cols);
     workers->ParallelFor(rows, cols * kForwardCostPerElement, [&](int64_t begin, int64_t end) {
-      // The row in float32, read from memory once; the statistics sweep this cached copy.
       std::vector<float> row(cols);
       for (int64_t r = begin; r < end; ++r) {
-        const T* x_row = x + r * cols;
-        // Mean of (x - x[0]) plus x[0]: for a row like x + 1000 the shifted values are small,
-        // so the float32 sum keeps their low bits that a sum of the raw values would round off.
-        const float shift = static_cast<float>(x_row[0]);
-        float shifted_sum = 0.0f;
-        for (int64_t j = 0; j < cols; ++j) {
-          row[j] = static_cast<float>(x_row[j]);
-          shifted_sum += row[j] - shift;
-        }
-        const float row_mean = shift + shifted_sum * inv_cols;
-        // Variance of the centred values, not E[x^2] - mean^2: that difference of two large
-        // numbers cancels catastrophically in float32 once |mean| >> std (x + 1000: x^2 ~ 1e6,
-        // whose float32 spacing 0.06 is as large as the variance we want).
-        float centred_squares = 0.0f;
-        for (int64_t j = 0; j < cols; ++j) {
-          const float d = row[j] - row_mean;
-          centred_squares += d * d;
-        }
-        const float row_rstd = 1.0f / std::sqrt(centred_squares * inv_cols + epsilon);
-        T* y_row = y + r * cols;
-        for (int64_t j = 0; j < cols; ++j) {
-          y_row[j] = static_cast<T>((row[j] - row_mean) * row_rstd * gamma[j] + beta[j]);
-        }
-        mean[r] = row_mean;
-        rstd[r] = row_rstd;
+        LayerNormRow(x + r * cols, gamma, beta, cols, epsilon, row.data(), y + r * cols,
+                     mean + r, rstd + r);
       }
     });
     return ::tensorflow::OkStatus();
@@ -70,39 +138,15 @@ struct FusedLayerNormForward<CPUDevice, T> {
 
 template <typename T>
 struct FusedLayerNormBackward<CPUDevice, T> {
-  // With xhat = (x - mean) * rstd and g = gamma * dy, per row:
-  //   dx = rstd * (g - mean_j(g) - xhat * mean_j(g * xhat)),
-  // and over all rows: dgamma = sum(dy * xhat), dbeta = sum(dy).
   Status operator()(OpKernelContext* context, const T* dy, const T* x, const float* mean,
                     const float* rstd, const float* gamma, int64_t rows, int64_t cols, T* dx,
                     float* dgamma, float* dbeta) {
-    const float inv_cols = 1.0f / static_cast<float>(cols);
     // partial = [dgamma partial (cols), dbeta partial (cols)] of a block of rows.
     auto block_fn = [&](int64_t row_begin, int64_t row_end, float* partial) {
-      std::vector<float> xhat(cols), g(cols);  // the row's xhat and gamma * dy, in float32
-      float* dgamma_partial = partial;
-      float* dbeta_partial = partial + cols;
+      std::vector<float> xhat(cols), g(cols);
       for (int64_t r = row_begin; r < row_end; ++r) {
-        const T* x_row = x + r * cols;
-        const T* dy_row = dy + r * cols;
-        const float row_mean = mean[r];
-        const float row_rstd = rstd[r];
-        float sum_g = 0.0f, sum_g_xhat = 0.0f;
-        for (int64_t j = 0; j < cols; ++j) {
-          const float dy_j = static_cast<float>(dy_row[j]);
-          xhat[j] = (static_cast<float>(x_row[j]) - row_mean) * row_rstd;
-          g[j] = gamma[j] * dy_j;
-          sum_g += g[j];
-          sum_g_xhat += g[j] * xhat[j];
-          dgamma_partial[j] += dy_j * xhat[j];
-          dbeta_partial[j] += dy_j;
-        }
-        const float mean_g = sum_g * inv_cols;
-        const float mean_g_xhat = sum_g_xhat * inv_cols;
-        T* dx_row = dx + r * cols;
-        for (int64_t j = 0; j < cols; ++j) {
-          dx_row[j] = static_cast<T>(row_rstd * (g[j] - mean_g - xhat[j] * mean_g_xhat));
-        }
+        LayerNormGradRow(dy + r * cols, x + r * cols, mean[r], rstd[r], gamma, cols,
+                         xhat.data(), g.data(), dx + r * cols, partial, partial + cols);
       }
     };
     const std::vector<float> sums =
