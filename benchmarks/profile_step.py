@@ -2,7 +2,7 @@
 and the step's model FLOPs utilisation (MFU).
 
     python benchmarks/profile_step.py --steps=10 -- --model=mini --precision=bf16 --ln_ytf_impl \
-        --attn_softmax_ytf_impl --ytf_gelu --ytf_dropout --optimizer=fused_lamb \
+        --attn_softmax_ytf_impl --ytf_gelu --ytf_dropout --fused_qkv --optimizer=fused_lamb \
         --max_seq_length=128 --train_batch_size=16
 
 Everything after `--` is `tfbert.run` flags (flagfiles too): the script builds the run's config,
@@ -174,6 +174,8 @@ def classify(op_name: str, op_type: str, thread: str, hlo_traced: bool = False) 
         return "GELU"  # the FFN activation and its bias add (the fused op does both)
     if scope_set & _DENSE_SCOPES:
         return "bias adds"  # and their gradients (a Sum over rows)
+    if "self" in scope_set and scopes[scopes.index("self") + 1:][:1] == ["add"]:
+        return "bias adds"  # --fused_qkv: the one bias add of Q, K and V, and its gradient
     if "attention" in scope_set:
         below = scopes[scopes.index("attention") + 1]
         if below not in ("self", "output", "output_1"):

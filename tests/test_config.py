@@ -27,11 +27,12 @@ def test_flagfile_round_trips_to_the_same_config(tmp_path):
     flagfile = tmp_path / "run.cfg"
     flagfile.write_text("--model=mini\n--vocab_size=1000\n--hidden_act=geglu\n--precision=bf16\n"
                         "--xla=auto\n--optimizer=adamw\n--learning_rate=3e-4\n"
-                        "--use_bias_in_keys=false\n--train_batch_size=12\n"
+                        "--use_bias_in_keys=false\n--train_batch_size=12\n--fused_qkv\n"
                         f"--output_dir={tmp_path / 'out'}\n")
     config = build(f"--flagfile={flagfile}")
     assert config.model.hidden_size == 256 and config.model.hidden_act == "geglu"
     assert config.model.use_bias_in_keys is False and config.runtime.xla == "auto"
+    assert config.ops.fused_qkv and not config.ops.any  # no custom op asked for
     # Flags written back out parse to the same config ...
     again = tmp_path / "again.cfg"
     again.write_text(parse(f"--flagfile={flagfile}",

@@ -101,6 +101,8 @@ def test_self_times_subtract_nested_ops_but_keep_a_kernels_own_events(tmp_path, 
     ("bert/encoder/layer_1/attention/self/query/MatMul", "_MklMatMul", "matmul"),
     ("bert/encoder/layer_1/attention/self/query/add", "AddV2", "bias adds"),
     ("gradient_tape/bert/encoder/layer_0/output/dense/add/Sum", "Sum", "bias adds"),
+    ("bert/encoder/layer_1/attention/self/add", "AddV2", "bias adds"),  # --fused_qkv
+    ("gradient_tape/bert/encoder/layer_1/attention/self/add/Sum", "Sum", "bias adds"),
     ("bert/encoder/layer_0/attention/Softmax", "_MklSoftmax", "attention softmax"),
     ("gradient_tape/bert/encoder/layer_0/attention/sub", "Sub", "attention softmax"),
     ("bert/encoder/layer_0/attention/TfBert>FusedAttentionSoftmax", "TfBert>FusedAttentionSoftmax",

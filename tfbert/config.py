@@ -134,6 +134,7 @@ class FusedOpsConfig:
     attn_softmax_ytf_impl: bool = False  # fused scale + mask + softmax + dropout
     ytf_gelu: bool = False  # fused bias + GELU / GeGLU in the feed-forward block
     ytf_dropout: bool = False  # the encoder's hidden dropout as one fused op, mask regenerated
+    fused_qkv: bool = False  # Q, K and V projected by one matmul (no custom op)
     # dtype of the LayerNorm mean and variance. float32 by default: a float16 variance of
     # activations in the hundreds overflows. A lower dtype saves the float32 copy of the input.
     ln_dtype: str = "float32"

@@ -188,6 +188,9 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
                                                "attention output, feed-forward output) as one "
                                                "fused op whose mask is regenerated in the "
                                                "backward pass, not stored.", **fv)
+    flags.DEFINE_boolean("fused_qkv", False, "Project the attention's queries, keys and values "
+                                             "with one matmul of their three kernels side by "
+                                             "side (the same variables; no custom op).", **fv)
     flags.DEFINE_enum("ln_dtype", "float32", ["float32", "float16", "bfloat16"],
                       "dtype of the LayerNorm's elementwise arithmetic (the mean and variance "
                       "are summed in float32 whatever it is); float16 needs --precision=fp16, "
@@ -619,7 +622,8 @@ def build_config(fv: flags.FlagValues, group=None):
                     f"alone; launch with horovodrun (-np 1 is fine) or drop the flag")
     ops = cfg.FusedOpsConfig(ln_ytf_impl=fv.ln_ytf_impl,
                              attn_softmax_ytf_impl=fv.attn_softmax_ytf_impl, ytf_gelu=fv.ytf_gelu,
-                             ytf_dropout=fv.ytf_dropout, ln_dtype=fv.ln_dtype)
+                             ytf_dropout=fv.ytf_dropout, fused_qkv=fv.fused_qkv,
+                             ln_dtype=fv.ln_dtype)
     config = cfg.Config(model=model, data=data, optimizer=optimizer, runtime=runtime,
                         distribution=distribution, ops=ops, task=task_config(fv))
     check_custom_ops(config)

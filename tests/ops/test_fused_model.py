@@ -21,7 +21,8 @@ def built(flag: str) -> bool:
 
 
 CASES = [dict(ln_ytf_impl=True), dict(attn_softmax_ytf_impl=True), dict(ytf_gelu=True),
-         dict(ln_ytf_impl=True, attn_softmax_ytf_impl=True, ytf_gelu=True)]
+         dict(fused_qkv=True), dict(fused_qkv=True, use_bias_in_keys=False),
+         dict(ln_ytf_impl=True, attn_softmax_ytf_impl=True, ytf_gelu=True, fused_qkv=True)]
 
 
 def losses_and_grads(model, batch):
@@ -31,21 +32,27 @@ def losses_and_grads(model, batch):
     return losses, [tf.convert_to_tensor(g).numpy() for g in grads]
 
 
-@pytest.mark.parametrize("flags", CASES, ids=lambda f: "+".join(sorted(f)))
+@pytest.mark.parametrize("flags", CASES, ids=lambda f: "+".join(
+    k if v is True else f"{k}={v}" for k, v in sorted(f.items())))
 @pytest.mark.parametrize("hidden_act", ["gelu", "geglu"])
 def test_fused_model_equals_reference(flags, hidden_act):
-    missing = [f for f in flags if not built(f)]
+    flags = dict(flags)
+    use_bias_in_keys = flags.pop("use_bias_in_keys", True)
+    missing = [f for f in flags if f in OP_OF_FLAG and not built(f)]
     if missing:
         pytest.skip(f"ops not built for {missing}")
     config = odd_model_config(hidden_act=hidden_act, hidden_dropout_prob=0.0,
-                              attention_probs_dropout_prob=0.0)
+                              attention_probs_dropout_prob=0.0, use_bias_in_keys=use_bias_in_keys)
     reference = BertPretrainer(config, DropoutRng(0))
     fused = BertPretrainer(config, DropoutRng(0), ops=FusedOpsConfig(**flags))
     reference.build(ODD["seq"], ODD["predictions"])
     fused.build(ODD["seq"], ODD["predictions"])
     assert [v.name for v in fused.trainable_variables] == [
         v.name for v in reference.trainable_variables]
-    for source, target in zip(reference.trainable_variables, fused.trainable_variables):
+    for i, (source, target) in enumerate(zip(reference.trainable_variables,
+                                             fused.trainable_variables)):
+        if "bias" in source.name:  # non-zero biases: a misplaced one would show
+            source.assign(tf.random.stateless_normal(source.shape, seed=[i, 0], stddev=0.1))
         target.assign(source)
     batch = synthetic_batch()
     ref_losses, ref_grads = losses_and_grads(reference, batch)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import tensorflow as tf
 
-from tfbert.modeling.layers.dense import DenseFactory
+from tfbert.modeling.layers.dense import DenseFactory, build_sublayer, fused_projection
 from tfbert.modeling.layers.dropout import Dropout, DropoutRng
 
 
@@ -50,15 +50,19 @@ class SelfAttention(tf.keras.layers.Layer):
       fused_softmax: compute scale, mask, softmax and dropout in one fused op
         (tfbert.ops.attention_softmax_ops), which regenerates the dropout mask from its seed in
         the backward pass instead of storing it.
+      fused_qkv: project Q, K and V with one matmul of the three kernels side by side
+        (`fused_projection`); the variables stay the three layers'.
 
     Variables (google-research/bert names): self/query, self/key, self/value, output/dense.
     """
 
     def __init__(self, num_heads: int, head_size: int, dense_factory: DenseFactory,
                  attention_dropout: float = 0.0, use_bias_in_keys: bool = True,
-                 rng: DropoutRng | None = None, fused_softmax: bool = False, **kwargs):
+                 rng: DropoutRng | None = None, fused_softmax: bool = False,
+                 fused_qkv: bool = False, **kwargs):
         super().__init__(**kwargs)
         self.fused_softmax = fused_softmax
+        self.fused_qkv = fused_qkv
         self._rng = rng
         self.num_heads = num_heads
         self.local_heads = dense_factory.local(num_heads)
@@ -72,6 +76,26 @@ class SelfAttention(tf.keras.layers.Layer):
         self.value = dense_factory.column_parallel(hidden, name="value")
         self.output_dense = dense_factory.row_parallel(hidden, name="dense")
         self.dropout = Dropout(attention_dropout, rng, name="attention_dropout", dtype=self.dtype_policy)
+
+    def build(self, input_shape):
+        if self.fused_qkv:
+            # The fused path reads the Q/K/V variables without calling their layers.
+            for layer in (self.query, self.key, self.value):
+                build_sublayer(layer, input_shape, scope="self")
+        super().build(input_shape)
+
+    def _project_qkv(self, inputs: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+        """Q, K, V, each (B, n, S, H), from inputs (B, S, D)."""
+        if not self.fused_qkv:
+            return (self._split_heads(self.query(inputs)), self._split_heads(self.key(inputs)),
+                    self._split_heads(self.value(inputs)))
+        qkv = fused_projection([self.query, self.key, self.value], inputs)  # (B, S, 3nH)
+        batch, seq = tf.shape(qkv)[0], tf.shape(qkv)[1]
+        qkv = tf.reshape(qkv, [batch, seq, 3, self.local_heads, self.head_size])  # (B, S, 3, n, H)
+        qkv = tf.transpose(qkv, [2, 0, 3, 1, 4])  # (3, B, n, S, H)
+        # Slices along the first axis share qkv's buffer; their gradient is one Pack.
+        query, key, value = tf.unstack(qkv, axis=0)  # (B, n, S, H) each
+        return query, key, value
 
     def _split_heads(self, x: tf.Tensor) -> tf.Tensor:
         batch, seq = tf.shape(x)[0], tf.shape(x)[1]
@@ -90,9 +114,7 @@ class SelfAttention(tf.keras.layers.Layer):
         """
         with tf.name_scope("self"):
             inputs = self._factory.enter_parallel(hidden_states)  # (B, S, D)
-            query = self._split_heads(self.query(inputs))  # (B, n, S, H)
-            key = self._split_heads(self.key(inputs))  # (B, n, S, H)
-            value = self._split_heads(self.value(inputs))  # (B, n, S, H)
+            query, key, value = self._project_qkv(inputs)  # (B, n, S, H) each
 
         # Scale the query rather than the scores: fewer elements ([B,n,S,H] vs [B,n,S,S]).
         query = query * tf.cast(self.head_size ** -0.5, query.dtype)
@@ -132,5 +154,6 @@ class SelfAttention(tf.keras.layers.Layer):
         config = super().get_config()
         config.update(num_heads=self.num_heads, head_size=self.head_size,
                       attention_dropout=self.attention_dropout,
-                      use_bias_in_keys=self.use_bias_in_keys, fused_softmax=self.fused_softmax)
+                      use_bias_in_keys=self.use_bias_in_keys, fused_softmax=self.fused_softmax,
+                      fused_qkv=self.fused_qkv)
         return config

@@ -9,6 +9,8 @@ projection) without touching the layers that use them.
 
 from __future__ import annotations
 
+import contextlib
+
 import tensorflow as tf
 
 from tfbert.modeling.layers.recompute import recomputable
@@ -79,6 +81,42 @@ class Dense(tf.keras.layers.Layer):
                       fused_activation=self.fused_activation,
                       kernel_initializer=tf.keras.initializers.serialize(self.kernel_initializer))
         return config
+
+
+def fused_projection(layers: list[Dense], inputs: tf.Tensor) -> tf.Tensor:
+    """The projections of `inputs` by several Dense layers as one matmul: inputs @ [W_1 | W_2
+    | ...] + [b_1 | b_2 | ...] (a layer without a bias contributes zeros).
+
+    One [in, sum units] product instead of one per layer: fewer, larger matmuls, one gradient
+    with respect to `inputs` instead of a sum of several, and the same variables (each layer
+    keeps its kernel and bias). Call it inside the calling layer's `call`, whose compute dtype
+    the kernels are read in; the layers must be built (`build_sublayer`).
+
+    Inputs: [..., in]. Returns [..., sum of the layers' units].
+    """
+    kernel = tf.concat([layer.kernel for layer in layers], axis=1)  # (in, U)
+    flat = tf.reshape(inputs, [-1, tf.shape(inputs)[-1]])  # (rows, in)
+    outputs = tf.matmul(flat, kernel)  # (rows, U)
+    units = sum(layer.units for layer in layers)
+    outputs = tf.reshape(outputs, tf.concat([tf.shape(inputs)[:-1], [units]], axis=0))
+    if any(layer.use_bias for layer in layers):
+        # Added after the reshape, as Dense does: Grappler would otherwise fuse the matmul and
+        # the bias into oneDNN's _FusedMatMul, measured slower on CPUs (profile_step.py).
+        bias = tf.concat([tf.cast(layer.bias, outputs.dtype) if layer.use_bias
+                          else tf.zeros([layer.units], outputs.dtype) for layer in layers], axis=0)
+        outputs = outputs + bias
+    return outputs
+
+
+def build_sublayer(layer: tf.keras.layers.Layer, input_shape, scope: str = "") -> None:
+    """Builds `layer`'s variables under the names its own call would give them (the calling
+    layer's scope, then `scope`, then the layer's name), for a layer whose variables are used
+    without calling it (`fused_projection`)."""
+    if layer.built:
+        return
+    with tf.name_scope(scope) if scope else contextlib.nullcontext():
+        with tf.name_scope(layer.name):
+            layer.build(input_shape)
 
 
 class RowParallelDense(Dense):

@@ -56,6 +56,7 @@ class TransformerBlock(tf.keras.layers.Layer):
                                        use_bias_in_keys=use_bias_in_keys,
                                        rng=attention_rng or rng,
                                        fused_softmax=ops.attn_softmax_ytf_impl,
+                                       fused_qkv=ops.fused_qkv,
                                        name="attention", dtype=policy)
         self.attention_dropout = Dropout(hidden_dropout, rng, fused=ops.ytf_dropout,
                                          name="dropout", dtype=policy)
