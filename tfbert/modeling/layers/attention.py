@@ -116,8 +116,11 @@ class SelfAttention(tf.keras.layers.Layer):
             inputs = self._factory.enter_parallel(hidden_states)  # (B, S, D)
             query, key, value = self._project_qkv(inputs)  # (B, n, S, H) each
 
-        # Scale the query rather than the scores: fewer elements ([B,n,S,H] vs [B,n,S,S]).
-        query = query * tf.cast(self.head_size ** -0.5, query.dtype)
+        scale = self.head_size ** -0.5
+        if not self.fused_softmax:
+            # Scale the query rather than the scores: fewer elements ([B,n,S,H] vs [B,n,S,S]).
+            # The fused softmax scales the scores as it reads them, for free.
+            query = query * tf.cast(scale, query.dtype)
         # Batched matmuls rather than einsums: the same contraction, but on CPUs without
         # bfloat16 matrix instructions TensorFlow's bfloat16 Einsum takes a generic path about
         # 15x slower than its BatchMatMul (benchmarks/profile_step.py).
@@ -132,9 +135,9 @@ class SelfAttention(tf.keras.layers.Layer):
             if return_probs and rate > 0:
                 # The op's second output is the softmax before dropout.
                 probs, softmax = fused_attention_softmax_and_softmax(
-                    scores, mask_bias, seed, scale=1.0, dropout_rate=rate)  # (B, n, S, S) x2
+                    scores, mask_bias, seed, scale=scale, dropout_rate=rate)  # (B, n, S, S) x2
             else:
-                probs = fused_attention_softmax(scores, mask_bias, seed, scale=1.0,
+                probs = fused_attention_softmax(scores, mask_bias, seed, scale=scale,
                                                 dropout_rate=rate)  # (B, n, S, S)
                 softmax = probs
         else:
