@@ -49,10 +49,10 @@ void ParallelRows(OpKernelContext* context, int64_t rows, int64_t cols, const Fn
 // ---- The row loops, vectorised (see TFBERT_CPU_CLONES in kernel_common.h), on float32 rows ----
 //
 // A row has three passes: logits, exp and sum, normalisation (and dropout). The row's sum (and
-// the backward's dot product) is kept in kLanes independent partial sums added in lane order at
-// the end: that vectorises for every ISA without reassociating anything, so the result does not
-// depend on which clone runs.
-constexpr int kLanes = 16;
+// the backward's dot product) is kept in lanes (kSumLanes in kernel_common.h), so the result
+// does not depend on which clone runs.
+using cpu_math::kSumLanes;
+using cpu_math::SumOfLanes;
 
 // x = s * scale + m (the reference's order) over one row, in float32.
 template <typename T>
@@ -70,10 +70,10 @@ float RowMax(const float* x, int64_t n) {
 
 // x = exp(x - row_max) in place; returns sum(x). Every exponent is <= 0.
 TFBERT_CPU_CLONES float ExpAndSum(float* __restrict x, int64_t n, float row_max) {
-  float lane_sum[kLanes] = {};
+  float lane_sum[kSumLanes] = {};
   int64_t k = 0;
-  for (; k + kLanes <= n; k += kLanes) {
-    for (int l = 0; l < kLanes; ++l) {
+  for (; k + kSumLanes <= n; k += kSumLanes) {
+    for (int l = 0; l < kSumLanes; ++l) {
       x[k + l] = ExpNonPositive(x[k + l] - row_max);
       lane_sum[l] += x[k + l];
     }
@@ -82,9 +82,7 @@ TFBERT_CPU_CLONES float ExpAndSum(float* __restrict x, int64_t n, float row_max)
     x[k] = ExpNonPositive(x[k] - row_max);
     lane_sum[0] += x[k];
   }
-  float sum = lane_sum[0];
-  for (int l = 1; l < kLanes; ++l) sum += lane_sum[l];
-  return sum;
+  return SumOfLanes(lane_sum);
 }
 
 // probs = e * inv_sum.
@@ -113,14 +111,13 @@ TFBERT_CPU_CLONES void NormalizeAndDrop(const float* __restrict e, int64_t n, fl
 template <typename T>
 TFBERT_CPU_CLONES void SoftmaxGrad(const T* __restrict dprobs, const T* __restrict p, int64_t n,
                                    float scale, T* __restrict dscores) {
-  float lane_sum[kLanes] = {};  // sum(d * p) in lanes
+  float lane_sum[kSumLanes] = {};  // sum(d * p) in lanes
   int64_t k = 0;
-  for (; k + kLanes <= n; k += kLanes) {
-    for (int l = 0; l < kLanes; ++l) lane_sum[l] += Load(dprobs, k + l) * Load(p, k + l);
+  for (; k + kSumLanes <= n; k += kSumLanes) {
+    for (int l = 0; l < kSumLanes; ++l) lane_sum[l] += Load(dprobs, k + l) * Load(p, k + l);
   }
   for (; k < n; ++k) lane_sum[0] += Load(dprobs, k) * Load(p, k);
-  float dot = lane_sum[0];
-  for (int l = 1; l < kLanes; ++l) dot += lane_sum[l];
+  const float dot = SumOfLanes(lane_sum);
   for (k = 0; k < n; ++k) Store(dscores, k, scale * Load(p, k) * (Load(dprobs, k) - dot));
 }
 
@@ -131,10 +128,10 @@ TFBERT_CPU_CLONES void DropoutSoftmaxGrad(const T* __restrict dprobs, const T* _
                                           int64_t n, float scale, uint64_t key, uint64_t base,
                                           uint64_t threshold, float keep_scale,
                                           float* __restrict d, T* __restrict dscores) {
-  float lane_sum[kLanes] = {};  // sum(d * p) in lanes
+  float lane_sum[kSumLanes] = {};  // sum(d * p) in lanes
   int64_t k = 0;
-  for (; k + kLanes <= n; k += kLanes) {
-    for (int l = 0; l < kLanes; ++l) {
+  for (; k + kSumLanes <= n; k += kSumLanes) {
+    for (int l = 0; l < kSumLanes; ++l) {
       d[k + l] = Select(DropoutKeep(key, base + k + l, threshold),
                         Load(dprobs, k + l) * keep_scale, 0.0f);
       lane_sum[l] += d[k + l] * Load(p, k + l);
@@ -144,8 +141,7 @@ TFBERT_CPU_CLONES void DropoutSoftmaxGrad(const T* __restrict dprobs, const T* _
     d[k] = Select(DropoutKeep(key, base + k, threshold), Load(dprobs, k) * keep_scale, 0.0f);
     lane_sum[0] += d[k] * Load(p, k);
   }
-  float dot = lane_sum[0];
-  for (int l = 1; l < kLanes; ++l) dot += lane_sum[l];
+  const float dot = SumOfLanes(lane_sum);
   for (k = 0; k < n; ++k) Store(dscores, k, scale * Load(p, k) * (d[k] - dot));
 }
 
