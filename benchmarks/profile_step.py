@@ -529,7 +529,8 @@ def main() -> None:
              f"V={model.vocab_size}), batch {data.train_batch_size} x {data.max_seq_length}, "
              f"P={data.max_predictions_per_seq}, {runtime.precision}, xla={runtime.xla}, "
              f"{config.optimizer.optimizer}"
-             + "".join(f", {flag}" for flag in config.ops.enabled_flags()))
+             + "".join(f", {flag}" for flag in config.ops.enabled_flags())
+             + (", --fused_qkv" if config.ops.fused_qkv else ""))
     summary = dict(
         setup=setup, run_flags=" ".join(run_flags), warmup_steps=args.warmup_steps,
         profiled_steps=args.steps, timed_steps=timed_steps, step_ms=1e3 * step_s,

@@ -171,7 +171,7 @@ def test_profiles_three_steps_of_the_tiny_model(tmp_path, tfbert_cache):
         [sys.executable, "benchmarks/profile_step.py", "--steps=3", "--warmup_steps=1",
          "--timed_steps=0", "--peak_size=256", f"--out={out}", "--",
          "--model=tiny", "--num_hidden_layers=1", "--train_batch_size=4",
-         "--max_seq_length=32", "--max_predictions_per_seq=5"],
+         "--max_seq_length=32", "--max_predictions_per_seq=5", "--fused_qkv"],
         cwd=REPO_ROOT, capture_output=True, text=True, timeout=600,
         env=dict(os.environ, PYTHONPATH=REPO_ROOT))
     assert result.returncode == 0, result.stderr[-3000:]
@@ -185,6 +185,7 @@ def test_profiles_three_steps_of_the_tiny_model(tmp_path, tfbert_cache):
     ratio = categories["ms_per_step"].sum() / summary["profiled_step_ms"]
     assert 0.3 < ratio < 4, ratio
     assert math.isfinite(summary["mfu"]) and 0 < summary["mfu"] < 1
+    assert summary["setup"].endswith(", --fused_qkv")
     assert os.path.exists(os.path.join(tfbert_cache, "matmul_peak.json"))  # cached there
     ops = pd.read_csv(f"{out}_ops.csv")
     assert (ops.loc[ops["category"] == "matmul", "mb_read_per_step"] > 0).all()
