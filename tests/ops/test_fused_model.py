@@ -62,6 +62,20 @@ def test_fused_model_equals_reference(flags, hidden_act):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6, err_msg=var.name)
 
 
+@pytest.mark.parametrize("fused_qkv, projections_per_layer", [(False, 3), (True, 1)])
+def test_fused_qkv_projects_queries_keys_and_values_with_one_matmul(fused_qkv,
+                                                                    projections_per_layer):
+    config = odd_model_config()
+    model = BertPretrainer(config, DropoutRng(0), ops=FusedOpsConfig(fused_qkv=fused_qkv))
+    model.build(ODD["seq"], ODD["predictions"])
+    batch = synthetic_batch()
+    graph = tf.function(lambda: model.compute_losses(batch, training=False),
+                        autograph=False).get_concrete_function().graph
+    projections = [op for op in graph.get_operations()
+                   if op.type == "MatMul" and "/attention/self/" in op.name]
+    assert len(projections) == projections_per_layer * config.num_hidden_layers
+
+
 @pytest.mark.skipif(not built("ytf_dropout"), reason="fused dropout not built")
 def test_fused_dropout_replaces_every_hidden_dropout_of_the_encoder():
     """With --ytf_dropout the training graph drops the embeddings' output and each layer's
