@@ -123,12 +123,10 @@ __global__ void BiasGeluBackwardKernel(const T* __restrict__ dy, const T* __rest
                                        float* __restrict__ partial) {
   __shared__ float sums[kGradRowsPerPass][kWarpSize + 1];  // +1: no bank conflicts
   const int col = blockIdx.x * kWarpSize + threadIdx.x;
-  const long long rows_per_block = (rows + gridDim.y - 1) / gridDim.y;
-  const long long row_begin = blockIdx.y * rows_per_block;
-  const long long row_end = min(rows, row_begin + rows_per_block);
+  const RowSlice slice = BlockRowSlice(rows);
   float sum = 0.0f;
   if (col < cols) {
-    for (long long row = row_begin + threadIdx.y; row < row_end; row += kGradRowsPerPass) {
+    for (long long row = slice.begin + threadIdx.y; row < slice.end; row += kGradRowsPerPass) {
       const float grad = InputGrad<T, kGated>(dy, x, bias, row, col, cols, approximate);
       dx[row * cols + col] = FromFloat<T>(grad);
       sum += grad;  // dbias from the float32 gradient, not the rounded dx
@@ -155,9 +153,7 @@ __global__ void BiasGeluBackwardPairKernel(const T* __restrict__ dy, const T* __
   const int pair = blockIdx.x * kWarpSize + threadIdx.x;  // columns 2 pair and 2 pair + 1
   const int col = 2 * pair;
   const long long half_cols = cols / 2;
-  const long long rows_per_block = (rows + gridDim.y - 1) / gridDim.y;
-  const long long row_begin = blockIdx.y * rows_per_block;
-  const long long row_end = min(rows, row_begin + rows_per_block);
+  const RowSlice slice = BlockRowSlice(rows);
   const Pair<T>* dy_pairs = reinterpret_cast<const Pair<T>*>(dy);
   const Pair<T>* x_pairs = reinterpret_cast<const Pair<T>*>(x);
   Pair<T>* dx_pairs = reinterpret_cast<Pair<T>*>(dx);
@@ -165,7 +161,7 @@ __global__ void BiasGeluBackwardPairKernel(const T* __restrict__ dy, const T* __
   if (col < cols) {
     const Pair<T> b = reinterpret_cast<const Pair<T>*>(bias)[pair];
     const float bias0 = ToFloat(b.first), bias1 = ToFloat(b.second);
-    for (long long row = row_begin + threadIdx.y; row < row_end; row += kGradRowsPerPass) {
+    for (long long row = slice.begin + threadIdx.y; row < slice.end; row += kGradRowsPerPass) {
       const long long p = row * half_cols + pair;
       const Pair<T> dy_pair = dy_pairs[p], x_pair = x_pairs[p];
       float derivative0, derivative1;

@@ -1,6 +1,7 @@
 // The C ABIs pass float16 and bfloat16 buffers as unsigned short (the raw bits), so that no
 // caller needs CUDA's half types; these views turn them back into __half / __nv_bfloat16.
-// Also the conversions to and from float32 and the vector types that the kernels share.
+// Also the conversions to and from float32, the vector types and the row partition of the
+// column-sum kernels, which the kernels share.
 
 #ifndef TFBERT_CUDA_HALF_BITS_CUH_
 #define TFBERT_CUDA_HALF_BITS_CUH_
@@ -54,6 +55,18 @@ struct alignas(2 * sizeof(T)) Pair {
 // Whether p may be read or written as a `bytes`-aligned vector (a Vector16 or a Pair).
 inline bool IsAligned(const void* p, size_t bytes) {
   return reinterpret_cast<uintptr_t>(p) % bytes == 0;
+}
+
+// The rows [begin, end) of this block in the column-sum kernels (bias, gamma and beta
+// gradients): gridDim.y blocks take equal slices of `rows` in order, the last one shorter.
+struct RowSlice {
+  long long begin, end;
+};
+
+__device__ __forceinline__ RowSlice BlockRowSlice(long long rows) {
+  const long long rows_per_block = (rows + gridDim.y - 1) / gridDim.y;
+  const long long begin = blockIdx.y * rows_per_block;
+  return RowSlice{begin, min(rows, begin + rows_per_block)};
 }
 
 #endif  // TFBERT_CUDA_HALF_BITS_CUH_

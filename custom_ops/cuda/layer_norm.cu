@@ -305,12 +305,10 @@ __global__ void LayerNormParamGradPartialKernel(const T* __restrict__ dy,
   __shared__ float dgamma_sums[kParamRowsPerPass][kWarpSize + 1];  // +1: no bank conflicts
   __shared__ float dbeta_sums[kParamRowsPerPass][kWarpSize + 1];
   const int col = blockIdx.x * kWarpSize + threadIdx.x;
-  const long long rows_per_block = (rows + gridDim.y - 1) / gridDim.y;
-  const long long row_begin = blockIdx.y * rows_per_block;
-  const long long row_end = min(rows, row_begin + rows_per_block);
+  const RowSlice slice = BlockRowSlice(rows);
   float dgamma_sum = 0.0f, dbeta_sum = 0.0f;
   if (col < cols) {
-    for (long long row = row_begin + threadIdx.y; row < row_end; row += kParamRowsPerPass) {
+    for (long long row = slice.begin + threadIdx.y; row < slice.end; row += kParamRowsPerPass) {
       const float dy_value = ToFloat(dy[row * cols + col]);
       dgamma_sum += dy_value * (ToFloat(x[row * cols + col]) - mean[row]) * rstd[row];
       dbeta_sum += dy_value;
@@ -346,14 +344,12 @@ __global__ void LayerNormParamGradPartialPairKernel(const T* __restrict__ dy,
   const int pair = blockIdx.x * kWarpSize + threadIdx.x;  // columns 2 pair and 2 pair + 1
   const int col = 2 * pair;
   const long long half_cols = cols / 2;
-  const long long rows_per_block = (rows + gridDim.y - 1) / gridDim.y;
-  const long long row_begin = blockIdx.y * rows_per_block;
-  const long long row_end = min(rows, row_begin + rows_per_block);
+  const RowSlice slice = BlockRowSlice(rows);
   const Pair<T>* dy_pairs = reinterpret_cast<const Pair<T>*>(dy);
   const Pair<T>* x_pairs = reinterpret_cast<const Pair<T>*>(x);
   float dgamma0 = 0.0f, dgamma1 = 0.0f, dbeta0 = 0.0f, dbeta1 = 0.0f;
   if (col < cols) {
-    for (long long row = row_begin + threadIdx.y; row < row_end; row += kParamRowsPerPass) {
+    for (long long row = slice.begin + threadIdx.y; row < slice.end; row += kParamRowsPerPass) {
       const long long p = row * half_cols + pair;
       const Pair<T> dy_pair = dy_pairs[p], x_pair = x_pairs[p];
       const float dy0 = ToFloat(dy_pair.first), dy1 = ToFloat(dy_pair.second);

@@ -207,8 +207,9 @@ TFBERT_INLINE void Store(Eigen::bfloat16* row, int64_t j, float value) {
 // which clone runs.
 constexpr int kSumLanes = 16;
 
-TFBERT_INLINE float SumOfLanes(const float (&lanes)[kSumLanes]) {
-  float sum = lanes[0];
+template <typename Real>  // float, or double for sums over millions of elements
+TFBERT_INLINE Real SumOfLanes(const Real (&lanes)[kSumLanes]) {
+  Real sum = lanes[0];
   for (int l = 1; l < kSumLanes; ++l) sum += lanes[l];
   return sum;
 }

@@ -31,9 +31,10 @@ constexpr int64_t kChunkElements = 1 << 14;
 // Rough cycles per element (a division, a square root, three reads and writes), for sharding.
 constexpr int64_t kCostPerElement = 30;
 
-// Independent partial sums per chunk for the norms (added in lane order at the end: the loop
-// vectorises without reassociating anything, so every clone gives the same sums).
-constexpr int kLanes = 16;
+// The norms' sums per chunk are kept in lanes (kSumLanes in kernel_common.h), so every clone
+// gives the same sums.
+using cpu_math::kSumLanes;
+using cpu_math::SumOfLanes;
 
 // The step's scalars, passed by value into the loops: a reference could alias the float
 // buffers they write, and would keep GCC from vectorising them.
@@ -84,10 +85,10 @@ TFBERT_CPU_CLONES void MomentsAndSumsChunk(LambScalars s, const float* __restric
                                                 float* __restrict m, float* __restrict v,
                                                 const float* __restrict var, int64_t n,
                                                 double* __restrict sums) {
-  double var_sq[kLanes] = {}, update_sq[kLanes] = {};
+  double var_sq[kSumLanes] = {}, update_sq[kSumLanes] = {};
   int64_t i = 0;
-  for (; i + kLanes <= n; i += kLanes) {
-    for (int l = 0; l < kLanes; ++l) {
+  for (; i + kSumLanes <= n; i += kSumLanes) {
+    for (int l = 0; l < kSumLanes; ++l) {
       const float u = MomentsAndDirection<kDecay>(s, grad[i + l], m + i + l, v + i + l,
                                                   var[i + l]);
       var_sq[l] += static_cast<double>(var[i + l]) * var[i + l];
@@ -99,13 +100,8 @@ TFBERT_CPU_CLONES void MomentsAndSumsChunk(LambScalars s, const float* __restric
     var_sq[0] += static_cast<double>(var[i]) * var[i];
     update_sq[0] += static_cast<double>(u) * u;
   }
-  double var_sum = var_sq[0], update_sum = update_sq[0];
-  for (int l = 1; l < kLanes; ++l) {
-    var_sum += var_sq[l];
-    update_sum += update_sq[l];
-  }
-  sums[0] = var_sum;
-  sums[1] = update_sum;
+  sums[0] = SumOfLanes(var_sq);
+  sums[1] = SumOfLanes(update_sq);
 }
 
 // Pass 2 of a chunk with layer adaptation: var -= (ratio * lr) * u, u again from m, v and var.
