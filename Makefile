@@ -38,7 +38,7 @@ test: setup
 	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder --durations=15 tests
 
 # The notes' ablation table (flags/ setups at a CPU size), tfbert vs tf-models-official, the LAMB
-# step four ways, the precision/XLA, data-parallel, ZeRO and tensor-parallel tables. Results under
+# step five ways, the precision/XLA, data-parallel, ZeRO and tensor-parallel tables. Results under
 # runs/bench/.
 bench: setup
 	$(PY) benchmarks/ablation.py

@@ -1,7 +1,10 @@
-"""One LAMB step over a whole model's parameters, four ways, side by side in one process:
+"""One LAMB step over a whole model's parameters, five ways, side by side in one process:
 
-- `multi`: the fused multi-tensor op (TfBert>FusedLambMultiUpdate), one op for every tensor:
-  what `--optimizer=fused_lamb` runs;
+- `multi`: the fused multi-tensor op (TfBert>FusedLambMultiUpdate), one op for every tensor,
+  which also reads the gradients through the clip factor and skips by itself: what
+  `--optimizer=fused_lamb` runs;
+- `multi_cond`: the same op, but after one multiply per gradient for the clipping and inside a
+  tf.cond on the skip decision (what the clip and the skip cost outside the op);
 - `per_tensor`: the fused single-tensor op (TfBert>FusedLambUpdate), one op per tensor;
 - `reference`: the same numerics in plain TensorFlow ops (`lamb_update_reference`);
 - `tfa`: tensorflow_addons' LAMB (`--optimizer=lamb`).
@@ -12,7 +15,8 @@
 The parameters are those of `BertPretrainer` at each preset (names and shapes from
 `tfbert.training.sharding.model_variable_shapes`, so the LayerNorm and bias exclusions apply as in
 training), with random values and fixed random gradients. Each way is a `tf.function` of one
-step; a repeat runs every way for --steps steps, in an order that alternates between repeats,
+step as the trainer ends it: the global gradient norm, the clip factor (clip_norm 1) and the
+finite check, then the update; a repeat runs every way for --steps steps, in an order that alternates between repeats,
 and the table gives the median milliseconds per step over the repeats and the ratio to
 `per_tensor`. Writes a CSV and prints a Markdown table.
 """
@@ -20,6 +24,7 @@ and the table gives the median milliseconds per step over the repeats and the ra
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import statistics
 import time
@@ -29,18 +34,23 @@ import tensorflow as tf
 
 from tfbert.config import ModelConfig, MODEL_PRESETS, OptimizerConfig
 from tfbert.ops import lamb_ops
-from tfbert.training.optimization import KerasOptimizerUpdate, build_optimizer
+from tfbert.training.optimization import (KerasOptimizerUpdate, build_optimizer, clip_scale,
+                                          scale_gradients, update_if)
 from tfbert.training.sharding import model_variable_shapes
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-WAYS = ("multi", "per_tensor", "reference", "tfa")
+WAYS = ("multi", "multi_cond", "per_tensor", "reference", "tfa")
 
 
 class PerTensorLamb(lamb_ops.FusedLambUpdate):
     """FusedLambUpdate with one TfBert>FusedLambUpdate op per tensor (what the multi-tensor op
     replaced), for comparison."""
 
-    def apply(self, grads, variables) -> None:
+    def apply(self, grads, variables, grad_scale=None, apply_update=None) -> None:
+        update_if(apply_update,
+                  lambda: self._per_tensor(scale_gradients(grads, grad_scale), variables))
+
+    def _per_tensor(self, grads, variables) -> None:
         state, c = self.optimizer, self.config
         step = tf.cast(state.iterations + 1, tf.float32)
         lr = tf.cast(self.learning_rate(), tf.float32)
@@ -53,13 +63,27 @@ class PerTensorLamb(lamb_ops.FusedLambUpdate):
 
 def build_update(way: str, config: OptimizerConfig):
     learning_rate = lambda: config.learning_rate  # noqa: E731
-    if way == "multi":
+    if way in ("multi", "multi_cond"):
         return lamb_ops.FusedLambUpdate(config, learning_rate, use_fused_op=True)
     if way == "per_tensor":
         return PerTensorLamb(config, learning_rate, use_fused_op=True)
     if way == "reference":
         return lamb_ops.FusedLambUpdate(config, learning_rate, use_fused_op=False)
     return KerasOptimizerUpdate(build_optimizer(config, learning_rate))
+
+
+def training_step_end(update, grads, variables, clip_norm: float, outside: bool) -> None:
+    """The end of a training step: the global norm, the clip factor and the skip decision, then
+    the update, which takes them (`outside`: the clipping as one multiply per gradient and the
+    update inside a tf.cond, as an update that cannot take them runs)."""
+    norm = tf.linalg.global_norm(grads)
+    finite = tf.math.is_finite(norm)
+    scale = clip_scale(norm, clip_norm)
+    if outside:
+        clipped = scale_gradients(grads, scale)
+        update_if(finite, lambda: update.apply(clipped, variables))
+    else:
+        update.apply(grads, variables, grad_scale=scale, apply_update=finite)
 
 
 def model_parameters(preset: str, vocab_size: int, seed: int):
@@ -96,7 +120,8 @@ def main() -> None:
             variables, grads = model_parameters(preset, args.vocab_size, seed=0)
             update = build_update(way, config)
             update.build(variables)
-            step = tf.function(lambda u=update, g=grads, v=variables: u.apply(g, v))
+            step = tf.function(functools.partial(training_step_end, update, grads, variables,
+                                                 config.clip_norm, way == "multi_cond"))
             step()  # trace and warm up
             steps[way] = step
         parameters = sum(v.shape.num_elements() for v in variables)

@@ -25,6 +25,7 @@ constexpr int kThreads = 256;
 struct Hyper {
   float lr, beta1, one_minus_beta1, beta2, one_minus_beta2, epsilon, weight_decay;
   float bias_correction1, bias_correction2;
+  float grad_scale;        // every gradient element is multiplied by it as it is read
   int apply_weight_decay;  // the current tensor's
 };
 
@@ -38,11 +39,11 @@ __device__ __forceinline__ float Direction(float m, float v, float var, const Hy
 }
 
 // Element i's moments in place, as tfa writes them: m = beta1 * m + (1 - beta1) * g;
-// v = beta2 * v + (1 - beta2) * g^2. Returns the update direction u.
+// v = beta2 * v + (1 - beta2) * g^2, with g = grad * grad_scale. Returns the update direction u.
 __device__ __forceinline__ float StepMoments(long long i, const float* __restrict__ grad,
                                              float* __restrict__ m, float* __restrict__ v,
                                              float var, const Hyper& h) {
-  const float g = grad[i];
+  const float g = __fmul_rn(grad[i], h.grad_scale);
   const float m_i = __fadd_rn(__fmul_rn(m[i], h.beta1), __fmul_rn(g, h.one_minus_beta1));
   const float v_i =
       __fadd_rn(__fmul_rn(v[i], h.beta2), __fmul_rn(__fmul_rn(g, g), h.one_minus_beta2));
@@ -192,8 +193,8 @@ extern "C" cudaError_t tfbert_lamb_multi_update_f32(const TfbertLambTensor* tens
                                                     float lr, float beta1, float beta2,
                                                     float epsilon, float weight_decay,
                                                     float bias_correction1,
-                                                    float bias_correction2, float* workspace,
-                                                    cudaStream_t stream) {
+                                                    float bias_correction2, float grad_scale,
+                                                    float* workspace, cudaStream_t stream) {
   Hyper h;
   h.lr = lr;
   h.beta1 = beta1;
@@ -204,6 +205,7 @@ extern "C" cudaError_t tfbert_lamb_multi_update_f32(const TfbertLambTensor* tens
   h.weight_decay = weight_decay;
   h.bias_correction1 = bias_correction1;
   h.bias_correction2 = bias_correction2;
+  h.grad_scale = grad_scale;
   h.apply_weight_decay = 0;  // per tensor, set in the kernels
 
   Batch batch;
@@ -245,11 +247,13 @@ extern "C" cudaError_t tfbert_lamb_update_f32(float* var, float* m, float* v, co
                                               long long n, float lr, float beta1, float beta2,
                                               float epsilon, float weight_decay,
                                               float bias_correction1, float bias_correction2,
-                                              int use_layer_adaptation, int apply_weight_decay,
-                                              float* workspace, cudaStream_t stream) {
+                                              float grad_scale, int use_layer_adaptation,
+                                              int apply_weight_decay, float* workspace,
+                                              cudaStream_t stream) {
   const TfbertLambTensor tensor{var, m, v, grad, n, use_layer_adaptation, apply_weight_decay};
   return tfbert_lamb_multi_update_f32(&tensor, 1, lr, beta1, beta2, epsilon, weight_decay,
-                                      bias_correction1, bias_correction2, workspace, stream);
+                                      bias_correction1, bias_correction2, grad_scale, workspace,
+                                      stream);
 }
 
 extern "C" cudaError_t tfbert_lamb_copy_f32(float* dst, const float* src, long long n,

@@ -61,22 +61,23 @@ static inline long long tfbert_lamb_multi_workspace_floats(const TfbertLambTenso
 }
 
 // One LAMB step (tensorflow_addons' numerics, see cc/ops/lamb_ops.cc).
-// bias_correction1/2: 1 - beta1^t and 1 - beta2^t. workspace: tfbert_lamb_workspace_floats(n)
-// floats, used only when use_layer_adaptation != 0.
+// bias_correction1/2: 1 - beta1^t and 1 - beta2^t. grad_scale: every gradient element is
+// multiplied by it as it is read (the clip by global norm; 1 for grad as given). workspace:
+// tfbert_lamb_workspace_floats(n) floats, used only when use_layer_adaptation != 0.
 cudaError_t tfbert_lamb_update_f32(float* var, float* m, float* v, const float* grad,
                                    long long n, float lr, float beta1, float beta2,
                                    float epsilon, float weight_decay, float bias_correction1,
-                                   float bias_correction2, int use_layer_adaptation,
-                                   int apply_weight_decay, float* workspace,
-                                   cudaStream_t stream);
+                                   float bias_correction2, float grad_scale,
+                                   int use_layer_adaptation, int apply_weight_decay,
+                                   float* workspace, cudaStream_t stream);
 
 // One LAMB step of `count` tensors; tensors: a host array (read before the function returns).
 // workspace: tfbert_lamb_multi_workspace_floats(tensors, count) floats (may be null when 0).
 cudaError_t tfbert_lamb_multi_update_f32(const TfbertLambTensor* tensors, int count, float lr,
                                          float beta1, float beta2, float epsilon,
                                          float weight_decay, float bias_correction1,
-                                         float bias_correction2, float* workspace,
-                                         cudaStream_t stream);
+                                         float bias_correction2, float grad_scale,
+                                         float* workspace, cudaStream_t stream);
 
 // dst = src, device to device (copy-on-write of a variable buffer that a read still holds).
 cudaError_t tfbert_lamb_copy_f32(float* dst, const float* src, long long n,

@@ -733,6 +733,8 @@ def check_dropout(ctx: Context, k: Kernels):
 # would use up most of float32's tolerance before the kernels' own arithmetic is measured.
 LAMB_HYPER = dict(lr=as_float32(1e-3), beta1=as_float32(0.9), beta2=as_float32(0.999),
                   epsilon=as_float32(1e-6), weight_decay=as_float32(0.01), step=3)
+# grad_scale other than 1: the gradients clipped by a global norm as the kernels read them.
+LAMB_CLIP_SCALE = as_float32(0.37)
 
 
 def lamb_reference(torch, var, m, v, grad, lr, beta1, beta2, epsilon, weight_decay, step,
@@ -760,43 +762,48 @@ def lamb_sizes(args):
 
 def check_lamb(ctx: Context, k: Kernels):
     torch = ctx.torch
-    k.require("tfbert_lamb_update_f32", "p,p,p,p,ll,f,f,f,f,f,f,f,i,i,p,s")
+    k.require("tfbert_lamb_update_f32", "p,p,p,p,ll,f,f,f,f,f,f,f,f,i,i,p,s")
     h = LAMB_HYPER
     bc1, bc2 = 1 - h["beta1"] ** h["step"], 1 - h["beta2"] ** h["step"]
     tol = TOLERANCE["float32"]
     for n, bert in lamb_sizes(ctx.args):
         flags = [(1, 1), (1, 0), (0, 1), (0, 0)] if not bert else [(1, 1)]
-        for adapt, decay in flags:
-            for zero_var in ((False, True) if (not bert and adapt) else (False,)):
-                var = ctx.randn((n,), scale=0.02) * (0 if zero_var else 1)
-                m = ctx.randn((n,), scale=1e-3)
-                v = ctx.randn((n,), scale=1e-3).square()
-                grad = ctx.randn((n,), scale=1e-2)
-                ref = lamb_reference(torch, var.double(), m.double(), v.double(), grad.double(),
-                                     h["lr"], h["beta1"], h["beta2"], h["epsilon"],
-                                     h["weight_decay"], h["step"], adapt, decay)
-                workspace = torch.empty(k.inline("tfbert_lamb_workspace_floats", n),
-                                        device="cuda")
-                v_var, v_m, v_v = var.clone(), m.clone(), v.clone()
-                call = ("tfbert_lamb_update_f32", ptr(v_var), ptr(v_m), ptr(v_v), ptr(grad), n,
-                        h["lr"], h["beta1"], h["beta2"], h["epsilon"], h["weight_decay"], bc1,
-                        bc2, adapt, decay, ptr(workspace), ctx.stream())
-                k(*call)
-                torch.cuda.synchronize()
-                err, worst, ok, ratio = ctx.compare([("var", v_var, ref[0], tol), ("m", v_m, ref[1], tol),
-                                              ("v", v_v, ref[2], tol)])
-                name = f"lamb_update{'_adapt' if adapt else ''}{'_decay' if decay else ''}"
-                row = Row(name, "float32", f"[{n}]" + (" var=0" if zero_var else ""), err,
-                          worst, ratio, ok)
-                if bert:
-                    # In place: repeated timed steps keep changing var, m, v, which is harmless.
-                    ctx.add(row, lambda: k(*call),
-                            lambda: lamb_reference(torch, var, m, v, grad, h["lr"], h["beta1"],
-                                                   h["beta2"], h["epsilon"], h["weight_decay"],
-                                                   h["step"], adapt, decay),
-                            nbytes=n * 4 * 7)  # read var, m, v, grad; write var, m, v
-                else:
-                    ctx.add(row)
+        cases = [(a, d, z, 1.0) for a, d in flags for z in
+                 ((False, True) if (not bert and a) else (False,))]
+        if not bert:
+            cases.append((1, 1, False, LAMB_CLIP_SCALE))
+        for adapt, decay, zero_var, grad_scale in cases:
+            var = ctx.randn((n,), scale=0.02) * (0 if zero_var else 1)
+            m = ctx.randn((n,), scale=1e-3)
+            v = ctx.randn((n,), scale=1e-3).square()
+            grad = ctx.randn((n,), scale=1e-2)
+            ref = lamb_reference(torch, var.double(), m.double(), v.double(),
+                                 grad.double() * grad_scale, h["lr"], h["beta1"],
+                                 h["beta2"], h["epsilon"], h["weight_decay"], h["step"],
+                                 adapt, decay)
+            workspace = torch.empty(k.inline("tfbert_lamb_workspace_floats", n),
+                                    device="cuda")
+            v_var, v_m, v_v = var.clone(), m.clone(), v.clone()
+            call = ("tfbert_lamb_update_f32", ptr(v_var), ptr(v_m), ptr(v_v), ptr(grad), n,
+                    h["lr"], h["beta1"], h["beta2"], h["epsilon"], h["weight_decay"], bc1,
+                    bc2, grad_scale, adapt, decay, ptr(workspace), ctx.stream())
+            k(*call)
+            torch.cuda.synchronize()
+            err, worst, ok, ratio = ctx.compare([("var", v_var, ref[0], tol),
+                                                 ("m", v_m, ref[1], tol), ("v", v_v, ref[2], tol)])
+            name = f"lamb_update{'_adapt' if adapt else ''}{'_decay' if decay else ''}"
+            row = Row(name, "float32", f"[{n}]" + (" var=0" if zero_var else "")
+                      + (f" grad_scale={grad_scale:g}" if grad_scale != 1.0 else ""), err,
+                      worst, ratio, ok)
+            if bert:
+                # In place: repeated timed steps keep changing var, m, v, which is harmless.
+                ctx.add(row, lambda: k(*call),
+                        lambda: lamb_reference(torch, var, m, v, grad, h["lr"], h["beta1"],
+                                               h["beta2"], h["epsilon"], h["weight_decay"],
+                                               h["step"], adapt, decay),
+                        nbytes=n * 4 * 7)  # read var, m, v, grad; write var, m, v
+            else:
+                ctx.add(row)
 
 
 class LambTensorStruct(ctypes.Structure):
@@ -829,10 +836,12 @@ def check_lamb_multi(ctx: Context, k: Kernels):
     """The multi-tensor launch against one tfbert_lamb_update_f32 per tensor (bit-identical) and
     the float64 reference; timed against that per-tensor loop (the "torch ms" column)."""
     torch = ctx.torch
-    k.require("tfbert_lamb_multi_update_f32", "p,i,f,f,f,f,f,f,f,p,s")
+    k.require("tfbert_lamb_multi_update_f32", "p,i,f,f,f,f,f,f,f,f,p,s")
     h = LAMB_HYPER
     bc1, bc2 = 1 - h["beta1"] ** h["step"], 1 - h["beta2"] ** h["step"]
-    scalars = (h["lr"], h["beta1"], h["beta2"], h["epsilon"], h["weight_decay"], bc1, bc2)
+    # With a clip scale: both launch paths read the gradients through it.
+    scalars = (h["lr"], h["beta1"], h["beta2"], h["epsilon"], h["weight_decay"], bc1, bc2,
+               LAMB_CLIP_SCALE)
     tol = TOLERANCE["float32"]
     for name, sizes, flags, timed in lamb_multi_cases(ctx.args):
         states = []
@@ -864,9 +873,9 @@ def check_lamb_multi(ctx: Context, k: Kernels):
         for i, ((var, m, v, grad), (a, d)) in enumerate(zip(states, flags)):
             if var.numel() == 0:
                 continue
-            ref = lamb_reference(torch, var.double(), m.double(), v.double(), grad.double(),
-                                 h["lr"], h["beta1"], h["beta2"], h["epsilon"], h["weight_decay"],
-                                 h["step"], a, d)
+            ref = lamb_reference(torch, var.double(), m.double(), v.double(),
+                                 grad.double() * LAMB_CLIP_SCALE, h["lr"], h["beta1"], h["beta2"],
+                                 h["epsilon"], h["weight_decay"], h["step"], a, d)
             checks += [(f"var{i}", multi[i][0], ref[0], tol), (f"m{i}", multi[i][1], ref[1], tol),
                        (f"v{i}", multi[i][2], ref[2], tol)]
         err, worst, ok, ratio = ctx.compare(checks)

@@ -109,14 +109,19 @@ def test_fused_dropout_replaces_every_hidden_dropout_of_the_encoder():
 @pytest.mark.skipif(not (ops_available() and hasattr(load_ops(), "tf_bert_fused_lamb_update")),
                     reason="fused LAMB not built")
 def test_fused_lamb_trains_the_model_like_addons_lamb(tmp_path):
+    import json
+
     from conftest import run_config, synthetic_dataset
     from tfbert import config as cfg
     from tfbert.ops.lamb_ops import FusedLambUpdate
     from tfbert.training.trainer import Pretrainer
 
+    # clip_norm well below the gradients' norm, so every step is clipped: tfa's LAMB gets
+    # tf.clip_by_global_norm's gradients, the fused op reads them through its grad_scale.
+    clip_norm = 0.05
     trained = {}
     for name in ("lamb", "fused_lamb"):
-        optimizer = cfg.OptimizerConfig(optimizer=name, learning_rate=1e-3)
+        optimizer = cfg.OptimizerConfig(optimizer=name, learning_rate=1e-3, clip_norm=clip_norm)
         config = run_config(tmp_path / name, odd_model_config(hidden_dropout_prob=0.0,
                                                              attention_probs_dropout_prob=0.0),
                             optimizer=optimizer, num_train_steps=5)
@@ -124,5 +129,37 @@ def test_fused_lamb_trains_the_model_like_addons_lamb(tmp_path):
         assert isinstance(trainer.update, FusedLambUpdate) == (name == "fused_lamb")
         trainer.train()
         trained[name] = [v.numpy() for v in trainer.variables]
+        with open(tmp_path / name / "log.jsonl") as f:
+            assert min(json.loads(line)["grad_norm"] for line in f) > 4 * clip_norm
     for a, b in zip(trained["lamb"], trained["fused_lamb"]):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def step_ops(trainer) -> tuple[list[str], list[str]]:
+    """(op types, op names) of the training step's graph, outside any function it calls."""
+    graph = trainer.train_step.get_concrete_function(synthetic_batch(batch=8, seq=16,
+                                                                     predictions=3),
+                                                     tf.zeros([2])).graph
+    ops = graph.get_operations()
+    return [op.type for op in ops], [op.name for op in ops]
+
+
+@pytest.mark.skipif(not (ops_available() and hasattr(load_ops(), "tf_bert_fused_lamb_update")),
+                    reason="fused LAMB not built")
+def test_fused_lamb_takes_the_clip_and_the_skip_without_ops_around_it(tmp_path):
+    # The clip factor and the skip decision go into the one op: no multiply per gradient and no
+    # conditional around the update (whose branch would hold the op). Keras' LAMB keeps both.
+    from conftest import run_config, synthetic_dataset
+    from tfbert import config as cfg
+    from tfbert.training.trainer import Pretrainer
+
+    counts = {}
+    for name in ("lamb", "fused_lamb"):
+        config = run_config(tmp_path / name, optimizer=cfg.OptimizerConfig(optimizer=name))
+        trainer = Pretrainer(config, synthetic_dataset())
+        types, names = step_ops(trainer)
+        counts[name] = (types.count("TfBert>FusedLambMultiUpdate"),
+                        sum(t in ("If", "StatelessIf") for t in types),
+                        sum(t == "Mul" and "clip" in n.lower() for t, n in zip(types, names)))
+    assert counts["fused_lamb"] == (1, 0, 0)
+    assert counts["lamb"][:2] == (0, 1)

@@ -4,6 +4,8 @@
   layer adaptation, a zero-norm variable (ratio 1), and a tensor spanning several CPU chunks;
 - the multi-tensor op steps a list of tensors (odd sizes, several chunks, mixed flags, an empty
   one) bit-identically to one op per tensor, and refuses a variable given twice;
+- grad_scale is the gradient multiplied first (bit for bit), and apply_update=False changes
+  nothing;
 - FusedLambUpdate over 20 steps on a tiny model equals tfa.optimizers.LAMB with the same
   hyperparameters and exclusions, eagerly and inside tf.function;
 - the slots and the step counter survive a checkpoint round trip.
@@ -106,6 +108,55 @@ def test_multi_tensor_op_equals_one_op_per_tensor_bit_for_bit():
             np.testing.assert_array_equal(a.numpy(), b.numpy(), err_msg=f"{name} of {shapes[i]}")
     # And the step did move the variables (an op that did nothing would pass the above).
     assert not np.array_equal(together[0][0].numpy(), states[0][0])
+
+
+def test_grad_scale_is_the_gradient_multiplied_before_the_step():
+    # The op reads grad * grad_scale in float32: the same bits as the product computed first.
+    # m and v start from a random state (not from this gradient), so the scale changes the
+    # step even though LAMB's direction is nearly scale-free for fresh moments.
+    shapes = [[201, 200], [37], [0]]
+    states = [random_state(shape, seed=20 + i) for i, shape in enumerate(shapes)]
+    make = lambda: [tuple(tf.Variable(x) for x in state[:3]) for state in states]  # noqa: E731
+    scaled_in_op, scaled_before = make(), make()
+    scale = np.float32(0.37)
+    flags = dict(use_layer_adaptation=[True, False, True], apply_weight_decay=[True, True, False])
+    variables, ms, vs = zip(*scaled_in_op)
+    fused_lamb_multi_update(variables, ms, vs, [tf.constant(s[3]) for s in states], step=2,
+                            **HYPER, **flags, grad_scale=scale)
+    variables, ms, vs = zip(*scaled_before)
+    fused_lamb_multi_update(variables, ms, vs, [tf.constant(s[3]) * scale for s in states],
+                            step=2, **HYPER, **flags)
+    for got, want in zip(scaled_in_op, scaled_before):
+        for a, b in zip(got, want):
+            np.testing.assert_array_equal(a.numpy(), b.numpy())
+    # The single-tensor op reads it the same way.
+    var, m, v = (tf.Variable(x) for x in states[0][:3])
+    fused_lamb_update(var, m, v, tf.constant(states[0][3]), step=2, **HYPER, grad_scale=scale)
+    np.testing.assert_array_equal(var.numpy(), scaled_before[0][0].numpy())
+    # And the scale mattered: unscaled, the step differs.
+    unscaled = tf.Variable(states[0][0]), tf.Variable(states[0][1]), tf.Variable(states[0][2])
+    fused_lamb_update(*unscaled, tf.constant(states[0][3]), step=2, **HYPER)
+    assert not np.array_equal(unscaled[0].numpy(), var.numpy())
+
+
+def test_apply_update_false_leaves_everything_as_it_was():
+    states = [random_state(shape, seed=30 + i) for i, shape in enumerate([[201, 200], [5]])]
+    variables, ms, vs = zip(*[tuple(tf.Variable(x) for x in state[:3]) for state in states])
+    nan_grads = [tf.constant(np.full_like(s[3], np.nan)) for s in states]
+
+    @tf.function
+    def step(apply_update):  # the decision as a tensor computed in the step, as the trainer has it
+        fused_lamb_multi_update(variables, ms, vs, nan_grads, step=3, **HYPER,
+                                use_layer_adaptation=[True, False],
+                                apply_weight_decay=[True, True], grad_scale=float("nan"),
+                                apply_update=apply_update)
+
+    step(tf.constant(False))
+    for state, var, m, v in zip(states, variables, ms, vs):
+        for x, want in zip((var, m, v), state[:3]):
+            np.testing.assert_array_equal(x.numpy(), want)
+    step(tf.constant(True))  # the same call taken: NaN everywhere
+    assert np.isnan(variables[0].numpy()).all() and np.isnan(ms[1].numpy()).all()
 
 
 def test_multi_tensor_op_rejects_bad_inputs():

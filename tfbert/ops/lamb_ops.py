@@ -11,6 +11,10 @@ LAMB (t = the 1-based step), each tensor's norms its own:
     update += weight_decay * var                      (unless excluded from weight decay)
     ratio = ||var|| / ||update|| if both > 0, else 1  (1 if excluded from layer adaptation)
     var -= ratio * lr * update
+
+with g = grad * grad_scale (clipping by the global norm: one multiply as the op reads the
+gradient, not one op per tensor before it), and no change at all when apply_update is false (a
+step skipped on a non-finite gradient, without a tf.cond around the update).
 """
 
 from __future__ import annotations
@@ -21,10 +25,12 @@ import tensorflow as tf
 
 from tfbert.config import OptimizerConfig
 from tfbert.ops import loader
+from tfbert.training.optimization import named_optimizer_state, scale_gradients, update_if
 
 
 def fused_lamb_update(var, m, v, grad, lr, beta1, beta2, epsilon, weight_decay, step,
-                      use_layer_adaptation: bool = True, apply_weight_decay: bool = True):
+                      use_layer_adaptation: bool = True, apply_weight_decay: bool = True,
+                      grad_scale=1.0, apply_update=True):
     """One LAMB step with the fused op, updating `var`, `m` and `v` in place.
 
     Args:
@@ -35,6 +41,8 @@ def fused_lamb_update(var, m, v, grad, lr, beta1, beta2, epsilon, weight_decay, 
       step: scalar, the 1-based step t of the bias corrections (cast to float32, as tfa does).
       use_layer_adaptation: scale the step by the trust ratio ||var|| / ||update||.
       apply_weight_decay: add weight_decay * var to the update direction.
+      grad_scale: float32 scalar; the step uses grad * grad_scale.
+      apply_update: bool scalar; False leaves var, m and v unchanged.
 
     Returns:
       The op (no outputs); eager callers can ignore it.
@@ -45,12 +53,14 @@ def fused_lamb_update(var, m, v, grad, lr, beta1, beta2, epsilon, weight_decay, 
     f32 = lambda x: tf.cast(x, tf.float32)  # noqa: E731
     return loader.load_ops().tf_bert_fused_lamb_update(
         var.handle, m.handle, v.handle, f32(grad), f32(lr), f32(beta1), f32(beta2),
-        f32(epsilon), f32(weight_decay), f32(step),
-        use_layer_adaptation=use_layer_adaptation, apply_weight_decay=apply_weight_decay)
+        f32(epsilon), f32(weight_decay), f32(step), f32(grad_scale),
+        tf.cast(apply_update, tf.bool), use_layer_adaptation=use_layer_adaptation,
+        apply_weight_decay=apply_weight_decay)
 
 
 def fused_lamb_multi_update(variables, ms, vs, grads, lr, beta1, beta2, epsilon, weight_decay,
-                            step, use_layer_adaptation, apply_weight_decay):
+                            step, use_layer_adaptation, apply_weight_decay, grad_scale=1.0,
+                            apply_update=True):
     """`fused_lamb_update` of several tensors in one op; each tensor's result is bit-identical
     to `fused_lamb_update` of it alone.
 
@@ -58,7 +68,8 @@ def fused_lamb_multi_update(variables, ms, vs, grads, lr, beta1, beta2, epsilon,
       variables, ms, vs: equal-length lists of distinct float32 resource tf.Variables; tensor i
         is (variables[i], ms[i], vs[i]), all three of one shape.
       grads: float32 Tensors, grads[i] of variables[i]'s shape.
-      lr, beta1, beta2, epsilon, weight_decay, step: as in `fused_lamb_update`.
+      lr, beta1, beta2, epsilon, weight_decay, step, grad_scale, apply_update: as in
+        `fused_lamb_update` (one of each for all tensors).
       use_layer_adaptation, apply_weight_decay: lists of bools, one per tensor.
 
     Returns:
@@ -71,7 +82,8 @@ def fused_lamb_multi_update(variables, ms, vs, grads, lr, beta1, beta2, epsilon,
     return loader.load_ops().tf_bert_fused_lamb_multi_update(
         [x.handle for x in variables], [x.handle for x in ms], [x.handle for x in vs],
         [f32(g) for g in grads], f32(lr), f32(beta1), f32(beta2), f32(epsilon),
-        f32(weight_decay), f32(step), use_layer_adaptation=[bool(x) for x in use_layer_adaptation],
+        f32(weight_decay), f32(step), f32(grad_scale), tf.cast(apply_update, tf.bool),
+        use_layer_adaptation=[bool(x) for x in use_layer_adaptation],
         apply_weight_decay=[bool(x) for x in apply_weight_decay])
 
 
@@ -201,18 +213,29 @@ class FusedLambUpdate:
         self._keys = keys
         self._flags = [not self._excluded(variable) for variable in variables]
 
-    def apply(self, grads, variables) -> None:
+    def apply(self, grads, variables, grad_scale=None, apply_update=None) -> None:
         """One LAMB step on `variables` (the list given to `build`, in the same order).
 
         Args:
           grads: float32 gradients (Tensor or IndexedSlices, densified here), one per variable;
             None skips the variable (its moments do not decay, as with Keras optimizers).
           variables: the variables, in `build`'s order.
+          grad_scale: float32 scalar every gradient is multiplied by (clipping), or None.
+          apply_update: bool scalar, False to leave everything (the step counter too) as it
+            is; None to always step. The fused op takes both itself: no op per tensor for
+            the clipping and no tf.cond around the update.
         """
         variables = list(variables)
         if len(variables) != len(self._flags):
             raise ValueError(f"FusedLambUpdate was built over {len(self._flags)} variables, "
                              f"apply got {len(variables)}")
+        if not self.use_fused_op:
+            update_if(apply_update,
+                      lambda: self._apply(scale_gradients(grads, grad_scale), variables))
+            return
+        self._apply(grads, variables, grad_scale, apply_update)
+
+    def _apply(self, grads, variables, grad_scale=None, apply_update=None) -> None:
         state = self.optimizer
         config = self.config
         lr = tf.cast(self.learning_rate(), tf.float32)
@@ -229,8 +252,10 @@ class FusedLambUpdate:
                             not_excluded))
         if stepped and self.use_fused_op:
             grads, variables, ms, vs, flags = zip(*stepped)
-            fused_lamb_multi_update(variables, ms, vs, grads, *args, use_layer_adaptation=flags,
-                                    apply_weight_decay=flags)
+            fused_lamb_multi_update(
+                variables, ms, vs, grads, *args, use_layer_adaptation=flags,
+                apply_weight_decay=flags, grad_scale=1.0 if grad_scale is None else grad_scale,
+                apply_update=True if apply_update is None else apply_update)
         elif stepped:
             for grad, var, m, v, not_excluded in stepped:
                 new_var, new_m, new_v = lamb_update_reference(
@@ -239,14 +264,15 @@ class FusedLambUpdate:
                 m.assign(new_m)
                 v.assign(new_v)
                 var.assign(new_var)
-        state.iterations.assign_add(1)
+        if apply_update is None:
+            state.iterations.assign_add(1)
+        else:
+            state.iterations.assign_add(tf.cast(apply_update, tf.int64))
 
     def checkpoint_items(self) -> dict:
         return {"optimizer": self.optimizer}
 
     def named_state(self, variables) -> dict[str, tf.Variable]:
-        from tfbert.training.optimization import named_optimizer_state
-
         return named_optimizer_state(self.optimizer, variables)
 
 
@@ -273,7 +299,11 @@ class LambWithSummedNorms(FusedLambUpdate):
     def _slot_shape(self, variable) -> tf.TensorShape:
         return tf.TensorShape([variable.shape.num_elements()])
 
-    def apply(self, grads, variables) -> None:
+    def apply(self, grads, variables, grad_scale=None, apply_update=None) -> None:
+        update_if(apply_update,
+                  lambda: self._apply_split(scale_gradients(grads, grad_scale), variables))
+
+    def _apply_split(self, grads, variables) -> None:
         from tfbert.ops.lamb_shard_ops import lamb_shard_apply, lamb_shard_moments
 
         variables = list(variables)

@@ -5,8 +5,8 @@ The trainer computes each micro-batch's gradients and hands them to one `Gradien
 
     grads = sync.micro_batch_gradients(grads)       # after each micro-batch (accumulated)
     grads = sync.step_gradients(grads)              # once per optimizer step
-    (unscale, clip with sync.global_norm(grads), skip on non-finite)
-    sync.apply(grads, frozen)                       # every rank ends with the same weights
+    (unscale; the clip factor and the skip decision from sync.global_norm(grads))
+    sync.apply(grads, frozen, grad_scale, apply_update)  # every rank ends with the same weights
 
 `DataParallel` all-reduces whole gradients and updates every variable on every rank (Horovod's
 DistributedOptimizer). `ShardedOptimizer` is ZeRO (Rajbhandari et al., 2020) over Horovod, with
@@ -52,6 +52,7 @@ from tfbert.config import OptimizerConfig
 from tfbert.distributed import SingleProcess
 from tfbert.ops import lamb_shard_ops
 from tfbert.training import sharding
+from tfbert.training.optimization import scale_gradients, update_if
 from tfbert.training.precision import deduplicate_indexed_slices
 
 
@@ -141,9 +142,12 @@ class DataParallel:
             return tf.linalg.global_norm(grads)
         return tf.sqrt(tf.reduce_sum(self.norms.total(tf.stack([_squares(g) for g in grads]))))
 
-    def apply(self, grads: list, frozen: list[bool]) -> None:
+    def apply(self, grads: list, frozen: list[bool], grad_scale=None, apply_update=None) -> None:
+        """The update's step. grad_scale: float32 scalar multiplying every gradient (the clip
+        factor) or None; apply_update: bool scalar, False to skip the step (None: take it).
+        Both go to the update, which may fold them into a fused op."""
         del frozen  # the frozen variables' gradients are None already
-        self.update.apply(grads, self.variables)
+        self.update.apply(grads, self.variables, grad_scale=grad_scale, apply_update=apply_update)
 
     def checkpoint_items(self) -> dict:
         return self.update.checkpoint_items()
@@ -347,9 +351,14 @@ class ShardedOptimizer:
         per_variable = self.group.sum(per_variable, name="zero_grad_norm")
         return tf.sqrt(tf.reduce_sum(self.norms.total(per_variable)))
 
-    def apply(self, grads: list, frozen: list[bool]) -> None:
-        """Updates this rank's elements, then all-gathers them into every rank's variables."""
-        (grad,) = grads
+    def apply(self, grads: list, frozen: list[bool], grad_scale=None, apply_update=None) -> None:
+        """Updates this rank's elements, then all-gathers them into every rank's variables;
+        grad_scale and apply_update as in `DataParallel.apply` (the decision is the same on
+        every rank, so either all of them gather or none)."""
+        (grad,) = scale_gradients(grads, grad_scale)
+        update_if(apply_update, lambda: self._apply_shard(grad, frozen))
+
+    def _apply_shard(self, grad, frozen: list[bool]) -> None:
         state = self.optimizer
         active = tf.constant([not frozen[s.variable] for s in self.segments], tf.bool,
                              shape=[len(self.segments)])

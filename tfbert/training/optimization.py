@@ -6,6 +6,7 @@ import tensorflow as tf
 import tensorflow_addons as tfa
 
 from tfbert.config import OptimizerConfig
+from tfbert.training.precision import scale_gradient
 
 
 class WarmupPolynomialDecay(tf.keras.optimizers.schedules.LearningRateSchedule):
@@ -66,11 +67,44 @@ def build_optimizer(config: OptimizerConfig, learning_rate):
     raise ValueError(f"unknown optimizer {config.optimizer!r}")
 
 
+def clip_scale(grad_norm: tf.Tensor, clip_norm: float) -> tf.Tensor:
+    """The factor tf.clip_by_global_norm multiplies every gradient by, computed as it does:
+    clip_norm / max(grad_norm, clip_norm), a float32 scalar (meaningless for a non-finite norm,
+    whose step is skipped)."""
+    return clip_norm * tf.minimum(1.0 / grad_norm, tf.constant(1.0, grad_norm.dtype) / clip_norm)
+
+
+def scale_gradients(grads: list, grad_scale) -> list:
+    """Every gradient (Tensor, IndexedSlices or None) times the scalar `grad_scale`, as
+    tf.clip_by_global_norm multiplies them; None as a scale leaves them as they are."""
+    if grad_scale is None:
+        return list(grads)
+    return [scale_gradient(g, grad_scale) for g in grads]
+
+
+def update_if(apply_update, update) -> None:
+    """Calls `update()` (which builds the step's ops) under a tf.cond on the bool scalar
+    `apply_update`; None runs it unconditionally. Every rank must pass the same decision: the
+    collectives inside an update run only where it is taken."""
+    if apply_update is None:
+        update()
+        return
+
+    def taken():
+        update()
+        return tf.constant(True)
+
+    tf.cond(apply_update, taken, lambda: tf.constant(False))
+
+
 class KerasOptimizerUpdate:
-    """The update step: applies final (averaged, unscaled, clipped) gradients to the variables.
+    """The update step: applies the final (averaged, unscaled) gradients to the variables.
 
     The trainer only calls `build` once and `apply` per step, so a different update (a fused
-    LAMB op, an update over a shard of the optimizer state) replaces this class whole.
+    LAMB op, an update over a shard of the optimizer state) replaces this class whole. `apply`
+    also takes the two results of the step's global gradient norm, which a fused update folds
+    into its own op: `grad_scale` (the clipping factor every gradient is multiplied by, or None)
+    and `apply_update` (a bool scalar, False to skip the step; None to always take it).
     """
 
     def __init__(self, optimizer):
@@ -82,8 +116,10 @@ class KerasOptimizerUpdate:
         # Private but stable in the pinned Keras 2.15; LossScaleOptimizer relies on it too.
         self.optimizer._create_all_weights(variables)
 
-    def apply(self, grads, variables) -> None:
-        self.optimizer.apply_gradients(zip(grads, variables))
+    def apply(self, grads, variables, grad_scale=None, apply_update=None) -> None:
+        grads = scale_gradients(grads, grad_scale)
+        update_if(apply_update,
+                  lambda: self.optimizer.apply_gradients(zip(grads, variables)))
 
     def checkpoint_items(self) -> dict:
         return {"optimizer": self.optimizer}

@@ -33,7 +33,7 @@ from tfbert.training.interruption import StepWatchdog, StopRequests
 from tfbert.training.memory import PeakMemory, peak_rss_bytes
 from tfbert.training import sharding
 from tfbert.training.gradient_sync import TensorNorms, build_gradient_sync, variable_name
-from tfbert.training.optimization import WarmupPolynomialDecay
+from tfbert.training.optimization import WarmupPolynomialDecay, clip_scale
 from tfbert.training.precision import DynamicLossScale
 from tfbert.training.tracing import graph_function
 from tfbert.training.xla import configure_xla
@@ -475,10 +475,6 @@ class Trainer:
             variables += [self.loss_scale.scale, self.loss_scale.good_steps]
         return variables
 
-    def _apply(self, grads, frozen: bool):
-        self.sync.apply(grads, [self._is_frozen(v, frozen) for v in self.variables])
-        return tf.constant(True)
-
     def _is_frozen(self, variable, frozen: bool) -> bool:
         """Whether `variable` is left as it is this step: the frozen word embeddings, or a
         variable the task's loss never reaches (a student's pooler in distillation, the pooler
@@ -533,10 +529,12 @@ class Trainer:
         grad_norm = self.sync.global_norm(grads)
         grads_are_finite = tf.math.is_finite(grad_norm)
         clip_norm = self.config.optimizer.clip_norm
-        if clip_norm > 0:
-            grads, _ = tf.clip_by_global_norm(grads, clip_norm, use_norm=grad_norm)
         learning_rate = self.schedule(self.global_step)
-        tf.cond(grads_are_finite, lambda: self._apply(grads, frozen), lambda: tf.constant(False))
+        # Clipped by the global norm and skipped when it is not finite, both inside the update
+        # (a fused LAMB op reads the gradients through the factor and skips by itself).
+        self.sync.apply(grads, [self._is_frozen(v, frozen) for v in self.variables],
+                        grad_scale=clip_scale(grad_norm, clip_norm) if clip_norm > 0 else None,
+                        apply_update=grads_are_finite)
         if self.loss_scale is not None:
             self.loss_scale.update(grads_are_finite)
         skipped = tf.cast(tf.logical_not(grads_are_finite), tf.int64)

@@ -17,10 +17,11 @@
 namespace tfbert {
 namespace functor {
 
-// The step's scalars: LambStepHyperparams (bias corrections taken on the host) and the learning
-// rate.
+// The step's scalars: LambStepHyperparams (bias corrections taken on the host), the learning
+// rate and the factor every gradient is multiplied by as it is read (the clip by global norm).
 struct LambHyperparams : LambStepHyperparams {
   float lr;
+  float grad_scale;
 };
 
 // The trust ratio ||var|| / ||update||, or 1 when either norm is 0 (tfa's tf.where pair).

@@ -40,12 +40,12 @@ using cpu_math::SumOfLanes;
 // buffers they write, and would keep GCC from vectorising them.
 struct LambScalars {
   float beta1, one_minus_beta1, beta2, one_minus_beta2;
-  float bias_correction1, bias_correction2, epsilon, weight_decay;
+  float bias_correction1, bias_correction2, epsilon, weight_decay, grad_scale;
 };
 
 LambScalars ScalarsOf(const LambHyperparams& hp) {
   return {hp.beta1, 1.0f - hp.beta1, hp.beta2, 1.0f - hp.beta2, hp.bias_correction1,
-          hp.bias_correction2, hp.epsilon, hp.weight_decay};
+          hp.bias_correction2, hp.epsilon, hp.weight_decay, hp.grad_scale};
 }
 
 // u in tfa's order: (m / bc1) / (sqrt(v / bc2) + eps) (+ wd * var). One function for both
@@ -57,10 +57,13 @@ TFBERT_INLINE float Direction(const LambScalars& s, float m, float v, float var)
   return u;
 }
 
-// m and v of element i in place, as tfa writes them (beta * m + (g * (1 - beta))); returns u.
+// m and v of element i in place, as tfa writes them (beta * m + (g * (1 - beta))), g being
+// the gradient times grad_scale (the clipped gradient; grad itself when the scale is 1);
+// returns u.
 template <bool kDecay>
-TFBERT_INLINE float MomentsAndDirection(const LambScalars& s, float g, float* m, float* v,
+TFBERT_INLINE float MomentsAndDirection(const LambScalars& s, float grad, float* m, float* v,
                                         float var) {
+  const float g = grad * s.grad_scale;
   const float m_new = *m * s.beta1 + g * s.one_minus_beta1;
   const float v_new = *v * s.beta2 + (g * g) * s.one_minus_beta2;
   *m = m_new;
@@ -240,7 +243,7 @@ struct FusedLambMultiUpdate<GPUDevice> {
     return CudaStatus(
         tfbert_lamb_multi_update_f32(
             launch_tensors.data(), count, hp.lr, hp.beta1, hp.beta2, hp.epsilon, hp.weight_decay,
-            hp.bias_correction1, hp.bias_correction2,
+            hp.bias_correction1, hp.bias_correction2, hp.grad_scale,
             workspace_floats > 0 ? workspace.flat<float>().data() : nullptr, stream),
         "FusedLambMultiUpdate");
   }
@@ -304,7 +307,7 @@ Status GatherLambTensor(
 
 // TfBert>FusedLambUpdate (count 1, flags from scalar attributes) and TfBert>FusedLambMultiUpdate
 // (count N, flags from list attributes). Inputs: var[count], m[count], v[count], grad[count],
-// then lr, beta1, beta2, epsilon, weight_decay, step.
+// then lr, beta1, beta2, epsilon, weight_decay, step, grad_scale, apply_update.
 template <typename Device>
 class FusedLambOp : public OpKernel {
  public:
@@ -338,6 +341,11 @@ class FusedLambOp : public OpKernel {
     functor::LambHyperparams hp;
     OP_REQUIRES_OK(context, ScalarInput(context, op, scalars, "lr", &hp.lr));
     OP_REQUIRES_OK(context, HyperparamInputs(context, op, scalars + 1, &hp));
+    OP_REQUIRES_OK(context, ScalarInput(context, op, scalars + 6, "grad_scale", &hp.grad_scale));
+    const Tensor& apply_update = context->input(scalars + 7);
+    OP_REQUIRES(context, ::tensorflow::TensorShapeUtils::IsScalar(apply_update.shape()),
+                errors::InvalidArgument(op, ": apply_update must be a scalar, got shape ",
+                                        apply_update.shape().DebugString()));
 
     // Exclusive locks on every var, m and v, taken in address order (so two steps over
     // overlapping variables cannot deadlock). The helper's Device parameter only selects the
@@ -358,6 +366,8 @@ class FusedLambOp : public OpKernel {
                                                        apply_weight_decay_[i], &held,
                                                        &tensors[i]));
     }
+    // Skipped only now, so a skipped step still checks its inputs as a taken one does.
+    if (!apply_update.scalar<bool>()()) return;
     OP_REQUIRES_OK(context, functor::FusedLambMultiUpdate<Device>()(context, tensors, hp));
   }
 
@@ -374,7 +384,9 @@ REGISTER_KERNEL_BUILDER(Name("TfBert>FusedLambMultiUpdate").Device(DEVICE_CPU),
                         FusedLambOp<CPUDevice>);
 
 #if GOOGLE_CUDA
-// The scalars stay on the host: the launch takes them by value.
+// The scalars stay on the host: the launch takes them by value. (grad_scale and apply_update
+// come from the gradients' global norm, computed on the device: their copy to the host is the
+// one the predicate of a tf.cond around the update would need.)
 #define TFBERT_REGISTER_LAMB_GPU_KERNEL(op_name)             \
   REGISTER_KERNEL_BUILDER(Name(op_name)                      \
                               .Device(::tensorflow::DEVICE_GPU) \
@@ -383,7 +395,9 @@ REGISTER_KERNEL_BUILDER(Name("TfBert>FusedLambMultiUpdate").Device(DEVICE_CPU),
                               .HostMemory("beta2")           \
                               .HostMemory("epsilon")         \
                               .HostMemory("weight_decay")    \
-                              .HostMemory("step"),           \
+                              .HostMemory("step")            \
+                              .HostMemory("grad_scale")      \
+                              .HostMemory("apply_update"),   \
                           FusedLambOp<functor::GPUDevice>)
 TFBERT_REGISTER_LAMB_GPU_KERNEL("TfBert>FusedLambUpdate");
 TFBERT_REGISTER_LAMB_GPU_KERNEL("TfBert>FusedLambMultiUpdate");

@@ -13,6 +13,13 @@
 //   ratio = ||var|| / ||update|| if both > 0 and use_layer_adaptation, else 1
 //   var -= ratio * lr * update
 // The norms are over the whole tensor and are taken before var changes.
+//
+// Both ops also take what the training step decides after the gradients' global norm, so that
+// no op per tensor and no conditional stand between the norm and the update:
+//   grad_scale    every gradient is multiplied by it as it is read (g = grad * grad_scale, in
+//                 float32: clipping by the global norm; 1 leaves g exactly as given);
+//   apply_update  false leaves var, m and v as they are (a step skipped because a gradient was
+//                 not finite).
 
 #include "tensorflow/core/framework/common_shape_fns.h"
 #include "tensorflow/core/framework/op.h"
@@ -35,16 +42,16 @@ Status FusedLambUpdateShape(InferenceContext* c) {
       TF_RETURN_IF_ERROR(c->Merge(grad, (*handle_data)[0].shape, &grad));
     }
   }
-  // lr, beta1, beta2, epsilon, weight_decay, step: scalars.
+  // lr, beta1, beta2, epsilon, weight_decay, step, grad_scale, apply_update: scalars.
   ShapeHandle unused;
-  for (int i = 4; i < 10; ++i) TF_RETURN_IF_ERROR(c->WithRank(c->input(i), 0, &unused));
+  for (int i = 4; i < 12; ++i) TF_RETURN_IF_ERROR(c->WithRank(c->input(i), 0, &unused));
   return ::tensorflow::OkStatus();
 }
 
 Status FusedLambMultiUpdateShape(InferenceContext* c) {
   int count;
   TF_RETURN_IF_ERROR(c->GetAttr("N", &count));
-  // Inputs: var[N], m[N], v[N], grad[N], then the six scalars. Each grad must match the shapes
+  // Inputs: var[N], m[N], v[N], grad[N], then the eight scalars. Each grad must match the shapes
   // recorded in its variables' handles (when they are known).
   for (int t = 0; t < count; ++t) {
     ShapeHandle grad = c->input(3 * count + t);
@@ -56,7 +63,7 @@ Status FusedLambMultiUpdateShape(InferenceContext* c) {
     }
   }
   ShapeHandle unused;
-  for (int i = 4 * count; i < 4 * count + 6; ++i) {
+  for (int i = 4 * count; i < 4 * count + 8; ++i) {
     TF_RETURN_IF_ERROR(c->WithRank(c->input(i), 0, &unused));
   }
   return ::tensorflow::OkStatus();
@@ -75,6 +82,8 @@ REGISTER_OP("TfBert>FusedLambUpdate")
     .Input("epsilon: float")
     .Input("weight_decay: float")
     .Input("step: float")
+    .Input("grad_scale: float")
+    .Input("apply_update: bool")
     .Attr("use_layer_adaptation: bool = true")
     .Attr("apply_weight_decay: bool = true")
     .SetIsStateful()
@@ -85,6 +94,8 @@ same shape, in place. grad: float32, var's shape. lr, beta1, beta2, epsilon, wei
 float32 scalars. step: float32 scalar, the 1-based step t of the bias corrections 1 - beta^t.
 use_layer_adaptation: scale by the trust ratio ||var|| / ||update||. apply_weight_decay: add
 weight_decay * var to the update direction (decoupled decay, inside the trust ratio).
+grad_scale: float32 scalar multiplying grad as it is read. apply_update: bool scalar; false
+leaves var, m and v unchanged.
 )doc");
 
 REGISTER_OP("TfBert>FusedLambMultiUpdate")
@@ -98,6 +109,8 @@ REGISTER_OP("TfBert>FusedLambMultiUpdate")
     .Input("epsilon: float")
     .Input("weight_decay: float")
     .Input("step: float")
+    .Input("grad_scale: float")
+    .Input("apply_update: bool")
     .Attr("N: int >= 1")
     .Attr("use_layer_adaptation: list(bool)")
     .Attr("apply_weight_decay: list(bool)")
