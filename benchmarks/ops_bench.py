@@ -66,6 +66,18 @@ def _cases(batch: int, seq: int, hidden: int, dtype: tf.DType):
         cases.append(("bias_geglu", f"[{batch},{seq},{width}]",
                       lambda h: gelu_ops.fused_bias_geglu(h, bias),
                       lambda h: gelu_ops.bias_geglu_reference(h, bias), h))
+    if hasattr(library, "tf_bert_fused_bias_dropout_add"):
+        from tfbert.ops import dropout_ops
+
+        # The composite is what --ytf_dropout alone runs: the bias add, the fused dropout and
+        # the residual add as three ops.
+        out_bias = tf.cast(tf.random.normal([hidden]), dtype)
+        residual = tf.cast(tf.random.normal([batch, seq, hidden]), dtype)
+        cases.append(("bias_dropout_add(dropout=0.1)", f"[{batch},{seq},{hidden}]",
+                      lambda x: dropout_ops.fused_bias_dropout_add(x, out_bias, residual, seed,
+                                                                   0.1),
+                      lambda x: dropout_ops.fused_dropout(x + out_bias, seed, 0.1) + residual,
+                      tf.cast(x, dtype)))
     return cases
 
 

@@ -2,8 +2,8 @@
 and the step's model FLOPs utilisation (MFU).
 
     python benchmarks/profile_step.py --steps=10 -- --model=mini --precision=bf16 --ln_ytf_impl \
-        --attn_softmax_ytf_impl --ytf_gelu --ytf_dropout --fused_qkv --optimizer=fused_lamb \
-        --max_seq_length=128 --train_batch_size=16
+        --attn_softmax_ytf_impl --ytf_gelu --ytf_dropout --fused_bias_dropout_add --fused_qkv \
+        --optimizer=fused_lamb --max_seq_length=128 --train_batch_size=16
 
 Everything after `--` is `tfbert.run` flags (flagfiles too): the script builds the run's config,
 data and `Trainer` in-process with tfbert.run's own functions, runs --warmup_steps untimed steps
@@ -168,8 +168,9 @@ def classify(op_name: str, op_type: str, thread: str, hlo_traced: bool = False) 
         return "LayerNorm"
     if "Gelu" in op_type or op_type == "Erf" or "Gelu" in scope_set:
         return "GELU"  # the FFN's, and the MLM head transform's
-    if op_type.startswith(_RANDOM_TYPES) or any("dropout" in s for s in scopes):
-        return "dropout"
+    if (op_type.startswith(_RANDOM_TYPES) or "Dropout" in op_type
+            or any("dropout" in s for s in scopes)):
+        return "dropout"  # with --fused_bias_dropout_add, also the bias and residual adds
     if "intermediate" in scope_set:
         return "GELU"  # the FFN activation and its bias add (the fused op does both)
     if scope_set & _DENSE_SCOPES:

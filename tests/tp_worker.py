@@ -40,7 +40,8 @@ GLOBAL_BATCH = 8
 # Divisible by 2 and 4 (heads, FFN features, vocabulary), otherwise odd.
 MODEL = dict(vocab_size=100, hidden_size=32, num_attention_heads=4, intermediate_size=36)
 FUSED = cfg.FusedOpsConfig(ln_ytf_impl=True, attn_softmax_ytf_impl=True, ytf_gelu=True,
-                           ytf_dropout=True, fused_qkv=True)
+                           ytf_dropout=True, fused_bias_dropout_add=True,
+                           fused_qkv=True)
 # name: (ranks (1: rank 0 alone; 2: each pair of ranks, a job of its own), tensor_parallel_size,
 # accumulation, model overrides, settings).
 SETUPS = {

@@ -134,6 +134,9 @@ class FusedOpsConfig:
     attn_softmax_ytf_impl: bool = False  # fused scale + mask + softmax + dropout
     ytf_gelu: bool = False  # fused bias + GELU / GeGLU in the feed-forward block
     ytf_dropout: bool = False  # the encoder's hidden dropout as one fused op, mask regenerated
+    # Each sublayer's output bias, hidden dropout and residual add as one fused op before its
+    # LayerNorm (the mask of --ytf_dropout).
+    fused_bias_dropout_add: bool = False
     fused_qkv: bool = False  # Q, K and V projected by one matmul (no custom op)
     # dtype of the LayerNorm mean and variance. float32 by default: a float16 variance of
     # activations in the hundreds overflows. A lower dtype saves the float32 copy of the input.
@@ -141,7 +144,7 @@ class FusedOpsConfig:
 
     # The boolean fields above, each a --flag that asks for a fused op.
     FLAGS: ClassVar[tuple[str, ...]] = ("ln_ytf_impl", "attn_softmax_ytf_impl", "ytf_gelu",
-                                        "ytf_dropout")
+                                        "ytf_dropout", "fused_bias_dropout_add")
 
     def __post_init__(self):
         _require(self.ln_dtype in LN_DTYPES,

@@ -188,6 +188,11 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
                                                "attention output, feed-forward output) as one "
                                                "fused op whose mask is regenerated in the "
                                                "backward pass, not stored.", **fv)
+    flags.DEFINE_boolean("fused_bias_dropout_add", False, "Add each sublayer's output bias, "
+                                                          "drop out and add the residual in one "
+                                                          "fused op before its LayerNorm (the "
+                                                          "mask of --ytf_dropout, regenerated in "
+                                                          "the backward pass).", **fv)
     flags.DEFINE_boolean("fused_qkv", False, "Project the attention's queries, keys and values "
                                              "with one matmul of their three kernels side by "
                                              "side (the same variables; no custom op).", **fv)
@@ -622,7 +627,9 @@ def build_config(fv: flags.FlagValues, group=None):
                     f"alone; launch with horovodrun (-np 1 is fine) or drop the flag")
     ops = cfg.FusedOpsConfig(ln_ytf_impl=fv.ln_ytf_impl,
                              attn_softmax_ytf_impl=fv.attn_softmax_ytf_impl, ytf_gelu=fv.ytf_gelu,
-                             ytf_dropout=fv.ytf_dropout, fused_qkv=fv.fused_qkv,
+                             ytf_dropout=fv.ytf_dropout,
+                             fused_bias_dropout_add=fv.fused_bias_dropout_add,
+                             fused_qkv=fv.fused_qkv,
                              ln_dtype=fv.ln_dtype)
     config = cfg.Config(model=model, data=data, optimizer=optimizer, runtime=runtime,
                         distribution=distribution, ops=ops, task=task_config(fv))
@@ -647,6 +654,7 @@ def check_custom_ops(config) -> None:
                   "--attn_softmax_ytf_impl": "tf_bert_fused_attention_softmax",
                   "--ytf_gelu": "tf_bert_fused_bias_gelu",
                   "--ytf_dropout": "tf_bert_fused_dropout",
+                  "--fused_bias_dropout_add": "tf_bert_fused_bias_dropout_add",
                   "--optimizer=fused_lamb": "tf_bert_fused_lamb_update"}
     wanted = config.ops.enabled_flags() + (
         ["--optimizer=fused_lamb"] if config.optimizer.optimizer == "fused_lamb" else [])

@@ -1,4 +1,5 @@
-// The fused dropout CUDA kernel, behind the C ABI of dropout_launch.h.
+// The fused dropout CUDA kernels (dropout, and bias + dropout + residual), behind the C ABI of
+// dropout_launch.h.
 //
 // The keep decision of element i is tfbert_dropout_keep(key, i, rate) (dropout_rng.h, the CPU
 // kernel's function), so the op needs neither a random-number state nor a stored mask, and its
@@ -72,6 +73,41 @@ cudaError_t Launch(const T* x, long long size, float rate, long long seed0, long
   return cudaGetLastError();
 }
 
+// y = dropout(x + bias) + residual, rows of `cols` elements: blocks take rows (grid-stride),
+// the block's threads a row's columns, so the bias needs no division of the flat index. The
+// same float32 operations as the CPU kernel; element-wise loads.
+template <typename T>
+__global__ void BiasDropoutAddKernel(const T* __restrict__ x, const T* __restrict__ bias,
+                                     const T* __restrict__ residual, long long rows,
+                                     long long cols, uint64_t threshold, uint64_t key,
+                                     float keep_scale, T* __restrict__ y) {
+  for (long long row = blockIdx.x; row < rows; row += gridDim.x) {
+    const long long base = row * cols;
+    for (long long col = threadIdx.x; col < cols; col += blockDim.x) {
+      const long long i = base + col;
+      const float biased = __fadd_rn(ToFloat(x[i]), ToFloat(bias[col]));
+      const uint64_t counter = key + ((uint64_t)i + 1) * TFBERT_DROPOUT_RNG_GAMMA;
+      const bool keep = (tfbert_dropout_mix64(counter) >> 40) >= threshold;
+      const float dropped = keep ? __fmul_rn(biased, keep_scale) : 0.0f;
+      y[i] = FromFloat<T>(__fadd_rn(dropped, ToFloat(residual[i])));
+    }
+  }
+}
+
+template <typename T>
+cudaError_t LaunchBiasDropoutAdd(const T* x, const T* bias, const T* residual, long long size,
+                                 long long cols, float rate, long long seed0, long long seed1,
+                                 T* y, cudaStream_t stream) {
+  if (size <= 0 || cols <= 0) return cudaSuccess;
+  const long long rows = size / cols;
+  const long long blocks = rows < kMaxBlocks ? rows : kMaxBlocks;
+  const float keep_scale = 1.0f / (1.0f - rate);  // as the dropout kernel
+  BiasDropoutAddKernel<T><<<(unsigned int)blocks, kThreads, 0, stream>>>(
+      x, bias, residual, rows, cols, tfbert_dropout_keep_threshold(rate),
+      tfbert_dropout_key(seed0, seed1), keep_scale, y);
+  return cudaGetLastError();
+}
+
 }  // namespace
 
 extern "C" {
@@ -91,6 +127,31 @@ cudaError_t tfbert_dropout_bf16(const unsigned short* x, long long size, float r
                                 long long seed0, long long seed1, unsigned short* y,
                                 cudaStream_t stream) {
   return Launch(AsBf16(x), size, rate, seed0, seed1, AsBf16(y), stream);
+}
+
+cudaError_t tfbert_bias_dropout_add_f32(const float* x, const float* bias, const float* residual,
+                                        long long size, long long cols, float rate,
+                                        long long seed0, long long seed1, float* y,
+                                        cudaStream_t stream) {
+  return LaunchBiasDropoutAdd(x, bias, residual, size, cols, rate, seed0, seed1, y, stream);
+}
+
+cudaError_t tfbert_bias_dropout_add_f16(const unsigned short* x, const unsigned short* bias,
+                                        const unsigned short* residual, long long size,
+                                        long long cols, float rate, long long seed0,
+                                        long long seed1, unsigned short* y,
+                                        cudaStream_t stream) {
+  return LaunchBiasDropoutAdd(AsHalf(x), AsHalf(bias), AsHalf(residual), size, cols, rate, seed0,
+                              seed1, AsHalf(y), stream);
+}
+
+cudaError_t tfbert_bias_dropout_add_bf16(const unsigned short* x, const unsigned short* bias,
+                                         const unsigned short* residual, long long size,
+                                         long long cols, float rate, long long seed0,
+                                         long long seed1, unsigned short* y,
+                                         cudaStream_t stream) {
+  return LaunchBiasDropoutAdd(AsBf16(x), AsBf16(bias), AsBf16(residual), size, cols, rate, seed0,
+                              seed1, AsBf16(y), stream);
 }
 
 }  // extern "C"

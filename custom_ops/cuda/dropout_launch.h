@@ -28,6 +28,25 @@ cudaError_t tfbert_dropout_bf16(const unsigned short* x, long long size, float r
                                 long long seed0, long long seed1, unsigned short* y,
                                 cudaStream_t stream);
 
+// y[i] = dropout(x[i] + bias[i % cols]) + residual[i], the end of a transformer sublayer before
+// its LayerNorm: float32 arithmetic rounded once to the storage type, the mask of
+// tfbert_dropout_<suffix> for the same seed and size. size is a multiple of cols; bias [cols];
+// y must not overlap the inputs.
+cudaError_t tfbert_bias_dropout_add_f32(const float* x, const float* bias, const float* residual,
+                                        long long size, long long cols, float rate,
+                                        long long seed0, long long seed1, float* y,
+                                        cudaStream_t stream);
+cudaError_t tfbert_bias_dropout_add_f16(const unsigned short* x, const unsigned short* bias,
+                                        const unsigned short* residual, long long size,
+                                        long long cols, float rate, long long seed0,
+                                        long long seed1, unsigned short* y,
+                                        cudaStream_t stream);
+cudaError_t tfbert_bias_dropout_add_bf16(const unsigned short* x, const unsigned short* bias,
+                                         const unsigned short* residual, long long size,
+                                         long long cols, float rate, long long seed0,
+                                         long long seed1, unsigned short* y,
+                                         cudaStream_t stream);
+
 #ifdef __cplusplus
 }  // extern "C"
 #endif

@@ -722,6 +722,55 @@ def check_dropout(ctx: Context, k: Kernels):
                         lambda: torch.nn.functional.dropout(x, rate, True), 2 * n * size)
             else:
                 ctx.add(row)
+    check_bias_dropout_add(ctx, k)
+
+
+def check_bias_dropout_add(ctx: Context, k: Kernels):
+    """y = dropout(x + bias) + residual (tfbert_bias_dropout_add_*), the mask from the numpy
+    port of dropout_rng.h: the float32 operations rounded once, so y must equal that bit for bit;
+    also against float64 (tol)."""
+    torch = ctx.torch
+    for dtype in DTYPES:
+        k.require(f"tfbert_bias_dropout_add_{SUFFIX[dtype]}", "p,p,p,ll,ll,f,ll,ll,p,s")
+    rate = DROPOUT_RATE
+    import numpy as np
+
+    one = np.float32(1.0)
+    keep_scale = float(one / (one - np.float32(rate)))
+    for (rows, cols), bert in dropout_shapes(ctx.args):
+        n = rows * cols
+        kept = torch.from_numpy(dropout_keep_reference(n, rate, *SEEDS)).cuda().view(rows, cols)
+        for dtype in DTYPES:
+            tdt, size = getattr(torch, dtype), 2 if dtype != "float32" else 4
+            x = ctx.randn((rows, cols), dtype, scale=3.0)
+            bias = ctx.randn((cols,), dtype)
+            residual = ctx.randn((rows, cols), dtype)
+            y = torch.full_like(x, float("nan"))
+            fn = f"tfbert_bias_dropout_add_{SUFFIX[dtype]}"
+            args = (ptr(x), ptr(bias), ptr(residual), n, cols, rate, SEEDS[0], SEEDS[1], ptr(y),
+                    ctx.stream())
+            k(fn, *args)
+            torch.cuda.synchronize()
+            biased = x.float() + bias.float()
+            exact = (torch.where(kept, biased * keep_scale, torch.zeros_like(biased))
+                     + residual.float()).to(tdt)
+            bits = torch.int16 if size == 2 else torch.int32
+            mismatches = int((y.view(bits) != exact.view(bits)).sum())
+            biased64 = x.double() + bias.double()
+            ref64 = (torch.where(kept, biased64 / (1.0 - rate), torch.zeros_like(biased64))
+                     + residual.double())
+            err, worst, ok, ratio = ctx.compare([("y", y, ref64, TOLERANCE[dtype])])
+            row = Row("bias_dropout_add", dtype, shape_str(rows, cols), err, worst, ratio,
+                      ok and mismatches == 0,
+                      note=f"{mismatches} elements differ from the float32 operations" if mismatches
+                      else "bit-identical to the float32 operations")
+            if bert:
+                # Read x and the residual, write y (the bias is negligible).
+                ctx.add(row, lambda: k(fn, *args),
+                        lambda: torch.nn.functional.dropout(x + bias, rate, True) + residual,
+                        3 * n * size)
+            else:
+                ctx.add(row)
 
 
 # --------------------------------------------------------------------------------------------

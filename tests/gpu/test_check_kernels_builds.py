@@ -7,6 +7,7 @@ GPU machine (see README.md here).
 import ctypes
 import importlib.util
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -48,6 +49,24 @@ def test_harness_imports_and_parses_the_headers():
     # Every op with a header has checks in the harness (or says it has none: a SKIP row).
     for op in headers:
         assert op in harness.CHECKS, f"check_kernels.py has no checks for {op}"
+
+
+def test_every_signature_the_harness_requires_is_the_headers():
+    """The checks are written against launch signatures (`Kernels.require`); on a GPU machine a
+    mismatch only turns that op's rows into SKIPs, so compare them with the headers here."""
+    harness = _harness()
+    declared = {name: ",".join(proto.codes) for header in harness.discover_headers().values()
+                for name, proto in header.prototypes.items()}
+    with open(SCRIPT) as f:
+        required = re.findall(r'require\(\s*f?"([^"]+)",\s*"([^"]+)"\)', f.read())
+    assert len(required) >= 12
+    for name, codes in required:
+        # An f-string's placeholder ({SUFFIX[dtype]}, {kind}) stands for one word.
+        pattern = re.compile(re.sub(r"\\\{.*?\\\}", "[a-z0-9]+", re.escape(name)) + "$")
+        matches = {n: c for n, c in declared.items() if pattern.match(n)}
+        assert matches, f"{name}: no such launch function in custom_ops/cuda/*_launch.h"
+        for function, declared_codes in matches.items():
+            assert declared_codes == codes, (function, declared_codes, codes)
 
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is not installed")

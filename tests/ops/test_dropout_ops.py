@@ -87,3 +87,65 @@ def test_bad_arguments_fail_with_named_messages():
         fused_dropout(tf.ones([3]), SEED, 1.0)
     with pytest.raises((tf.errors.InvalidArgumentError, ValueError), match="seed"):
         fused_dropout(tf.ones([3]), tf.constant([1, 2, 3], tf.int64), 0.1)
+
+
+# --- TfBert>FusedBiasDropoutAdd ---------------------------------------------------------------
+
+
+def bias_dropout_add_inputs(shape, dtype):
+    x = tf.cast(tf.random.stateless_normal(shape, [11, 12]) * 3.0, dtype)
+    bias = tf.random.stateless_normal(shape[-1:], [13, 14])  # float32, as the variable
+    residual = tf.cast(tf.random.stateless_normal(shape, [15, 16]), dtype)
+    return x, bias, residual
+
+
+@pytest.mark.parametrize("shape", [(3, 5, 7), (3, 70001), (2, 1)], ids=str)
+@pytest.mark.parametrize("dtype", [tf.float32, tf.float16, tf.bfloat16], ids=lambda d: d.name)
+@pytest.mark.parametrize("rate", [0.0, 0.1, 0.5])
+def test_bias_dropout_add_is_the_reference_with_the_keep_mask(shape, dtype, rate):
+    from tfbert.ops.dropout_ops import bias_dropout_add_reference, fused_bias_dropout_add
+
+    x, bias, residual = bias_dropout_add_inputs(shape, dtype)
+    keep = dropout_keep_mask(shape, SEED, rate)
+    got = fused_bias_dropout_add(x, bias, residual, SEED, rate)
+    np.testing.assert_array_equal(bits(got),
+                                  bits(bias_dropout_add_reference(x, bias, residual, keep, rate)))
+    if dtype == tf.float32:
+        # In float32 the same operations as the ops it replaces, so the same bits.
+        composite = fused_dropout(x + bias, SEED, rate) + residual
+        np.testing.assert_array_equal(bits(got), bits(composite))
+
+
+@pytest.mark.parametrize("dtype", [tf.float32, tf.bfloat16], ids=lambda d: d.name)
+def test_bias_dropout_add_gradients_are_the_composites(dtype):
+    from tfbert.ops.dropout_ops import fused_bias_dropout_add
+
+    x, bias, residual = bias_dropout_add_inputs([4, 9, 33], dtype)
+    upstream = tf.cast(tf.random.stateless_normal([4, 9, 33], [17, 18]), dtype)
+
+    def grads(fn):
+        with tf.GradientTape() as tape:
+            tape.watch([x, bias, residual])
+            y = fn(x, tf.cast(bias, dtype), residual)
+        return tape.gradient(y, [x, bias, residual], output_gradients=upstream)
+
+    fused = grads(lambda a, b, r: fused_bias_dropout_add(a, b, r, SEED, 0.3))
+    composite = grads(lambda a, b, r: fused_dropout(a + b, SEED, 0.3) + r)
+    for name, got, want in zip(("dx", "dbias", "dresidual"), fused, composite):
+        np.testing.assert_array_equal(bits(tf.convert_to_tensor(got)),
+                                      bits(tf.convert_to_tensor(want)), err_msg=name)
+    # The mask is in dx: some elements dropped, the others scaled by 1 / (1 - rate).
+    dx = tf.cast(fused[0], tf.float32).numpy()
+    assert np.mean(dx == 0) > 0.2 and np.mean(dx == 0) < 0.4
+
+
+def test_bias_dropout_add_rejects_mismatched_shapes():
+    from tfbert.ops.dropout_ops import fused_bias_dropout_add
+
+    x = tf.ones([4, 6])
+    with pytest.raises((tf.errors.InvalidArgumentError, ValueError), match="bias|Dimension"):
+        fused_bias_dropout_add(x, tf.ones([5]), x, SEED, 0.1)
+    with pytest.raises((tf.errors.InvalidArgumentError, ValueError), match="residual|Dimension"):
+        fused_bias_dropout_add(x, tf.ones([6]), tf.ones([4, 5]), SEED, 0.1)
+    with pytest.raises(ValueError, match="rate"):
+        fused_bias_dropout_add(x, tf.ones([6]), x, SEED, 1.0)

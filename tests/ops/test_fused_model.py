@@ -13,7 +13,8 @@ from tfbert.ops.loader import load_ops, ops_available
 OP_OF_FLAG = {"ln_ytf_impl": "tf_bert_fused_layer_norm",
               "attn_softmax_ytf_impl": "tf_bert_fused_attention_softmax",
               "ytf_gelu": "tf_bert_fused_bias_gelu",
-              "ytf_dropout": "tf_bert_fused_dropout"}
+              "ytf_dropout": "tf_bert_fused_dropout",
+              "fused_bias_dropout_add": "tf_bert_fused_bias_dropout_add"}
 
 
 def built(flag: str) -> bool:
@@ -22,7 +23,9 @@ def built(flag: str) -> bool:
 
 CASES = [dict(ln_ytf_impl=True), dict(attn_softmax_ytf_impl=True), dict(ytf_gelu=True),
          dict(fused_qkv=True), dict(fused_qkv=True, use_bias_in_keys=False),
-         dict(ln_ytf_impl=True, attn_softmax_ytf_impl=True, ytf_gelu=True, fused_qkv=True)]
+         dict(fused_bias_dropout_add=True),
+         dict(ln_ytf_impl=True, attn_softmax_ytf_impl=True, ytf_gelu=True, fused_qkv=True,
+              fused_bias_dropout_add=True)]
 
 
 def losses_and_grads(model, batch):
@@ -60,6 +63,52 @@ def test_fused_model_equals_reference(flags, hidden_act):
     np.testing.assert_allclose(fused_losses["loss"].numpy(), ref_losses["loss"].numpy(), rtol=1e-5)
     for var, a, b in zip(reference.trainable_variables, fused_grads, ref_grads):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6, err_msg=var.name)
+
+
+def copied_pair(config, ops_a: FusedOpsConfig, ops_b: FusedOpsConfig):
+    """Two built BertPretrainers of `config` with the same weights (random non-zero biases),
+    each with its own DropoutRng(0): the same seeds in the same order."""
+    a = BertPretrainer(config, DropoutRng(0), ops=ops_a)
+    b = BertPretrainer(config, DropoutRng(0), ops=ops_b)
+    a.build(ODD["seq"], ODD["predictions"])
+    b.build(ODD["seq"], ODD["predictions"])
+    assert [v.name for v in a.trainable_variables] == [v.name for v in b.trainable_variables]
+    for i, (source, target) in enumerate(zip(a.trainable_variables, b.trainable_variables)):
+        if "bias" in source.name:
+            source.assign(tf.random.stateless_normal(source.shape, seed=[i, 1], stddev=0.1))
+        target.assign(source)
+    return a, b
+
+
+@pytest.mark.skipif(not built("fused_bias_dropout_add"), reason="fused ops not built")
+def test_fused_bias_dropout_add_trains_like_the_fused_dropout_it_replaces():
+    # Training mode, hidden dropout 0.2: each layer's two output dropouts now come from the
+    # fused bias + dropout + residual op, with the masks --ytf_dropout draws from the same
+    # seeds, so losses and gradients match the separate bias add, fused dropout and residual
+    # add (float32: the same operations). A wrong mask, bias or residual would not.
+    config = odd_model_config(hidden_dropout_prob=0.2, attention_probs_dropout_prob=0.0)
+    separate, fused = copied_pair(config, FusedOpsConfig(ytf_dropout=True),
+                                  FusedOpsConfig(ytf_dropout=True, fused_bias_dropout_add=True))
+    batch = synthetic_batch()
+
+    def losses_and_grads_training(model):
+        with tf.GradientTape() as tape:
+            losses = model.compute_losses(batch, training=True)
+        grads = tape.gradient(losses["loss"], model.trainable_variables)
+        return losses["loss"].numpy(), [tf.convert_to_tensor(g).numpy() for g in grads]
+
+    want_loss, want_grads = losses_and_grads_training(separate)
+    got_loss, got_grads = losses_and_grads_training(fused)
+    eval_loss = fused.compute_losses(batch, training=False)["loss"].numpy()
+    assert got_loss != pytest.approx(eval_loss)  # dropout was on
+    np.testing.assert_allclose(got_loss, want_loss, rtol=1e-6)
+    for var, a, b in zip(fused.trainable_variables, got_grads, want_grads):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7, err_msg=var.name)
+    graph = tf.function(lambda: fused.compute_losses(batch, training=True),
+                        autograph=False).get_concrete_function().graph
+    op_types = [op.type for op in graph.get_operations()]
+    assert op_types.count("TfBert>FusedBiasDropoutAdd") == 2 * config.num_hidden_layers
+    assert op_types.count("TfBert>FusedDropout") == 1  # the embeddings' output
 
 
 @pytest.mark.parametrize("fused_qkv, projections_per_layer", [(False, 3), (True, 1)])

@@ -26,6 +26,16 @@ inline ::tensorflow::Status ReadDropoutSeed(const ::tensorflow::Tensor& seed, in
   return ::tensorflow::OkStatus();
 }
 
+// The ops' "rate" attribute, which must be in [0, 1).
+inline ::tensorflow::Status ReadDropoutRate(::tensorflow::OpKernelConstruction* context,
+                                            float* rate) {
+  TF_RETURN_IF_ERROR(context->GetAttr("rate", rate));
+  if (!(*rate >= 0.0f && *rate < 1.0f)) {
+    return ::tensorflow::errors::InvalidArgument("rate must be in [0, 1), got ", *rate);
+  }
+  return ::tensorflow::OkStatus();
+}
+
 // tfbert_dropout_keep(key, index, rate) with threshold = tfbert_dropout_keep_threshold(rate):
 // the integer comparison of dropout_rng.h, which vectorises. The same bits, the same decisions,
 // on the CPU and the GPU, forward and backward.
@@ -41,6 +51,15 @@ template <typename Device, typename T>
 struct FusedDropout {
   ::tensorflow::Status operator()(::tensorflow::OpKernelContext* context, const T* x,
                                   int64_t size, float rate, int64_t seed0, int64_t seed1, T* y);
+};
+
+// y[i] = dropout(x[i] + bias[i % cols]) + residual[i] over `size` elements (rows of `cols`) in
+// T, float32 arithmetic rounded once; the mask is FusedDropout's for the same seed and size.
+template <typename Device, typename T>
+struct FusedBiasDropoutAdd {
+  ::tensorflow::Status operator()(::tensorflow::OpKernelContext* context, const T* x,
+                                  const T* bias, const T* residual, int64_t size, int64_t cols,
+                                  float rate, int64_t seed0, int64_t seed1, T* y);
 };
 
 }  // namespace functor

@@ -102,13 +102,16 @@ class SelfAttention(tf.keras.layers.Layer):
         x = tf.reshape(x, [batch, seq, self.local_heads, self.head_size])  # (B, S, n, H)
         return tf.transpose(x, [0, 2, 1, 3])  # (B, n, S, H)
 
-    def call(self, hidden_states, mask_bias, training=False, return_probs=False):
+    def call(self, hidden_states, mask_bias, training=False, return_probs=False,
+             add_output_bias=True):
         """
         Args:
           hidden_states: Tensor [B, S, D] in the compute dtype.
           mask_bias: Tensor [B, 1, 1, S] from `attention_mask_bias`.
           return_probs: also return the attention probabilities (before their dropout), and
             let gradients flow back through them (distillation's attention loss).
+          add_output_bias: False leaves the output projection's bias (`output_dense.bias`) to
+            the caller's fused op (--fused_bias_dropout_add).
         Returns: Tensor [B, S, D], the attention output after its dense projection; with
           `return_probs`, (that, probabilities [B, n, S, S] in the compute dtype).
         """
@@ -150,7 +153,7 @@ class SelfAttention(tf.keras.layers.Layer):
 
         with tf.name_scope("output"):
             # Row-parallel: the heads' partial projections summed over the group.
-            output = self.output_dense(context)  # (B, S, D)
+            output = self.output_dense(context, add_bias=add_output_bias)  # (B, S, D)
         return (output, softmax) if return_probs else output
 
     def get_config(self):

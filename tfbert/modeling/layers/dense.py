@@ -60,7 +60,9 @@ class Dense(tf.keras.layers.Layer):
         outputs = tf.matmul(flat, self.kernel)  # (B*S, units)
         return tf.reshape(outputs, tf.concat([tf.shape(inputs)[:-1], [self.units]], axis=0))
 
-    def call(self, inputs):
+    def call(self, inputs, add_bias: bool = True):
+        """add_bias=False returns the product alone, for a fused op that adds `bias` itself
+        (--fused_bias_dropout_add)."""
         outputs = self._matmul(inputs)
         if self.fused_activation is not None:
             from tfbert.ops import gelu_ops
@@ -71,7 +73,7 @@ class Dense(tf.keras.layers.Layer):
                                     approximate=False)
             return recomputable(gelu_ops.fused_bias_gelu, outputs, self.bias,
                                 approximate=self.fused_activation == "gelu_tanh")
-        if self.bias is not None:
+        if self.bias is not None and add_bias:
             outputs = outputs + self.bias
         return outputs
 
@@ -131,11 +133,11 @@ class RowParallelDense(Dense):
         super().__init__(units, **kwargs)
         self.group = group
 
-    def call(self, inputs):
+    def call(self, inputs, add_bias: bool = True):
         from tfbert.modeling.tensor_parallel import reduce_from_region
 
         outputs = reduce_from_region(self._matmul(inputs), self.group)
-        return outputs + self.bias if self.bias is not None else outputs
+        return outputs + self.bias if self.bias is not None and add_bias else outputs
 
 
 class DenseFactory:

@@ -57,6 +57,19 @@ class Dropout(tf.keras.layers.Layer):
         return tf.nn.experimental.stateless_dropout(inputs, rate=self.rate,
                                                     seed=self._rng.next_seed())
 
+    def bias_dropout_add(self, inputs, bias, residual, training=False):
+        """dropout(inputs + bias) + residual as one fused op (--fused_bias_dropout_add), with
+        the mask the fused dropout would draw from the same seed; without training (or at rate
+        0) the same op adds without dropping and draws no seed.
+
+        inputs: [..., D], a projection before its bias; bias: [D]; residual: inputs' shape.
+        """
+        from tfbert.ops.dropout_ops import fused_bias_dropout_add
+
+        active = training and self.rate > 0
+        seed = self._rng.next_seed() if active else tf.zeros([2], tf.int64)
+        return fused_bias_dropout_add(inputs, bias, residual, seed, self.rate if active else 0.0)
+
     def get_config(self):
         config = super().get_config()
         config.update(rate=self.rate, fused=self.fused)

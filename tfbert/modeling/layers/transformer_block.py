@@ -14,7 +14,9 @@ from tfbert.modeling.layers.recompute import recomputable
 
 
 class TransformerBlock(tf.keras.layers.Layer):
-    """attention -> dropout -> add & LayerNorm -> FFN -> dropout -> add & LayerNorm.
+    """attention -> dropout -> add & LayerNorm -> FFN -> dropout -> add & LayerNorm (each
+    output projection's bias, dropout and residual add one fused op with
+    `ops.fused_bias_dropout_add`).
 
     Args:
       num_heads, head_size: attention shape (hidden = num_heads * head_size).
@@ -45,6 +47,9 @@ class TransformerBlock(tf.keras.layers.Layer):
         # With --ytf_gelu the activation (and the bias) is applied by the fused op inside the
         # intermediate projection.
         fused_activation = hidden_act if ops.ytf_gelu else None
+        # With --fused_bias_dropout_add the two output projections leave their bias to the op
+        # that also drops out and adds the residual before each LayerNorm.
+        self.fused_bias_dropout_add = ops.fused_bias_dropout_add
         self.activation = (lambda x: x) if fused_activation else get_activation(hidden_act)
         self._config = dict(num_heads=num_heads, head_size=head_size,
                             intermediate_size=intermediate_size, hidden_act=hidden_act,
@@ -78,21 +83,34 @@ class TransformerBlock(tf.keras.layers.Layer):
     def call(self, hidden_states, mask_bias, training=False, return_attention=False):
         """hidden_states: [B, S, D]; mask_bias: [B, 1, 1, S]. Returns [B, S, D]; with
         `return_attention`, (that, the attention probabilities [B, n, S, S] before dropout)."""
+        fused = self.fused_bias_dropout_add
         attention_output = self.attention(hidden_states, mask_bias, training=training,
-                                          return_probs=return_attention)
+                                          return_probs=return_attention,
+                                          add_output_bias=not fused)
         if return_attention:
             attention_output, attention_probs = attention_output
         with tf.name_scope("attention/output"):
-            attention_output = self.attention_dropout(attention_output, training=training)
-            attention_output = self.attention_layer_norm(attention_output + hidden_states)
+            if fused:
+                attention_output = self.attention_dropout.bias_dropout_add(
+                    attention_output, self.attention.output_dense.bias, hidden_states,
+                    training=training)
+            else:
+                attention_output = self.attention_dropout(attention_output, training=training)
+                attention_output = attention_output + hidden_states
+            attention_output = self.attention_layer_norm(attention_output)
         with tf.name_scope("intermediate"):
             # The activation's ops may be recomputed in backward (--memory_optimization=manual).
             # (B, S, I / T): this rank's slice of the FFN under tensor parallelism.
             intermediate = recomputable(self.activation, self.intermediate(
                 self._factory.enter_parallel(attention_output)))
         with tf.name_scope("output"):
-            output = self.ffn_dropout(self.ffn_output(intermediate), training=training)
-            output = self.ffn_layer_norm(output + attention_output)  # (B, S, D)
+            output = self.ffn_output(intermediate, add_bias=not fused)
+            if fused:
+                output = self.ffn_dropout.bias_dropout_add(output, self.ffn_output.bias,
+                                                           attention_output, training=training)
+            else:
+                output = self.ffn_dropout(output, training=training) + attention_output
+            output = self.ffn_layer_norm(output)  # (B, S, D)
         return (output, attention_probs) if return_attention else output
 
     def get_config(self):
