@@ -78,6 +78,26 @@ def _cases(batch: int, seq: int, hidden: int, dtype: tf.DType):
                                                                    0.1),
                       lambda x: dropout_ops.fused_dropout(x + out_bias, seed, 0.1) + residual,
                       tf.cast(x, dtype)))
+    if hasattr(library, "tf_bert_fused_softmax_cross_entropy"):
+        from tfbert.ops import softmax_xent_ops
+
+        # The masked-LM loss of BERT's 30522-token vocabulary over about 15% of the positions
+        # (the same for every hidden size). The composite is the path without --fused_xent:
+        # the logits cast to float32, the bias add, TensorFlow's cross-entropy and argmax.
+        rows, vocab = batch * max(1, round(0.15 * seq)), 30522
+        vocab_bias = tf.random.normal([vocab])
+        labels = tf.random.uniform([rows], 0, vocab, tf.int32)
+
+        def with_argmax(xent):
+            def loss_and_argmax(logits):
+                loss, predicted = xent(logits, vocab_bias, labels)
+                return loss + 0.0 * tf.cast(predicted, tf.float32)  # keeps the argmax computed
+            return loss_and_argmax
+
+        cases.append(("softmax_xent", f"[{rows},{vocab}]",
+                      with_argmax(softmax_xent_ops.fused_softmax_cross_entropy),
+                      with_argmax(softmax_xent_ops.softmax_cross_entropy_reference),
+                      tf.cast(tf.random.normal([rows, vocab]) * 3.0, dtype)))
     return cases
 
 

@@ -2,8 +2,8 @@
 and the step's model FLOPs utilisation (MFU).
 
     python benchmarks/profile_step.py --steps=10 -- --model=mini --precision=bf16 --ln_ytf_impl \
-        --attn_softmax_ytf_impl --ytf_gelu --ytf_dropout --fused_bias_dropout_add --fused_qkv \
-        --optimizer=fused_lamb --max_seq_length=128 --train_batch_size=16
+        --attn_softmax_ytf_impl --ytf_gelu --ytf_dropout --fused_bias_dropout_add --fused_xent \
+        --fused_qkv --optimizer=fused_lamb --max_seq_length=128 --train_batch_size=16
 
 Everything after `--` is `tfbert.run` flags (flagfiles too): the script builds the run's config,
 data and `Trainer` in-process with tfbert.run's own functions, runs --warmup_steps untimed steps
@@ -111,7 +111,8 @@ _XLA_TYPES = {"_XlaRun", "_XlaCompile", "XlaLaunch", "_XlaMerge"}
 _TRANSPOSE_TYPES = {"Transpose", "_MklTranspose", "ConjugateTranspose"}
 _RANDOM_TYPES = ("StatelessRandom", "RandomUniform", "RngReadAndSkip", "RngSkip")
 _LOSS_TYPES = {"SparseSoftmaxCrossEntropyWithLogits", "SoftmaxCrossEntropyWithLogits",
-               "LogSoftmax", "ArgMax"}
+               "LogSoftmax", "ArgMax", "TfBert>FusedSoftmaxCrossEntropy",
+               "TfBert>FusedSoftmaxCrossEntropyGrad"}
 # Scopes of the update step: the optimizers' own, the global norm and clipping before them.
 _OPTIMIZER_SCOPES = {"LAMB", "AdamW", "Adam", "global_norm", "clip_by_global_norm"}
 _OPTIMIZER_TYPE_PREFIXES = ("TfBert>FusedLamb", "ResourceApply", "ApplyAdam")

@@ -87,6 +87,7 @@ def test_precedence_preset_then_bert_config_then_flags(tmp_path):
     (["--vocab_size=100", "--optimizer=fused_lamb", "--xla=jit"], "custom ops of --optimizer=fused_lamb"),
     (["--vocab_size=100", "--fused_bias_dropout_add", "--xla=jit"],
      "custom ops of --fused_bias_dropout_add"),
+    (["--vocab_size=100", "--fused_xent", "--xla=jit"], "custom ops of --fused_xent"),
     (["--vocab_size=100", "--ytf_gelu", "--hidden_act=relu"], "--ytf_gelu fuses GELU/GeGLU"),
 ])
 def test_invalid_settings_fail_at_start_naming_the_flag(argv, message):

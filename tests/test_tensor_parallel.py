@@ -261,3 +261,5 @@ def test_modes_that_cannot_hold_tensor_parallelism_fail_at_start_up(tmp_path):
     with pytest.raises(cfg.ConfigError, match="ZeRO-1.*N >= 4"):
         cfg.Config(**dict(values, distribution=cfg.DistributionConfig(
             num_processes=2, tensor_parallel_size=2, zero_stage=1)))
+    with pytest.raises(cfg.ConfigError, match="--fused_xent .* splits the vocabulary"):
+        cfg.Config(**dict(values, ops=cfg.FusedOpsConfig(fused_xent=True)))

@@ -138,13 +138,16 @@ class FusedOpsConfig:
     # LayerNorm (the mask of --ytf_dropout).
     fused_bias_dropout_add: bool = False
     fused_qkv: bool = False  # Q, K and V projected by one matmul (no custom op)
+    # The softmax cross-entropy losses (the MLM head's with its output bias) and their argmax
+    # as one op on the logits in the compute dtype.
+    fused_xent: bool = False
     # dtype of the LayerNorm mean and variance. float32 by default: a float16 variance of
     # activations in the hundreds overflows. A lower dtype saves the float32 copy of the input.
     ln_dtype: str = "float32"
 
     # The boolean fields above, each a --flag that asks for a fused op.
     FLAGS: ClassVar[tuple[str, ...]] = ("ln_ytf_impl", "attn_softmax_ytf_impl", "ytf_gelu",
-                                        "ytf_dropout", "fused_bias_dropout_add")
+                                        "ytf_dropout", "fused_bias_dropout_add", "fused_xent")
 
     def __post_init__(self):
         _require(self.ln_dtype in LN_DTYPES,
@@ -674,6 +677,10 @@ class Config:
                      + (f": pad the vocabulary to {-(-count // t) * t} tokens (a tokenizer "
                         f"trained with --vocab_size={-(-count // t) * t}, or unused tokens "
                         f"appended to the vocabulary file)" if what == "vocabulary rows" else ""))
+        _require(not self.ops.fused_xent,
+                 f"--fused_xent computes the masked-LM softmax over whole vocabulary rows, and "
+                 f"--tensor_parallel_size={t} splits the vocabulary across ranks (its loss "
+                 f"sums the ranks' parts); drop --fused_xent")
         _require(self.runtime.xla != "jit",
                  f"--xla=jit compiles the forward and backward pass whole, and with "
                  f"--tensor_parallel_size={t} they hold Horovod all-reduces, which XLA cannot "

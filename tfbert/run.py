@@ -193,6 +193,11 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
                                                           "fused op before its LayerNorm (the "
                                                           "mask of --ytf_dropout, regenerated in "
                                                           "the backward pass).", **fv)
+    flags.DEFINE_boolean("fused_xent", False, "Compute the softmax cross-entropy losses (the "
+                                              "masked-LM head's with its output bias) and their "
+                                              "argmax in one fused op on the logits in the "
+                                              "compute dtype; the backward recomputes the "
+                                              "softmax instead of keeping it.", **fv)
     flags.DEFINE_boolean("fused_qkv", False, "Project the attention's queries, keys and values "
                                              "with one matmul of their three kernels side by "
                                              "side (the same variables; no custom op).", **fv)
@@ -629,7 +634,7 @@ def build_config(fv: flags.FlagValues, group=None):
                              attn_softmax_ytf_impl=fv.attn_softmax_ytf_impl, ytf_gelu=fv.ytf_gelu,
                              ytf_dropout=fv.ytf_dropout,
                              fused_bias_dropout_add=fv.fused_bias_dropout_add,
-                             fused_qkv=fv.fused_qkv,
+                             fused_qkv=fv.fused_qkv, fused_xent=fv.fused_xent,
                              ln_dtype=fv.ln_dtype)
     config = cfg.Config(model=model, data=data, optimizer=optimizer, runtime=runtime,
                         distribution=distribution, ops=ops, task=task_config(fv))
@@ -655,6 +660,7 @@ def check_custom_ops(config) -> None:
                   "--ytf_gelu": "tf_bert_fused_bias_gelu",
                   "--ytf_dropout": "tf_bert_fused_dropout",
                   "--fused_bias_dropout_add": "tf_bert_fused_bias_dropout_add",
+                  "--fused_xent": "tf_bert_fused_softmax_cross_entropy",
                   "--optimizer=fused_lamb": "tf_bert_fused_lamb_update"}
     wanted = config.ops.enabled_flags() + (
         ["--optimizer=fused_lamb"] if config.optimizer.optimizer == "fused_lamb" else [])

@@ -1215,6 +1215,98 @@ def check_gelu(ctx: Context, k: Kernels):
                         ctx.add(row)
 
 
+# --------------------------------------------------------------------------------------------
+# Softmax cross-entropy.
+# --------------------------------------------------------------------------------------------
+
+
+def softmax_xent_shapes(args):
+    """(rows, cols, bert): odd widths below and above the forward block's 256 threads, one class,
+    a vocabulary; BERT's masked-LM head: batch 32 x 80 predictions over 30522 tokens."""
+    small = ([(13, 37), (3, 1), (5, 300), (70, 30522), (129, 7)]
+             if args.shapes in ("small", "all") else [])
+    bert = [(32 * 80, 30522)] if args.shapes in ("bert", "all") else []
+    return [(r, c, False) for r, c in small] + [(r, c, True) for r, c in bert]
+
+
+def check_softmax_xent(ctx: Context, k: Kernels):
+    """loss, log_sum_exp and argmax of logits + bias (tfbert_softmax_xent_forward_*) and the
+    gradient (..._backward_*) against float64 torch; the argmax exactly against torch.argmax of
+    the float32 sum (the first of equal maxima, which the rounded 16-bit logits make common)."""
+    torch, F = ctx.torch, ctx.torch.nn.functional
+    for dtype in DTYPES:
+        k.require(f"tfbert_softmax_xent_forward_{SUFFIX[dtype]}", "p,p,p,ll,i,p,p,p,s")
+        k.require(f"tfbert_softmax_xent_backward_{SUFFIX[dtype]}", "p,p,p,p,p,ll,i,p,p,p,s")
+    for rows, cols, bert in softmax_xent_shapes(ctx.args):
+        for dtype in DTYPES:
+            tol, size = TOLERANCE[dtype], 2 if dtype != "float32" else 4
+            logits = ctx.randn((rows, cols), dtype, scale=4.0)
+            bias = ctx.randn((cols,), "float32")
+            labels = torch.randint(0, cols, (rows,), device="cuda", dtype=torch.int32,
+                                   generator=ctx.generator)
+            dloss = ctx.randn((rows,), "float32")
+            loss, lse = (torch.full((rows,), float("nan"), device="cuda") for _ in range(2))
+            predicted = torch.full((rows,), -1, device="cuda", dtype=torch.int32)
+            fwd, bwd = (f"tfbert_softmax_xent_{d}_{SUFFIX[dtype]}" for d in ("forward", "backward"))
+            fwd_args = (ptr(logits), ptr(bias), ptr(labels), rows, cols, ptr(loss), ptr(lse),
+                        ptr(predicted), ctx.stream())
+            k(fwd, *fwd_args)
+            torch.cuda.synchronize()
+            z64 = (logits.double() + bias.double()).requires_grad_(True)
+            lse64 = torch.logsumexp(z64, dim=1)
+            loss64 = lse64 - z64.gather(1, labels.long()[:, None])[:, 0]
+            wrong = int((predicted != (logits.float() + bias).argmax(1).int()).sum())
+            # The losses are float32 from the same rounded logits: float32's tolerance.
+            err, worst, ok, ratio = ctx.compare([("loss", loss, loss64.detach(), 1e-5),
+                                                 ("log_sum_exp", lse, lse64.detach(), 1e-5)])
+            row = Row("softmax_xent_fwd", dtype, shape_str(rows, cols), err, worst, ratio,
+                      ok and wrong == 0, note=f"{wrong} argmax differ" if wrong else "")
+            if bert:
+                def theirs():
+                    z = logits.float() + bias
+                    return F.cross_entropy(z, labels.long(), reduction="none"), z.argmax(1)
+
+                ctx.add(row, lambda: k(fwd, *fwd_args), theirs, rows * cols * size)
+            else:
+                ctx.add(row)
+
+            dlogits = torch.full_like(logits, float("nan"))
+            dbias = torch.full_like(bias, float("nan"))
+            workspace = torch.empty(
+                k.inline("tfbert_softmax_xent_grad_workspace_floats", rows, cols), device="cuda")
+            bwd_args = (ptr(dloss), ptr(logits), ptr(bias), ptr(labels), ptr(lse), rows, cols,
+                        ptr(dlogits), ptr(dbias), ptr(workspace), ctx.stream())
+            k(bwd, *bwd_args)
+            torch.cuda.synchronize()
+            (dz64,) = torch.autograd.grad(loss64, (z64,), dloss.double())
+            err, worst, ok, ratio = ctx.compare([("dlogits", dlogits, dz64, tol),
+                                                 ("dbias", dbias, dz64.sum(0), 1e-5)])
+            row = Row("softmax_xent_bwd", dtype, shape_str(rows, cols), err, worst, ratio, ok)
+            if bert:
+                def theirs_backward():  # from the saved float32 softmax, as PyTorch keeps it
+                    z = logits.float() + bias
+                    g = (torch.softmax(z, 1) - F.one_hot(labels.long(), cols)) * dloss[:, None]
+                    return g.to(logits.dtype), g.sum(0)
+
+                ctx.add(row, lambda: k(bwd, *bwd_args), theirs_backward,
+                        2 * rows * cols * size)
+            else:
+                ctx.add(row)
+
+    # A label outside [0, cols): a NaN loss, as TensorFlow's GPU kernel gives.
+    logits = ctx.randn((2, 9), "float32")
+    bias = torch.zeros(9, device="cuda")
+    labels = torch.tensor([9, 3], device="cuda", dtype=torch.int32)
+    loss, lse = torch.zeros(2, device="cuda"), torch.zeros(2, device="cuda")
+    predicted = torch.zeros(2, device="cuda", dtype=torch.int32)
+    k("tfbert_softmax_xent_forward_f32", ptr(logits), ptr(bias), ptr(labels), 2, 9, ptr(loss),
+      ptr(lse), ptr(predicted), ctx.stream())
+    torch.cuda.synchronize()
+    nan_ok = bool(torch.isnan(loss[0])) and bool(torch.isfinite(loss[1]))
+    ctx.add(Row("softmax_xent_bad_label", "float32", "[2,9]", passed=nan_ok,
+                note="NaN loss for label 9 of 9 classes" if nan_ok else f"loss {loss.tolist()}"))
+
+
 CHECKS = {
     "layer_norm": check_layer_norm,
     "attention_softmax": check_attention_softmax,
@@ -1222,6 +1314,7 @@ CHECKS = {
     "dropout": check_dropout,
     "lamb": lambda ctx, k: (check_lamb(ctx, k), check_lamb_multi(ctx, k)),
     "lamb_shard": check_lamb_shard,
+    "softmax_xent": check_softmax_xent,
 }
 
 

@@ -14,7 +14,8 @@ OP_OF_FLAG = {"ln_ytf_impl": "tf_bert_fused_layer_norm",
               "attn_softmax_ytf_impl": "tf_bert_fused_attention_softmax",
               "ytf_gelu": "tf_bert_fused_bias_gelu",
               "ytf_dropout": "tf_bert_fused_dropout",
-              "fused_bias_dropout_add": "tf_bert_fused_bias_dropout_add"}
+              "fused_bias_dropout_add": "tf_bert_fused_bias_dropout_add",
+              "fused_xent": "tf_bert_fused_softmax_cross_entropy"}
 
 
 def built(flag: str) -> bool:
@@ -23,9 +24,9 @@ def built(flag: str) -> bool:
 
 CASES = [dict(ln_ytf_impl=True), dict(attn_softmax_ytf_impl=True), dict(ytf_gelu=True),
          dict(fused_qkv=True), dict(fused_qkv=True, use_bias_in_keys=False),
-         dict(fused_bias_dropout_add=True),
+         dict(fused_bias_dropout_add=True), dict(fused_xent=True),
          dict(ln_ytf_impl=True, attn_softmax_ytf_impl=True, ytf_gelu=True, fused_qkv=True,
-              fused_bias_dropout_add=True)]
+              fused_bias_dropout_add=True, fused_xent=True)]
 
 
 def losses_and_grads(model, batch):
@@ -65,11 +66,11 @@ def test_fused_model_equals_reference(flags, hidden_act):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6, err_msg=var.name)
 
 
-def copied_pair(config, ops_a: FusedOpsConfig, ops_b: FusedOpsConfig):
+def copied_pair(config, ops_a: FusedOpsConfig, ops_b: FusedOpsConfig, precision="fp32"):
     """Two built BertPretrainers of `config` with the same weights (random non-zero biases),
     each with its own DropoutRng(0): the same seeds in the same order."""
-    a = BertPretrainer(config, DropoutRng(0), ops=ops_a)
-    b = BertPretrainer(config, DropoutRng(0), ops=ops_b)
+    a = BertPretrainer(config, DropoutRng(0), precision=precision, ops=ops_a)
+    b = BertPretrainer(config, DropoutRng(0), precision=precision, ops=ops_b)
     a.build(ODD["seq"], ODD["predictions"])
     b.build(ODD["seq"], ODD["predictions"])
     assert [v.name for v in a.trainable_variables] == [v.name for v in b.trainable_variables]
@@ -109,6 +110,43 @@ def test_fused_bias_dropout_add_trains_like_the_fused_dropout_it_replaces():
     op_types = [op.type for op in graph.get_operations()]
     assert op_types.count("TfBert>FusedBiasDropoutAdd") == 2 * config.num_hidden_layers
     assert op_types.count("TfBert>FusedDropout") == 1  # the embeddings' output
+
+
+@pytest.mark.skipif(not built("fused_xent"), reason="fused ops not built")
+def test_fused_xent_in_bfloat16_reads_the_logits_once_and_matches_the_float32_loss():
+    # bfloat16 compute: the fused op adds the float32 MLM bias to the bfloat16 logits itself,
+    # where the reference casts them to float32 first; both sum the same values in float32, so
+    # the losses agree to float32 rounding and the gradients to bfloat16's. Unequal masked
+    # counts: a third of the predictions are padding (weight 0).
+    config = odd_model_config(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    reference, fused = copied_pair(config, FusedOpsConfig(), FusedOpsConfig(fused_xent=True),
+                                   precision="bf16")
+    batch = synthetic_batch()
+    weights = tf.cast(tf.range(ODD["batch"] * ODD["predictions"]) % 3 > 0, tf.float32)
+    batch["masked_lm_weights"] = tf.reshape(weights, [ODD["batch"], ODD["predictions"]])
+    want_losses, want_grads = losses_and_grads(reference, batch)
+    got_losses, got_grads = losses_and_grads(fused, batch)
+    for name in ("mlm_loss", "nsp_loss", "mlm_accuracy", "nsp_accuracy"):
+        np.testing.assert_allclose(got_losses[name].numpy(), want_losses[name].numpy(),
+                                   rtol=1e-5, err_msg=name)
+    for var, a, b in zip(fused.trainable_variables, got_grads, want_grads):
+        scale = np.abs(b).max() + 1e-12
+        np.testing.assert_allclose(a / scale, b / scale, atol=2e-2, err_msg=var.name)
+    def step():
+        with tf.GradientTape() as tape:
+            loss = fused.compute_losses(batch)["loss"]
+        return tape.gradient(loss, fused.trainable_variables)
+
+    graph = tf.function(step, autograph=False).get_concrete_function().graph
+    op_types = [op.type for op in graph.get_operations()]
+    # The MLM and next-sentence losses, no TensorFlow cross-entropy, no float32 logits.
+    assert op_types.count("TfBert>FusedSoftmaxCrossEntropy") == 2
+    assert op_types.count("TfBert>FusedSoftmaxCrossEntropyGrad") == 2
+    assert "SparseSoftmaxCrossEntropyWithLogits" not in op_types
+    vocab_casts = [op for op in graph.get_operations() if op.type == "Cast"
+                   and op.outputs[0].shape.rank and op.outputs[0].shape[-1] == ODD["vocab"]
+                   and op.outputs[0].dtype == tf.float32 and op.inputs[0].shape.rank == 3]
+    assert not vocab_casts, [op.name for op in vocab_casts]
 
 
 @pytest.mark.parametrize("fused_qkv, projections_per_layer", [(False, 3), (True, 1)])

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import tensorflow as tf
 
+from tfbert.ops import softmax_xent_ops
+
 
 def _weighted_mean(values: tf.Tensor, label_weights: tf.Tensor) -> tf.Tensor:
     weights = tf.cast(label_weights, tf.float32)
@@ -11,14 +13,36 @@ def _weighted_mean(values: tf.Tensor, label_weights: tf.Tensor) -> tf.Tensor:
     return tf.reduce_sum(values * weights) / (tf.reduce_sum(weights) + 1e-5)
 
 
-def masked_lm_loss(logits: tf.Tensor, label_ids: tf.Tensor, label_weights: tf.Tensor) -> tf.Tensor:
-    """Weighted mean cross-entropy over the real (weight 1) predictions.
+def softmax_cross_entropy(logits: tf.Tensor, labels: tf.Tensor, bias: tf.Tensor | None = None,
+                          fused: bool = False):
+    """Per-example softmax cross-entropy of logits (+ bias) against integer labels, and the
+    argmax (what the accuracies compare with the labels).
 
     Args:
-      logits: float32 [B, P, V]. label_ids: int32 [B, P]. label_weights: float32 [B, P].
+      logits: [..., C]: float32, or the compute dtype when a float32 `bias` [C] follows (the
+        sum is then taken in float32). labels: integer [...].
+      fused: one TfBert>FusedSoftmaxCrossEntropy op (--fused_xent) instead of TensorFlow's
+        cross-entropy and argmax, each reading the float32 logits.
+    Returns: (loss float32 [...], predicted int32 [...]).
     """
-    per_token = tf.nn.sparse_softmax_cross_entropy_with_logits(labels=label_ids, logits=logits)
-    return _weighted_mean(per_token, label_weights)
+    if fused:
+        return softmax_xent_ops.fused_softmax_cross_entropy(logits, bias, labels)
+    return softmax_xent_ops.softmax_cross_entropy_reference(logits, bias, labels)
+
+
+def masked_lm_figures(logits: tf.Tensor, label_ids: tf.Tensor, label_weights: tf.Tensor,
+                      bias: tf.Tensor | None = None, fused: bool = False):
+    """(mlm_loss, mlm_accuracy): the weighted mean cross-entropy and accuracy over the real
+    (weight 1) predictions.
+
+    Args:
+      logits: float32 [B, P, V], or the compute dtype before a float32 `bias` [V].
+      label_ids: int32 [B, P]. label_weights: float32 [B, P].
+      fused: see `softmax_cross_entropy`.
+    """
+    per_token, predicted = softmax_cross_entropy(logits, label_ids, bias, fused)
+    correct = tf.cast(tf.equal(predicted, label_ids), tf.float32)
+    return _weighted_mean(per_token, label_weights), _weighted_mean(correct, label_weights)
 
 
 def masked_lm_accuracy(logits, label_ids, label_weights) -> tf.Tensor:
@@ -26,47 +50,44 @@ def masked_lm_accuracy(logits, label_ids, label_weights) -> tf.Tensor:
     return _weighted_mean(correct, label_weights)
 
 
-def next_sentence_loss(logits: tf.Tensor, labels: tf.Tensor) -> tf.Tensor:
-    """logits: float32 [B, 2]; labels: int32 [B, 1] or [B]."""
-    labels = tf.reshape(labels, [-1])
-    return tf.reduce_mean(
-        tf.nn.sparse_softmax_cross_entropy_with_logits(labels=labels, logits=logits))
+def _mean_loss_and_accuracy(logits, labels, fused: bool):
+    """The mean cross-entropy and accuracy of [B, C] logits against labels [B] or [B, 1]."""
+    labels = tf.reshape(tf.cast(labels, tf.int32), [-1])
+    per_example, predicted = softmax_cross_entropy(logits, labels, fused=fused)
+    correct = tf.cast(tf.equal(predicted, labels), tf.float32)
+    return tf.reduce_mean(per_example), tf.reduce_mean(correct)
 
 
-def pretraining_losses(mlm_logits, nsp_logits, features,
-                       vocab_shard=None) -> dict[str, tf.Tensor]:
+def pretraining_losses(mlm_logits, nsp_logits, features, vocab_shard=None, mlm_bias=None,
+                       fused_xent: bool = False) -> dict[str, tf.Tensor]:
     """The losses and accuracies of a pretraining batch.
 
     Args:
       mlm_logits: float32 [B, P, V], or this rank's columns [B, P, V / T] of them when
-        `vocab_shard` (`tensor_parallel.VocabShard`) splits the vocabulary.
+        `vocab_shard` (`tensor_parallel.VocabShard`) splits the vocabulary; or, with
+        `mlm_bias` (float32 [V]), the logits before that bias in the compute dtype.
       nsp_logits: float32 [B, 2].
+      fused_xent: see `softmax_cross_entropy`.
     """
     if vocab_shard is not None and vocab_shard.group.size > 1:
         per_token, correct = vocab_shard.cross_entropy(mlm_logits, features["masked_lm_ids"])
         mlm = _weighted_mean(per_token, features["masked_lm_weights"])
         mlm_accuracy = _weighted_mean(correct, features["masked_lm_weights"])
     else:
-        mlm = masked_lm_loss(mlm_logits, features["masked_lm_ids"],
-                             features["masked_lm_weights"])
-        mlm_accuracy = masked_lm_accuracy(mlm_logits, features["masked_lm_ids"],
-                                          features["masked_lm_weights"])
-    nsp = next_sentence_loss(nsp_logits, features["next_sentence_labels"])
-    nsp_labels = tf.reshape(features["next_sentence_labels"], [-1])
-    nsp_acc = tf.reduce_mean(tf.cast(
-        tf.equal(tf.argmax(nsp_logits, -1, output_type=tf.int32), nsp_labels), tf.float32))
+        mlm, mlm_accuracy = masked_lm_figures(mlm_logits, features["masked_lm_ids"],
+                                              features["masked_lm_weights"], mlm_bias, fused_xent)
+    nsp, nsp_accuracy = _mean_loss_and_accuracy(nsp_logits, features["next_sentence_labels"],
+                                                fused_xent)
     return dict(loss=mlm + nsp, mlm_loss=mlm, nsp_loss=nsp,
-                mlm_accuracy=mlm_accuracy, nsp_accuracy=nsp_acc)
+                mlm_accuracy=mlm_accuracy, nsp_accuracy=nsp_accuracy)
 
 
-def sequence_classification_losses(logits: tf.Tensor, labels: tf.Tensor) -> dict[str, tf.Tensor]:
+def sequence_classification_losses(logits: tf.Tensor, labels: tf.Tensor,
+                                   fused_xent: bool = False) -> dict[str, tf.Tensor]:
     """Multi-task pretraining's sequence classification: cls_loss (mean cross-entropy) and
     cls_accuracy. logits: float32 [B, C]; labels: int32 [B, 1] or [B]."""
-    labels = tf.reshape(tf.cast(labels, tf.int32), [-1])
-    loss = tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(labels=labels,
-                                                                         logits=logits))
-    correct = tf.equal(tf.argmax(logits, -1, output_type=tf.int32), labels)
-    return dict(cls_loss=loss, cls_accuracy=tf.reduce_mean(tf.cast(correct, tf.float32)))
+    loss, accuracy = _mean_loss_and_accuracy(logits, labels, fused_xent)
+    return dict(cls_loss=loss, cls_accuracy=accuracy)
 
 
 # Distillation (tfbert.modeling.models.bert_distiller). Shape legend: B batch, S sequence, P

@@ -46,12 +46,14 @@ constexpr int64_t kMaxSumRowBlocks = 128;
 
 // Runs block_fn(row_begin, row_end, partial) over that partition of `rows` on the intra-op thread
 // pool, partial being the block's float32 [width] accumulator (zeros on entry), and returns the
-// partials summed in block order (zeros if no rows).
+// partials summed in block order (zeros if no rows). A wide row (a vocabulary) asks for fewer
+// blocks: the partials and their final sum grow with max_blocks * width.
 template <typename BlockFn>
 std::vector<float> SumOverRowBlocks(OpKernelContext* context, int64_t rows, int64_t width,
-                                    int64_t cost_per_row, const BlockFn& block_fn) {
+                                    int64_t cost_per_row, const BlockFn& block_fn,
+                                    int64_t max_blocks = kMaxSumRowBlocks) {
   auto* workers = context->device()->tensorflow_cpu_worker_threads()->workers;
-  const int64_t blocks = std::max<int64_t>(1, std::min(rows, kMaxSumRowBlocks));
+  const int64_t blocks = std::max<int64_t>(1, std::min(rows, max_blocks));
   std::vector<float> partials(blocks * width, 0.0f);  // [blocks, width]
   const int64_t cost_per_block = (rows / blocks + 1) * cost_per_row;
   workers->ParallelFor(blocks, cost_per_block, [&](int64_t block_begin, int64_t block_end) {

@@ -5,6 +5,7 @@ from __future__ import annotations
 import tensorflow as tf
 
 from tfbert.config import ModelConfig
+from tfbert.modeling import losses
 from tfbert.modeling.layers.dropout import Dropout, DropoutRng
 from tfbert.modeling.models.bert_task_model import BertTaskModel
 
@@ -102,6 +103,8 @@ class BertClassifier(BertTaskModel):
             error = logits[:, 0] - tf.cast(features["label"], tf.float32)
             return dict(loss=tf.reduce_mean(tf.square(error)))
         labels = tf.cast(features["label"], tf.int32)
-        loss = tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(labels, logits))
-        correct = tf.equal(tf.argmax(logits, -1, output_type=tf.int32), labels)
+        per_example, predicted = losses.softmax_cross_entropy(logits, labels,
+                                                              fused=self._ops.fused_xent)
+        loss = tf.reduce_mean(per_example)
+        correct = tf.equal(predicted, labels)
         return dict(loss=loss, accuracy=tf.reduce_mean(tf.cast(correct, tf.float32)))

@@ -313,9 +313,9 @@ class BertDistiller(BertTaskModel):
                                   features["masked_lm_positions"])  # (B, P, D)
         mlm_logits = self.cls(masked, encoded["pooled_output"])[0]  # (B, P, V)
         label_ids, label_weights = features["masked_lm_ids"], features["masked_lm_weights"]
-        figures = dict(mlm_loss=losses.masked_lm_loss(mlm_logits, label_ids, label_weights),
-                       mlm_accuracy=losses.masked_lm_accuracy(mlm_logits, label_ids,
-                                                              label_weights))
+        mlm_loss, mlm_accuracy = losses.masked_lm_figures(mlm_logits, label_ids, label_weights,
+                                                          fused=self._ops.fused_xent)
+        figures = dict(mlm_loss=mlm_loss, mlm_accuracy=mlm_accuracy)
         teacher = self._teacher_outputs(features)
         if self._uses("kl_loss"):
             figures["kl_loss"] = losses.distillation_kl_loss(

@@ -64,11 +64,13 @@ class PretrainingHeads(tf.keras.layers.Layer):
                                             experimental_autocast=False)
         super().build(input_shape)
 
-    def call(self, masked_sequence, pooled):
+    def call(self, masked_sequence, pooled, add_mlm_bias: bool = True):
         """
         Args:
           masked_sequence: [B, P, D] encoder outputs at the masked positions.
           pooled: [B, D] pooled [CLS] output.
+          add_mlm_bias: False leaves the MLM logits before `mlm_bias`, in the compute dtype,
+            for a loss that adds the bias itself (--fused_xent).
         Returns: (mlm_logits float32 [B, P, V / T], this rank's vocabulary columns,
           nsp_logits float32 [B, 2], or None without `next_sentence`).
         """
@@ -81,8 +83,10 @@ class PretrainingHeads(tf.keras.layers.Layer):
         mlm_logits = tf.matmul(tf.reshape(x, [-1, x.shape[-1]]), table,
                                transpose_b=True)  # (B * P, V / T)
         mlm_logits = tf.reshape(mlm_logits, [batch, predictions, table.shape[0]])  # (B, P, V / T)
-        # Logits and the losses in float32: a float16 log-softmax over a large vocabulary is lossy.
-        mlm_logits = tf.cast(mlm_logits, tf.float32) + self.mlm_bias
+        if add_mlm_bias:
+            # Logits and the losses in float32: a float16 log-softmax over a large vocabulary is
+            # lossy.
+            mlm_logits = tf.cast(mlm_logits, tf.float32) + self.mlm_bias
         if not self.next_sentence:
             return mlm_logits, None
         nsp_logits = tf.einsum("bd,cd->bc", tf.cast(pooled, tf.float32), self.nsp_weights)
@@ -203,12 +207,13 @@ class BertPretrainer(BertTaskModel):
         """
         return self._outputs(features, training)[:2]
 
-    def _outputs(self, features, training):
+    def _outputs(self, features, training, add_mlm_bias=True):
         """(mlm_logits, nsp_logits, the sequence heads' outputs)."""
         encoded = self.bert(features, training=training)
         masked = gather_positions(encoded["sequence_output"],
                                   features["masked_lm_positions"])  # (B, P, D)
-        mlm_logits, nsp_logits = self.cls(masked, encoded["pooled_output"])
+        mlm_logits, nsp_logits = self.cls(masked, encoded["pooled_output"],
+                                          add_mlm_bias=add_mlm_bias)
         extra = (self.sequence_heads(encoded["pooled_output"])
                  if self.sequence_heads is not None else {})
         return mlm_logits, nsp_logits, extra
@@ -217,12 +222,17 @@ class BertPretrainer(BertTaskModel):
         """Returns a dict of float32 scalars: mlm_loss, nsp_loss, mlm_accuracy, nsp_accuracy
         (and cls_loss, cls_accuracy, distil_mse in multi-task pretraining) and loss, their
         weighted sum (`loss_weights`)."""
-        mlm_logits, nsp_logits, extra = self._outputs(features, training)
+        # --fused_xent: the MLM bias is added inside the loss op, to the logits in the compute
+        # dtype, instead of to a float32 copy of them.
+        fused = self._ops.fused_xent
+        mlm_logits, nsp_logits, extra = self._outputs(features, training, add_mlm_bias=not fused)
         figures = losses.pretraining_losses(mlm_logits, nsp_logits, features,
-                                            vocab_shard=self.cls.vocab_shard)
+                                            vocab_shard=self.cls.vocab_shard,
+                                            mlm_bias=self.cls.mlm_bias if fused else None,
+                                            fused_xent=fused)
         if "cls_logits" in extra:
-            figures.update(losses.sequence_classification_losses(extra["cls_logits"],
-                                                                 features["cls_label"]))
+            figures.update(losses.sequence_classification_losses(
+                extra["cls_logits"], features["cls_label"], fused_xent=fused))
         if "teacher_score" in extra:
             error = extra["teacher_score"] - tf.reshape(features["teacher_score"], [-1])
             figures["distil_mse"] = tf.reduce_mean(tf.square(error))

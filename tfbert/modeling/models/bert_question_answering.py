@@ -5,6 +5,7 @@ from __future__ import annotations
 import tensorflow as tf
 
 from tfbert.config import ModelConfig
+from tfbert.modeling import losses
 from tfbert.modeling.layers.dropout import DropoutRng
 from tfbert.modeling.models.bert_classifier import ClassifierHead
 from tfbert.modeling.models.bert_task_model import BertTaskModel
@@ -50,11 +51,12 @@ class BertQuestionAnswering(BertTaskModel):
         """loss: the mean of the start and end cross-entropies; how often each is right."""
         start, end = self(features, training=training)
         figures = {}
-        losses = []
+        means = []
         for name, logits in (("start", start), ("end", end)):
             positions = tf.cast(tf.reshape(features[f"{name}_position"], [-1]), tf.int32)
-            losses.append(tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(
-                labels=positions, logits=logits)))
-            correct = tf.equal(tf.argmax(logits, -1, output_type=tf.int32), positions)
+            per_example, predicted = losses.softmax_cross_entropy(logits, positions,
+                                                                  fused=self._ops.fused_xent)
+            means.append(tf.reduce_mean(per_example))
+            correct = tf.equal(predicted, positions)
             figures[f"{name}_accuracy"] = tf.reduce_mean(tf.cast(correct, tf.float32))
-        return dict(loss=(losses[0] + losses[1]) / 2, **figures)
+        return dict(loss=(means[0] + means[1]) / 2, **figures)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import tensorflow as tf
 
 from tfbert.config import ModelConfig
+from tfbert.modeling import losses
 from tfbert.modeling.layers.dropout import DropoutRng
 from tfbert.modeling.models.bert_classifier import ClassifierHead
 from tfbert.modeling.models.bert_task_model import BertTaskModel
@@ -49,10 +50,9 @@ class BertTokenClassifier(BertTaskModel):
         logits = self(features, training=training)  # (B, S, C)
         labels = tf.cast(features["label"], tf.int32)
         labelled = tf.cast(labels >= 0, tf.float32)
-        per_token = tf.nn.sparse_softmax_cross_entropy_with_logits(
-            labels=tf.maximum(labels, 0), logits=logits)  # (B, S)
+        per_token, predicted = losses.softmax_cross_entropy(
+            logits, tf.maximum(labels, 0), fused=self._ops.fused_xent)  # (B, S) each
         count = tf.maximum(tf.reduce_sum(labelled), 1.0)
-        correct = tf.cast(tf.equal(tf.argmax(logits, -1, output_type=tf.int32), labels),
-                          tf.float32)
+        correct = tf.cast(tf.equal(predicted, labels), tf.float32)
         return dict(loss=tf.reduce_sum(per_token * labelled) / count,
                     accuracy=tf.reduce_sum(correct * labelled) / count)
