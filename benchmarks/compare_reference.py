@@ -122,7 +122,8 @@ def reference_worker(args) -> dict:
 # Each side's settings per setup: tfbert's flags and the reference's precision.
 SETUPS = {"plain": ("", "fp32"), "best": (None, "bf16")}  # None: --best_flags
 BEST_FLAGS = ("--precision=bf16 --ln_ytf_impl --attn_softmax_ytf_impl --ytf_gelu --ytf_dropout "
-              "--fused_bias_dropout_add --fused_xent --fused_qkv --optimizer=fused_lamb")
+              "--gelu_save_derivative --fused_bias_dropout_add --fused_xent --fused_qkv "
+              "--optimizer=fused_lamb")
 
 
 def sample_data(args) -> tuple[list[str], str]:

@@ -63,6 +63,9 @@ def _cases(batch: int, seq: int, hidden: int, dtype: tf.DType):
         cases.append(("bias_gelu", f"[{batch},{seq},{width}]",
                       lambda h: gelu_ops.fused_bias_gelu(h, bias),
                       lambda h: gelu_ops.bias_gelu_reference(h, bias), h))
+        cases.append(("bias_gelu(saved derivative)", f"[{batch},{seq},{width}]",
+                      lambda h: gelu_ops.fused_bias_gelu(h, bias, save_derivative=True),
+                      lambda h: gelu_ops.bias_gelu_reference(h, bias), h))
         cases.append(("bias_geglu", f"[{batch},{seq},{width}]",
                       lambda h: gelu_ops.fused_bias_geglu(h, bias),
                       lambda h: gelu_ops.bias_geglu_reference(h, bias), h))

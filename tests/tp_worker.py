@@ -20,6 +20,7 @@ pair). A name ending in "@resumed" trains 2 steps, then resumes in a new trainer
 "vocab_ce" runs the vocabulary-parallel cross-entropy on each pair.
 """
 
+import dataclasses
 import json
 import os
 import sys
@@ -42,12 +43,14 @@ MODEL = dict(vocab_size=100, hidden_size=32, num_attention_heads=4, intermediate
 FUSED = cfg.FusedOpsConfig(ln_ytf_impl=True, attn_softmax_ytf_impl=True, ytf_gelu=True,
                            ytf_dropout=True, fused_bias_dropout_add=True,
                            fused_qkv=True)
+# GELU's saved derivative in the column-parallel FFN projection (GELU only: not for GeGLU).
+FUSED_SAVED = dataclasses.replace(FUSED, gelu_save_derivative=True)
 # name: (ranks (1: rank 0 alone; 2: each pair of ranks, a job of its own), tensor_parallel_size,
 # accumulation, model overrides, settings).
 SETUPS = {
     "ref": (1, 1, 1, {}, {}),
     "ref_geglu": (1, 1, 1, dict(hidden_act="geglu"), {}),
-    "tp2_fused": (2, 2, 1, {}, dict(ops=FUSED, optimizer="fused_lamb")),
+    "tp2_fused": (2, 2, 1, {}, dict(ops=FUSED_SAVED, optimizer="fused_lamb")),
     "tp2_dp2_z2_fused_accum2": (4, 2, 2, {}, dict(ops=FUSED, zero_stage=2,
                                                   optimizer="fused_lamb",
                                                   state_split_strategy="flat")),

@@ -133,6 +133,9 @@ class FusedOpsConfig:
     ln_ytf_impl: bool = False  # fused LayerNorm forward/backward
     attn_softmax_ytf_impl: bool = False  # fused scale + mask + softmax + dropout
     ytf_gelu: bool = False  # fused bias + GELU / GeGLU in the feed-forward block
+    # With ytf_gelu (GELU): keep gelu'(x + bias) from the forward op for the backward one
+    # instead of x, which is then not recomputed through erf and exp.
+    gelu_save_derivative: bool = False
     ytf_dropout: bool = False  # the encoder's hidden dropout as one fused op, mask regenerated
     # Each sublayer's output bias, hidden dropout and residual add as one fused op before its
     # LayerNorm (the mask of --ytf_dropout).
@@ -150,6 +153,9 @@ class FusedOpsConfig:
                                         "ytf_dropout", "fused_bias_dropout_add", "fused_xent")
 
     def __post_init__(self):
+        _require(not self.gelu_save_derivative or self.ytf_gelu,
+                 "--gelu_save_derivative keeps the derivative of --ytf_gelu's fused op; add "
+                 "--ytf_gelu")
         _require(self.ln_dtype in LN_DTYPES,
                  f"--ln_dtype={self.ln_dtype!r} is not one of {LN_DTYPES}")
         _require(not self.ln_ytf_impl or self.ln_dtype == "float32",
@@ -626,6 +632,10 @@ class Config:
                  f"them) or drop those flags")
         _require(not self.ops.ytf_gelu or self.model.hidden_act in ("gelu", "gelu_tanh", "geglu"),
                  f"--ytf_gelu fuses GELU/GeGLU, but --hidden_act={self.model.hidden_act}")
+        _require(not self.ops.gelu_save_derivative
+                 or self.model.hidden_act in ("gelu", "gelu_tanh"),
+                 f"--gelu_save_derivative saves GELU's derivative; GeGLU's gradient needs two "
+                 f"values per element (--hidden_act={self.model.hidden_act}): drop the flag")
         _require(not self.distribution.hvd_fp16_compression or self.runtime.precision == "fp16",
                  f"--hvd_fp16_compression sends gradients as float16, which only the loss scale "
                  f"of --precision=fp16 keeps from flushing to zero; with "

@@ -184,6 +184,13 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
                                                          "regenerated, not stored).", **fv)
     flags.DEFINE_boolean("ytf_gelu", False, "Fused bias + GELU/GeGLU op in the feed-forward "
                                             "block.", **fv)
+    flags.DEFINE_boolean("gelu_save_derivative", False, "With --ytf_gelu: the fused GELU op "
+                                                        "also writes gelu'(x + bias), kept for "
+                                                        "the backward pass instead of x, which "
+                                                        "then multiplies instead of recomputing "
+                                                        "erf and exp (the same memory; faster "
+                                                        "where GELU is compute-bound, as on "
+                                                        "CPUs).", **fv)
     flags.DEFINE_boolean("ytf_dropout", False, "The encoder's hidden dropout (embeddings, "
                                                "attention output, feed-forward output) as one "
                                                "fused op whose mask is regenerated in the "
@@ -632,6 +639,7 @@ def build_config(fv: flags.FlagValues, group=None):
                     f"alone; launch with horovodrun (-np 1 is fine) or drop the flag")
     ops = cfg.FusedOpsConfig(ln_ytf_impl=fv.ln_ytf_impl,
                              attn_softmax_ytf_impl=fv.attn_softmax_ytf_impl, ytf_gelu=fv.ytf_gelu,
+                             gelu_save_derivative=fv.gelu_save_derivative,
                              ytf_dropout=fv.ytf_dropout,
                              fused_bias_dropout_add=fv.fused_bias_dropout_add,
                              fused_qkv=fv.fused_qkv, fused_xent=fv.fused_xent,

@@ -73,6 +73,21 @@ __global__ void BiasGeluForwardKernel(const T* __restrict__ x, const T* __restri
   }
 }
 
+// y[i] = gelu(x[i] + bias[i % cols]) and derivative[i] = gelu'(the same), for the backward pass
+// from the saved derivative.
+template <typename T>
+__global__ void BiasGeluSaveForwardKernel(const T* __restrict__ x, const T* __restrict__ bias,
+                                          long long size, int cols, bool approximate,
+                                          T* __restrict__ y, T* __restrict__ derivative) {
+  for (long long i = blockIdx.x * static_cast<long long>(blockDim.x) + threadIdx.x; i < size;
+       i += static_cast<long long>(gridDim.x) * blockDim.x) {
+    const int col = static_cast<int>(i % cols);
+    float d;
+    y[i] = FromFloat<T>(GeluAndDerivative(ToFloat(x[i]) + ToFloat(bias[col]), approximate, &d));
+    derivative[i] = FromFloat<T>(d);
+  }
+}
+
 // y[r, j] = gelu(x[r, j] + bias[j]) * (x[r, M + j] + bias[M + j]) over the rows * M outputs.
 template <typename T>
 __global__ void BiasGegluForwardKernel(const T* __restrict__ x, const T* __restrict__ bias,
@@ -89,11 +104,16 @@ __global__ void BiasGegluForwardKernel(const T* __restrict__ x, const T* __restr
   }
 }
 
-// The gradient of x[row, col] (as float32) given dy; kGated selects GeGLU (cols = 2 * half).
-template <typename T, bool kGated>
+// The gradient of x[row, col] (as float32) given dy; kGated selects GeGLU (cols = 2 * half);
+// kSaved reads the forward's saved derivative in place of x (and no bias): dy * derivative.
+template <typename T, bool kGated, bool kSaved = false>
 __device__ __forceinline__ float InputGrad(const T* __restrict__ dy, const T* __restrict__ x,
                                            const T* __restrict__ bias, long long row, int col,
                                            int cols, bool approximate) {
+  if constexpr (kSaved) {
+    const long long i = row * cols + col;
+    return ToFloat(dy[i]) * ToFloat(x[i]);
+  }
   float derivative;
   if (!kGated) {
     const long long i = row * cols + col;
@@ -116,7 +136,7 @@ __device__ __forceinline__ float InputGrad(const T* __restrict__ dy, const T* __
 // Block (32, kGradRowsPerPass), grid (ceil(cols / 32), row_blocks): block (bx, by) writes dx
 // for columns [32 bx, 32 bx + 32) of its rows and their column sums into row `by` of
 // partial ([row_blocks, cols]).
-template <typename T, bool kGated>
+template <typename T, bool kGated, bool kSaved = false>
 __global__ void BiasGeluBackwardKernel(const T* __restrict__ dy, const T* __restrict__ x,
                                        const T* __restrict__ bias, long long rows, int cols,
                                        bool approximate, T* __restrict__ dx,
@@ -127,7 +147,7 @@ __global__ void BiasGeluBackwardKernel(const T* __restrict__ dy, const T* __rest
   float sum = 0.0f;
   if (col < cols) {
     for (long long row = slice.begin + threadIdx.y; row < slice.end; row += kGradRowsPerPass) {
-      const float grad = InputGrad<T, kGated>(dy, x, bias, row, col, cols, approximate);
+      const float grad = InputGrad<T, kGated, kSaved>(dy, x, bias, row, col, cols, approximate);
       dx[row * cols + col] = FromFloat<T>(grad);
       sum += grad;  // dbias from the float32 gradient, not the rounded dx
     }
@@ -144,7 +164,7 @@ __global__ void BiasGeluBackwardKernel(const T* __restrict__ dy, const T* __rest
 // buffers aligned to two elements: block (32, kGradRowsPerPass) owns 64 columns, and a warp
 // reads 64 consecutive elements of a row (128 bytes in 16 bits) in one load per thread. The
 // same arithmetic per element and the same order of the column sums as the kernel above.
-template <typename T>
+template <typename T, bool kSaved = false>
 __global__ void BiasGeluBackwardPairKernel(const T* __restrict__ dy, const T* __restrict__ x,
                                            const T* __restrict__ bias, long long rows, int cols,
                                            bool approximate, T* __restrict__ dx,
@@ -159,14 +179,23 @@ __global__ void BiasGeluBackwardPairKernel(const T* __restrict__ dy, const T* __
   Pair<T>* dx_pairs = reinterpret_cast<Pair<T>*>(dx);
   float sum0 = 0.0f, sum1 = 0.0f;
   if (col < cols) {
-    const Pair<T> b = reinterpret_cast<const Pair<T>*>(bias)[pair];
-    const float bias0 = ToFloat(b.first), bias1 = ToFloat(b.second);
+    float bias0 = 0.0f, bias1 = 0.0f;
+    if constexpr (!kSaved) {
+      const Pair<T> b = reinterpret_cast<const Pair<T>*>(bias)[pair];
+      bias0 = ToFloat(b.first);
+      bias1 = ToFloat(b.second);
+    }
     for (long long row = slice.begin + threadIdx.y; row < slice.end; row += kGradRowsPerPass) {
       const long long p = row * half_cols + pair;
       const Pair<T> dy_pair = dy_pairs[p], x_pair = x_pairs[p];
       float derivative0, derivative1;
-      GeluAndDerivative(ToFloat(x_pair.first) + bias0, approximate, &derivative0);
-      GeluAndDerivative(ToFloat(x_pair.second) + bias1, approximate, &derivative1);
+      if constexpr (kSaved) {  // x holds the forward's saved derivative
+        derivative0 = ToFloat(x_pair.first);
+        derivative1 = ToFloat(x_pair.second);
+      } else {
+        GeluAndDerivative(ToFloat(x_pair.first) + bias0, approximate, &derivative0);
+        GeluAndDerivative(ToFloat(x_pair.second) + bias1, approximate, &derivative1);
+      }
       const float grad0 = ToFloat(dy_pair.first) * derivative0;
       const float grad1 = ToFloat(dy_pair.second) * derivative1;
       Pair<T> out;
@@ -227,8 +256,19 @@ cudaError_t LaunchGegluForward(const T* x, const T* bias, long long rows, int ha
   return cudaGetLastError();
 }
 
-// cols = x's last dimension (2 * half_cols for GeGLU).
-template <typename T, bool kGated>
+template <typename T>
+cudaError_t LaunchGeluSaveForward(const T* x, const T* bias, long long rows, int cols,
+                                  int approximate, T* y, T* derivative, cudaStream_t stream) {
+  if (rows <= 0 || cols <= 0) return cudaSuccess;
+  const long long size = rows * cols;
+  BiasGeluSaveForwardKernel<T><<<ElementwiseGrid(size), kThreads, 0, stream>>>(
+      x, bias, size, cols, approximate != 0, y, derivative);
+  return cudaGetLastError();
+}
+
+// cols = x's last dimension (2 * half_cols for GeGLU). kSaved: x is the saved derivative
+// (GELU only; bias is not read).
+template <typename T, bool kGated, bool kSaved = false>
 cudaError_t LaunchBackward(const T* dy, const T* x, const T* bias, long long rows, int cols,
                            int approximate, T* dx, T* dbias, float* workspace,
                            cudaStream_t stream) {
@@ -238,13 +278,13 @@ cudaError_t LaunchBackward(const T* dy, const T* x, const T* bias, long long row
   const dim3 block(kWarpSize, kGradRowsPerPass);
   const size_t pair_bytes = sizeof(Pair<T>);
   if (!kGated && cols % 2 == 0 && IsAligned(dy, pair_bytes) && IsAligned(x, pair_bytes) &&
-      IsAligned(bias, pair_bytes) && IsAligned(dx, pair_bytes)) {
+      (kSaved || IsAligned(bias, pair_bytes)) && IsAligned(dx, pair_bytes)) {
     const dim3 grid((cols / 2 + kWarpSize - 1) / kWarpSize, row_blocks);
-    BiasGeluBackwardPairKernel<T><<<grid, block, 0, stream>>>(dy, x, bias, rows, cols,
-                                                              approximate != 0, dx, workspace);
+    BiasGeluBackwardPairKernel<T, kSaved><<<grid, block, 0, stream>>>(
+        dy, x, bias, rows, cols, approximate != 0, dx, workspace);
   } else {
     const dim3 grid((cols + kWarpSize - 1) / kWarpSize, row_blocks);
-    BiasGeluBackwardKernel<T, kGated><<<grid, block, 0, stream>>>(
+    BiasGeluBackwardKernel<T, kGated, kSaved><<<grid, block, 0, stream>>>(
         dy, x, bias, rows, cols, approximate != 0, dx, workspace);
   }
   cudaError_t error = cudaGetLastError();
@@ -296,6 +336,52 @@ cudaError_t tfbert_bias_gelu_backward_bf16(const unsigned short* dy, const unsig
   return LaunchBackward<__nv_bfloat16, false>(AsBf16(dy), AsBf16(x), AsBf16(bias), rows, cols,
                                               approximate, AsBf16(dx), AsBf16(dbias), workspace,
                                               stream);
+}
+
+cudaError_t tfbert_bias_gelu_forward_save_f32(const float* x, const float* bias, long long rows,
+                                              int cols, int approximate, float* y,
+                                              float* derivative, cudaStream_t stream) {
+  return LaunchGeluSaveForward(x, bias, rows, cols, approximate, y, derivative, stream);
+}
+cudaError_t tfbert_bias_gelu_forward_save_f16(const unsigned short* x, const unsigned short* bias,
+                                              long long rows, int cols, int approximate,
+                                              unsigned short* y, unsigned short* derivative,
+                                              cudaStream_t stream) {
+  return LaunchGeluSaveForward(AsHalf(x), AsHalf(bias), rows, cols, approximate, AsHalf(y),
+                               AsHalf(derivative), stream);
+}
+cudaError_t tfbert_bias_gelu_forward_save_bf16(const unsigned short* x,
+                                               const unsigned short* bias, long long rows,
+                                               int cols, int approximate, unsigned short* y,
+                                               unsigned short* derivative,
+                                               cudaStream_t stream) {
+  return LaunchGeluSaveForward(AsBf16(x), AsBf16(bias), rows, cols, approximate, AsBf16(y),
+                               AsBf16(derivative), stream);
+}
+
+cudaError_t tfbert_bias_gelu_backward_saved_f32(const float* dy, const float* derivative,
+                                                long long rows, int cols, float* dx,
+                                                float* dbias, float* workspace,
+                                                cudaStream_t stream) {
+  return LaunchBackward<float, false, true>(dy, derivative, nullptr, rows, cols, 0, dx, dbias,
+                                            workspace, stream);
+}
+cudaError_t tfbert_bias_gelu_backward_saved_f16(const unsigned short* dy,
+                                                const unsigned short* derivative, long long rows,
+                                                int cols, unsigned short* dx,
+                                                unsigned short* dbias, float* workspace,
+                                                cudaStream_t stream) {
+  return LaunchBackward<__half, false, true>(AsHalf(dy), AsHalf(derivative), nullptr, rows, cols,
+                                             0, AsHalf(dx), AsHalf(dbias), workspace, stream);
+}
+cudaError_t tfbert_bias_gelu_backward_saved_bf16(const unsigned short* dy,
+                                                 const unsigned short* derivative,
+                                                 long long rows, int cols, unsigned short* dx,
+                                                 unsigned short* dbias, float* workspace,
+                                                 cudaStream_t stream) {
+  return LaunchBackward<__nv_bfloat16, false, true>(AsBf16(dy), AsBf16(derivative), nullptr,
+                                                    rows, cols, 0, AsBf16(dx), AsBf16(dbias),
+                                                    workspace, stream);
 }
 
 cudaError_t tfbert_bias_geglu_forward_f32(const float* x, const float* bias, long long rows,

@@ -62,6 +62,38 @@ cudaError_t tfbert_bias_gelu_backward_bf16(const unsigned short* dy, const unsig
                                            unsigned short* dbias, float* workspace,
                                            cudaStream_t stream);
 
+// --gelu_save_derivative: the forward also writes derivative = gelu'(x + bias) ([rows, cols]),
+// and the backward reads it in place of x and bias: dx = dy * derivative, dbias its column sum
+// (the same two-step reduction and workspace as tfbert_bias_gelu_backward_*).
+cudaError_t tfbert_bias_gelu_forward_save_f32(const float* x, const float* bias, long long rows,
+                                              int cols, int approximate, float* y,
+                                              float* derivative, cudaStream_t stream);
+cudaError_t tfbert_bias_gelu_forward_save_f16(const unsigned short* x, const unsigned short* bias,
+                                              long long rows, int cols, int approximate,
+                                              unsigned short* y, unsigned short* derivative,
+                                              cudaStream_t stream);
+cudaError_t tfbert_bias_gelu_forward_save_bf16(const unsigned short* x,
+                                               const unsigned short* bias, long long rows,
+                                               int cols, int approximate, unsigned short* y,
+                                               unsigned short* derivative,
+                                               cudaStream_t stream);
+
+// workspace: tfbert_bias_gelu_grad_workspace_floats(rows, cols) float32 values.
+cudaError_t tfbert_bias_gelu_backward_saved_f32(const float* dy, const float* derivative,
+                                                long long rows, int cols, float* dx,
+                                                float* dbias, float* workspace,
+                                                cudaStream_t stream);
+cudaError_t tfbert_bias_gelu_backward_saved_f16(const unsigned short* dy,
+                                                const unsigned short* derivative, long long rows,
+                                                int cols, unsigned short* dx,
+                                                unsigned short* dbias, float* workspace,
+                                                cudaStream_t stream);
+cudaError_t tfbert_bias_gelu_backward_saved_bf16(const unsigned short* dy,
+                                                 const unsigned short* derivative,
+                                                 long long rows, int cols, unsigned short* dx,
+                                                 unsigned short* dbias, float* workspace,
+                                                 cudaStream_t stream);
+
 // 2 * half_cols must fit in an int.
 cudaError_t tfbert_bias_geglu_forward_f32(const float* x, const float* bias, long long rows,
                                           int half_cols, int approximate, float* y,

@@ -1215,6 +1215,71 @@ def check_gelu(ctx: Context, k: Kernels):
                         ctx.add(row)
 
 
+def check_gelu_saved(ctx: Context, k: Kernels):
+    """--gelu_save_derivative: tfbert_bias_gelu_forward_save_* writes y and gelu'(x + bias),
+    tfbert_bias_gelu_backward_saved_* multiplies dy by that derivative (dx) and sums dx over the
+    rows (dbias); against float64 autograd. The backward's dx must equal dy * derivative in
+    float32 rounded once, bit for bit (the note column)."""
+    torch, F = ctx.torch, ctx.torch.nn.functional
+    for dtype in DTYPES:
+        k.require(f"tfbert_bias_gelu_forward_save_{SUFFIX[dtype]}", "p,p,ll,i,i,p,p,s")
+        k.require(f"tfbert_bias_gelu_backward_saved_{SUFFIX[dtype]}", "p,p,ll,i,p,p,p,s")
+    for rows, cols, bert in gelu_shapes(ctx.args):
+        for dtype in DTYPES:
+            for approximate in (("none",) if bert else ("none", "tanh")):
+                tol, size = TOLERANCE[dtype], 2 if dtype != "float32" else 4
+                x = ctx.randn((rows, cols), dtype, scale=2.0)
+                bias = ctx.randn((cols,), dtype, scale=0.5)
+                dy = ctx.randn((rows, cols), dtype)
+                y, derivative = torch.empty_like(x), torch.empty_like(x)
+                flag = 1 if approximate == "tanh" else 0
+                fwd = f"tfbert_bias_gelu_forward_save_{SUFFIX[dtype]}"
+                bwd = f"tfbert_bias_gelu_backward_saved_{SUFFIX[dtype]}"
+                fwd_args = (ptr(x), ptr(bias), rows, cols, flag, ptr(y), ptr(derivative),
+                            ctx.stream())
+                k(fwd, *fwd_args)
+                torch.cuda.synchronize()
+                z64 = (x.double() + bias.double()).requires_grad_(True)
+                y64 = F.gelu(z64, approximate=approximate)
+                (d64,) = torch.autograd.grad(y64.sum(), (z64,))
+                err, worst, ok, ratio = ctx.compare([("y", y, y64.detach(), tol),
+                                                     ("derivative", derivative, d64, tol)])
+                op = "bias_gelu_save" + ("_tanh" if flag else "")
+                row = Row(op + "_fwd", dtype, shape_str(rows, cols), err, worst, ratio, ok)
+                if bert:
+                    ctx.add(row, lambda: k(fwd, *fwd_args),
+                            lambda: F.gelu(x + bias, approximate=approximate),
+                            (3 * rows * cols + cols) * size)
+                else:
+                    ctx.add(row)
+
+                dx, dbias = torch.empty_like(x), torch.empty_like(bias)
+                workspace = torch.empty(
+                    k.inline("tfbert_bias_gelu_grad_workspace_floats", rows, cols), device="cuda")
+                bwd_args = (ptr(dy), ptr(derivative), rows, cols, ptr(dx), ptr(dbias),
+                            ptr(workspace), ctx.stream())
+                k(bwd, *bwd_args)
+                torch.cuda.synchronize()
+                exact = (dy.float() * derivative.float()).to(x.dtype)
+                bits = torch.int16 if size == 2 else torch.int32
+                mismatches = int((dx.view(bits) != exact.view(bits)).sum())
+                grad64 = dy.double() * derivative.double()
+                err, worst, ok, ratio = ctx.compare([("dx", dx, grad64, tol),
+                                                     ("dbias", dbias, grad64.sum(0), tol)])
+                row = Row(op + "_bwd", dtype, shape_str(rows, cols), err, worst, ratio,
+                          ok and mismatches == 0,
+                          note=f"{mismatches} dx differ from dy * derivative" if mismatches
+                          else "dx bit-identical to dy * derivative")
+                if bert:
+                    def theirs():  # the multiply and column sum the recomputing backward avoids
+                        g = dy * derivative
+                        return g, g.float().sum(0)
+
+                    ctx.add(row, lambda: k(bwd, *bwd_args), theirs, 3 * rows * cols * size)
+                else:
+                    ctx.add(row)
+
+
 # --------------------------------------------------------------------------------------------
 # Softmax cross-entropy.
 # --------------------------------------------------------------------------------------------
@@ -1310,7 +1375,7 @@ def check_softmax_xent(ctx: Context, k: Kernels):
 CHECKS = {
     "layer_norm": check_layer_norm,
     "attention_softmax": check_attention_softmax,
-    "gelu": check_gelu,
+    "gelu": lambda ctx, k: (check_gelu(ctx, k), check_gelu_saved(ctx, k)),
     "dropout": check_dropout,
     "lamb": lambda ctx, k: (check_lamb(ctx, k), check_lamb_multi(ctx, k)),
     "lamb_shard": check_lamb_shard,

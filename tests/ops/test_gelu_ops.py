@@ -175,3 +175,61 @@ def test_bad_shapes_fail_with_named_errors():
         fused_bias_geglu(tf.zeros([2, 5]), tf.zeros([5]))
     with pytest.raises((tf.errors.InvalidArgumentError, ValueError), match="bias"):
         fused_bias_gelu(tf.zeros([2, 5]), tf.zeros([4]))
+
+
+def fused_gelu_saved(x, bias, approximate=False):
+    return fused_bias_gelu(x, bias, approximate=approximate, save_derivative=True)
+
+
+@pytest.mark.parametrize("approximate", [False, True], ids=["erf", "tanh"])
+@pytest.mark.parametrize("dtype", [tf.float32, tf.float16, tf.bfloat16], ids=lambda d: d.name)
+@pytest.mark.parametrize("shape", GELU_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_saved_derivative_gives_the_recomputing_ops_results(shape, dtype, approximate):
+    # --gelu_save_derivative: y is the same op output; the gradients multiply dy by the saved
+    # derivative, which in float32 is exactly the float32 value the recomputing gradient forms
+    # (bit-identical), and in 16 bits that value rounded once more.
+    x, bias, dy = make_inputs("gelu", shape, dtype, seed=3)
+    y, (dx, dbias) = forward_and_grads(fused_gelu_saved, x, bias, dy, approximate)
+    y_old, (dx_old, dbias_old) = forward_and_grads(fused_bias_gelu, x, bias, dy, approximate)
+    np.testing.assert_array_equal(y.numpy(), y_old.numpy())
+    assert dx.dtype == dtype and dbias.dtype == dtype and dbias.shape == (shape[-1],)
+    if dtype == tf.float32:
+        np.testing.assert_array_equal(dx.numpy(), dx_old.numpy())
+        np.testing.assert_allclose(dbias.numpy(), dbias_old.numpy(), rtol=1e-6, atol=1e-6)
+    else:
+        tol = TOLERANCES[dtype]["grad"]
+        assert_close(dx, dx_old, tol, "dx")
+        assert_close(dbias, dbias_old, tol, "dbias")
+    y_ref, (dx_ref, _) = forward_and_grads(bias_gelu_reference, x, bias, dy, approximate)
+    assert_close(dx, dx_ref, TOLERANCES[dtype]["grad"], "dx against the TF reference")
+
+
+def test_saved_derivative_gradient_does_not_keep_x():
+    # The backward op reads dy and the derivative only: x (the matmul output) can be freed
+    # after the forward pass, so the derivative takes its memory rather than adding to it.
+    x, bias, dy = make_inputs("gelu", (4, 37), tf.bfloat16)
+
+    def step(x, bias):
+        with tf.GradientTape() as tape:
+            tape.watch([x, bias])
+            y = fused_gelu_saved(x, bias)
+        return tape.gradient(y, [x, bias], output_gradients=dy)
+
+    graph = tf.function(step).get_concrete_function(x, bias).graph
+    grads = [op for op in graph.get_operations()
+             if op.type == "TfBert>FusedBiasGeluGradFromDerivative"]
+    assert len(grads) == 1
+    forward = [op for op in graph.get_operations() if op.type == "TfBert>FusedBiasGeluSave"][0]
+    assert [t.name for t in grads[0].inputs][1] == forward.outputs[1].name
+    assert forward.inputs[0].name not in [t.name for t in grads[0].inputs]
+    assert "TfBert>FusedBiasGeluGrad" not in [op.type for op in graph.get_operations()]
+
+
+def test_saved_derivative_with_no_rows_gives_zero_dbias():
+    x = tf.zeros([0, 5])
+    with tf.GradientTape() as tape:
+        tape.watch(x)
+        bias = tf.ones([5])
+        tape.watch(bias)
+        y = fused_gelu_saved(x, bias)
+    np.testing.assert_array_equal(tape.gradient(y, bias).numpy(), np.zeros(5))

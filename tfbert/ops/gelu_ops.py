@@ -25,13 +25,17 @@ def _bias_in_dtype(bias, dtype) -> tf.Tensor:
     return tf.cast(bias, dtype)
 
 
-def fused_bias_gelu(x, bias, approximate: bool = False) -> tf.Tensor:
+def fused_bias_gelu(x, bias, approximate: bool = False, save_derivative: bool = False) -> tf.Tensor:
     """gelu(x + bias) with the fused op (C++ on CPU, CUDA when built).
 
     Args:
       x: float32, float16 or bfloat16 Tensor of shape [..., N].
       bias: Tensor of shape [N] (cast to x's dtype).
       approximate: use the tanh approximation of GELU instead of the exact erf form.
+      save_derivative: the forward op also writes gelu'(x + bias) in x's dtype, kept for the
+        backward pass instead of x, which then multiplies instead of recomputing erf and exp
+        (TfBert>FusedBiasGeluSave). The same memory, one more write forward, far less
+        arithmetic backward; in float32 the gradients are bit-identical to the recomputing op's.
 
     Returns:
       A Tensor of x's shape and dtype.
@@ -41,6 +45,10 @@ def fused_bias_gelu(x, bias, approximate: bool = False) -> tf.Tensor:
     """
     ops = loader.load_ops()
     x = tf.convert_to_tensor(x)
+    if save_derivative:
+        y, _ = ops.tf_bert_fused_bias_gelu_save(x, _bias_in_dtype(bias, x.dtype),
+                                                approximate=bool(approximate))
+        return y
     return ops.tf_bert_fused_bias_gelu(x, _bias_in_dtype(bias, x.dtype),
                                        approximate=bool(approximate))
 
@@ -77,6 +85,13 @@ def _fused_bias_gelu_grad(op, dy):
     x, bias = op.inputs
     dx, dbias = loader.load_ops().tf_bert_fused_bias_gelu_grad(
         dy, x, bias, approximate=op.get_attr("approximate"))
+    return [dx, dbias]
+
+
+@tf.RegisterGradient("TfBert>FusedBiasGeluSave")
+def _fused_bias_gelu_save_grad(op, dy, unused_dderivative):
+    """dx = dy * the saved derivative and dbias, its column sum; x is not needed (nor kept)."""
+    dx, dbias = loader.load_ops().tf_bert_fused_bias_gelu_grad_from_derivative(dy, op.outputs[1])
     return [dx, dbias]
 
 

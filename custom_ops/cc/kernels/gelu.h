@@ -58,6 +58,23 @@ struct FusedBiasGeluBackward {
 };
 
 template <typename Device, typename T>
+struct FusedBiasGeluSaveForward {
+  // y = gelu(x + bias) and derivative = gelu'(x + bias). rows >= 1, cols >= 1.
+  ::tensorflow::Status operator()(::tensorflow::OpKernelContext* context, const T* x,
+                                  const T* bias, int64_t rows, int64_t cols, bool approximate,
+                                  T* y, T* derivative);
+};
+
+template <typename Device, typename T>
+struct FusedBiasGeluGradFromDerivative {
+  // dx = dy * derivative; dbias = dx (in float32) summed over all rows, deterministically.
+  // rows >= 0 (no rows: zero dbias), cols >= 1.
+  ::tensorflow::Status operator()(::tensorflow::OpKernelContext* context, const T* dy,
+                                  const T* derivative, int64_t rows, int64_t cols, T* dx,
+                                  T* dbias);
+};
+
+template <typename Device, typename T>
 struct FusedBiasGegluForward {
   // y = gelu(gate + bias_gate) * (value + bias_value), gate = x[:, :M], value = x[:, M:].
   // half_cols = M. rows >= 1, half_cols >= 1.

@@ -153,6 +153,41 @@ TFBERT_CPU_CLONES void BiasGeluGradRow(const T* __restrict dy, const T* __restri
 }
 
 template <typename Form, typename T>
+TFBERT_INLINE void BiasGeluSaveLoop(const T* x, const float* bias, int64_t n, T* y,
+                                    T* derivative) {
+  for (int64_t j = 0; j < n; ++j) {
+    float d;
+    Store(y, j, Form::ValueAndDerivative(Load(x, j) + bias[j], &d));
+    Store(derivative, j, d);
+  }
+}
+
+// y = gelu(x + bias) and derivative = gelu'(x + bias) over one row of n elements.
+template <typename T>
+TFBERT_CPU_CLONES void BiasGeluSaveRow(const T* __restrict x, const float* __restrict bias,
+                                       int64_t n, bool approximate, T* __restrict y,
+                                       T* __restrict derivative) {
+  if (approximate) {
+    BiasGeluSaveLoop<TanhGelu>(x, bias, n, y, derivative);
+  } else {
+    BiasGeluSaveLoop<ExactGelu>(x, bias, n, y, derivative);
+  }
+}
+
+// dx = dy * derivative over one row of n elements, and dbias += dx: the float32 product the
+// recomputing gradient forms (bit-identical in float32, where the derivative is not rounded).
+template <typename T>
+TFBERT_CPU_CLONES void GradFromDerivativeRow(const T* __restrict dy,
+                                             const T* __restrict derivative, int64_t n,
+                                             T* __restrict dx, float* __restrict dbias) {
+  for (int64_t j = 0; j < n; ++j) {
+    const float grad = Load(dy, j) * Load(derivative, j);
+    Store(dx, j, grad);
+    dbias[j] += grad;
+  }
+}
+
+template <typename Form, typename T>
 TFBERT_INLINE void BiasGegluLoop(const T* gate, const T* value, const float* bias, int64_t m,
                                  T* y) {
   for (int64_t j = 0; j < m; ++j) {
@@ -255,6 +290,38 @@ struct FusedBiasGeluBackward<CPUDevice, T> {
 };
 
 template <typename T>
+struct FusedBiasGeluSaveForward<CPUDevice, T> {
+  Status operator()(OpKernelContext* context, const T* x, const T* bias, int64_t rows,
+                    int64_t cols, bool approximate, T* y, T* derivative) {
+    auto* workers = context->device()->tensorflow_cpu_worker_threads()->workers;
+    const std::vector<float> b = ToFloatVector(bias, cols);
+    workers->ParallelFor(rows, cols * kBackwardCostPerElement, [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) {
+        BiasGeluSaveRow(x + r * cols, b.data(), cols, approximate, y + r * cols,
+                        derivative + r * cols);
+      }
+    });
+    return ::tensorflow::OkStatus();
+  }
+};
+
+template <typename T>
+struct FusedBiasGeluGradFromDerivative<CPUDevice, T> {
+  Status operator()(OpKernelContext* context, const T* dy, const T* derivative, int64_t rows,
+                    int64_t cols, T* dx, T* dbias) {
+    auto block_fn = [&](int64_t row_begin, int64_t row_end, float* partial) {
+      for (int64_t r = row_begin; r < row_end; ++r) {
+        GradFromDerivativeRow(dy + r * cols, derivative + r * cols, cols, dx + r * cols,
+                              partial);
+      }
+    };
+    // A multiply and an add per element: memory-bound, like the bias adds.
+    ForRowBlocksWithBiasGrad(context, rows, cols, cols * 2, block_fn, dbias);
+    return ::tensorflow::OkStatus();
+  }
+};
+
+template <typename T>
 struct FusedBiasGegluForward<CPUDevice, T> {
   Status operator()(OpKernelContext* context, const T* x, const T* bias, int64_t rows,
                     int64_t half_cols, bool approximate, T* y) {
@@ -310,6 +377,8 @@ struct Launch<float> {
   static constexpr auto kGeluBackward = tfbert_bias_gelu_backward_f32;
   static constexpr auto kGegluForward = tfbert_bias_geglu_forward_f32;
   static constexpr auto kGegluBackward = tfbert_bias_geglu_backward_f32;
+  static constexpr auto kGeluSaveForward = tfbert_bias_gelu_forward_save_f32;
+  static constexpr auto kGeluSavedBackward = tfbert_bias_gelu_backward_saved_f32;
 };
 
 template <>
@@ -319,6 +388,8 @@ struct Launch<Eigen::half> {
   static constexpr auto kGeluBackward = tfbert_bias_gelu_backward_f16;
   static constexpr auto kGegluForward = tfbert_bias_geglu_forward_f16;
   static constexpr auto kGegluBackward = tfbert_bias_geglu_backward_f16;
+  static constexpr auto kGeluSaveForward = tfbert_bias_gelu_forward_save_f16;
+  static constexpr auto kGeluSavedBackward = tfbert_bias_gelu_backward_saved_f16;
 };
 
 template <>
@@ -328,6 +399,8 @@ struct Launch<Eigen::bfloat16> {
   static constexpr auto kGeluBackward = tfbert_bias_gelu_backward_bf16;
   static constexpr auto kGegluForward = tfbert_bias_geglu_forward_bf16;
   static constexpr auto kGegluBackward = tfbert_bias_geglu_backward_bf16;
+  static constexpr auto kGeluSaveForward = tfbert_bias_gelu_forward_save_bf16;
+  static constexpr auto kGeluSavedBackward = tfbert_bias_gelu_backward_saved_bf16;
 };
 
 template <typename T>
@@ -389,6 +462,35 @@ struct FusedBiasGeluBackward<GPUDevice, T> {
                                  approximate ? 1 : 0, Raw(dx), Raw(dbias),
                                  workspace.flat<float>().data(), stream),
         "FusedBiasGeluGrad");
+  }
+};
+
+template <typename T>
+struct FusedBiasGeluSaveForward<GPUDevice, T> {
+  Status operator()(OpKernelContext* context, const T* x, const T* bias, int64_t rows,
+                    int64_t cols, bool approximate, T* y, T* derivative) {
+    TF_RETURN_IF_ERROR(CheckCudaCols("FusedBiasGeluSave", cols));
+    const cudaStream_t stream = context->eigen_device<GPUDevice>().stream();
+    return CudaStatus(
+        Launch<T>::kGeluSaveForward(Raw(x), Raw(bias), rows, static_cast<int>(cols),
+                                    approximate ? 1 : 0, Raw(y), Raw(derivative), stream),
+        "FusedBiasGeluSave");
+  }
+};
+
+template <typename T>
+struct FusedBiasGeluGradFromDerivative<GPUDevice, T> {
+  Status operator()(OpKernelContext* context, const T* dy, const T* derivative, int64_t rows,
+                    int64_t cols, T* dx, T* dbias) {
+    TF_RETURN_IF_ERROR(CheckCudaCols("FusedBiasGeluGradFromDerivative", cols));
+    Tensor workspace;
+    TF_RETURN_IF_ERROR(AllocateWorkspace(context, rows, cols, &workspace));
+    const cudaStream_t stream = context->eigen_device<GPUDevice>().stream();
+    return CudaStatus(
+        Launch<T>::kGeluSavedBackward(Raw(dy), Raw(derivative), rows, static_cast<int>(cols),
+                                      Raw(dx), Raw(dbias), workspace.flat<float>().data(),
+                                      stream),
+        "FusedBiasGeluGradFromDerivative");
   }
 };
 
@@ -546,6 +648,61 @@ class FusedBiasGeluGradOp : public OpKernel {
   bool approximate_;
 };
 
+template <typename Device, typename T>
+class FusedBiasGeluSaveOp : public OpKernel {
+ public:
+  explicit FusedBiasGeluSaveOp(OpKernelConstruction* context) : OpKernel(context) {
+    OP_REQUIRES_OK(context, context->GetAttr("approximate", &approximate_));
+  }
+
+  void Compute(OpKernelContext* context) override {
+    const char* op = "FusedBiasGeluSave";
+    const Tensor& x = context->input(0);
+    const Tensor& bias = context->input(1);
+    int64_t rows = 0, cols = 0;
+    OP_REQUIRES_OK(context, RowsAndCols(op, x, &rows, &cols));
+    OP_REQUIRES_OK(context, CheckBias(op, bias, cols));
+    Tensor *y = nullptr, *derivative = nullptr;
+    OP_REQUIRES_OK(context, context->allocate_output(0, x.shape(), &y));
+    OP_REQUIRES_OK(context, context->allocate_output(1, x.shape(), &derivative));
+    if (rows == 0 || cols == 0) return;
+    OP_REQUIRES_OK(context, functor::FusedBiasGeluSaveForward<Device, T>()(
+                                context, x.flat<T>().data(), bias.flat<T>().data(), rows, cols,
+                                approximate_, y->flat<T>().data(),
+                                derivative->flat<T>().data()));
+  }
+
+ private:
+  bool approximate_;
+};
+
+template <typename Device, typename T>
+class FusedBiasGeluGradFromDerivativeOp : public OpKernel {
+ public:
+  explicit FusedBiasGeluGradFromDerivativeOp(OpKernelConstruction* context)
+      : OpKernel(context) {}
+
+  void Compute(OpKernelContext* context) override {
+    const char* op = "FusedBiasGeluGradFromDerivative";
+    const Tensor& dy = context->input(0);
+    const Tensor& derivative = context->input(1);
+    int64_t rows = 0, cols = 0;
+    OP_REQUIRES_OK(context, RowsAndCols(op, dy, &rows, &cols));
+    OP_REQUIRES(context, derivative.shape() == dy.shape(),
+                errors::InvalidArgument(op, ": derivative must have dy's shape ",
+                                        dy.shape().DebugString(), ", got ",
+                                        derivative.shape().DebugString()));
+    Tensor *dx = nullptr, *dbias = nullptr;
+    OP_REQUIRES_OK(context, context->allocate_output(0, dy.shape(), &dx));
+    OP_REQUIRES_OK(context, context->allocate_output(1, TensorShape({cols}), &dbias));
+    // With no rows the functor still runs: dbias is N zeros, the empty sums.
+    if (cols == 0) return;
+    OP_REQUIRES_OK(context, functor::FusedBiasGeluGradFromDerivative<Device, T>()(
+                                context, dy.flat<T>().data(), derivative.flat<T>().data(), rows,
+                                cols, dx->flat<T>().data(), dbias->flat<T>().data()));
+  }
+};
+
 #define REGISTER_KERNELS(DEVICE_TYPE, DEVICE, T)                                                \
   REGISTER_KERNEL_BUILDER(                                                                      \
       Name("TfBert>FusedBiasGelu").Device(DEVICE_TYPE).TypeConstraint<T>("T"),                  \
@@ -558,7 +715,14 @@ class FusedBiasGeluGradOp : public OpKernel {
       FusedBiasGeluOp<DEVICE, T, true>);                                                        \
   REGISTER_KERNEL_BUILDER(                                                                      \
       Name("TfBert>FusedBiasGegluGrad").Device(DEVICE_TYPE).TypeConstraint<T>("T"),             \
-      FusedBiasGeluGradOp<DEVICE, T, true>);
+      FusedBiasGeluGradOp<DEVICE, T, true>);                                                    \
+  REGISTER_KERNEL_BUILDER(                                                                      \
+      Name("TfBert>FusedBiasGeluSave").Device(DEVICE_TYPE).TypeConstraint<T>("T"),              \
+      FusedBiasGeluSaveOp<DEVICE, T>);                                                          \
+  REGISTER_KERNEL_BUILDER(Name("TfBert>FusedBiasGeluGradFromDerivative")                        \
+                              .Device(DEVICE_TYPE)                                              \
+                              .TypeConstraint<T>("T"),                                          \
+                          FusedBiasGeluGradFromDerivativeOp<DEVICE, T>);
 
 REGISTER_KERNELS(DEVICE_CPU, CPUDevice, float);
 REGISTER_KERNELS(DEVICE_CPU, CPUDevice, Eigen::half);

@@ -67,6 +67,23 @@ Status BiasGeluGradShape(InferenceContext* c) {
   return ::tensorflow::OkStatus();
 }
 
+Status BiasGeluSaveShape(InferenceContext* c) {
+  ShapeHandle x;
+  TF_RETURN_IF_ERROR(XWithBias(c, /*x*/ 0, /*bias*/ 1, &x));
+  c->set_output(0, x);  // y: [..., N]
+  c->set_output(1, x);  // derivative: [..., N]
+  return ::tensorflow::OkStatus();
+}
+
+Status GradFromDerivativeShape(InferenceContext* c) {
+  ShapeHandle x;
+  TF_RETURN_IF_ERROR(c->WithRankAtLeast(c->input(0), 1, &x));
+  TF_RETURN_IF_ERROR(c->Merge(x, c->input(1), &x));  // derivative has dy's shape
+  c->set_output(0, x);                                 // dx: [..., N]
+  c->set_output(1, c->Vector(c->RankKnown(x) ? c->Dim(x, -1) : c->UnknownDim()));  // dbias
+  return ::tensorflow::OkStatus();
+}
+
 Status BiasGegluShape(InferenceContext* c) {
   ShapeHandle x, y;
   TF_RETURN_IF_ERROR(XWithBias(c, /*x*/ 0, /*bias*/ 1, &x));
@@ -121,6 +138,45 @@ x: [..., N] in T, the forward input (x + bias is recomputed).
 bias: [N] in T.
 dx: [..., N] in T, dy * gelu'(x + bias).
 dbias: [N] in T, dx summed over all leading dimensions (in float32, deterministically).
+)doc");
+
+REGISTER_OP("TfBert>FusedBiasGeluSave")
+    .Input("x: T")
+    .Input("bias: T")
+    .Output("y: T")
+    .Output("derivative: T")
+    .Attr("approximate: bool = false")
+    .Attr("T: {float, half, bfloat16}")
+    .SetShapeFn(BiasGeluSaveShape)
+    .Doc(R"doc(
+gelu(x + bias) and its derivative gelu'(x + bias), computed in float32 in one pass.
+
+The backward pass then multiplies by the saved derivative (TfBert>FusedBiasGeluGradFromDerivative)
+instead of recomputing erf and exp from x: the derivative is kept instead of x (the same
+memory), one more write here for much less arithmetic there.
+
+x: [..., N] in T.
+bias: [N] in T.
+y: [..., N] in T.
+derivative: [..., N] in T, gelu'(x + bias) rounded to T, kept for the gradient op (its own
+  gradient is ignored).
+approximate: false for the exact erf form, true for the tanh approximation.
+)doc");
+
+REGISTER_OP("TfBert>FusedBiasGeluGradFromDerivative")
+    .Input("dy: T")
+    .Input("derivative: T")
+    .Output("dx: T")
+    .Output("dbias: T")
+    .Attr("T: {float, half, bfloat16}")
+    .SetShapeFn(GradFromDerivativeShape)
+    .Doc(R"doc(
+The gradient of TfBert>FusedBiasGeluSave's y with respect to x and bias.
+
+dy: [..., N] in T, the gradient of y.
+derivative: [..., N] in T, the forward op's derivative output.
+dx: [..., N] in T, dy * derivative in float32, rounded once.
+dbias: [N] in T, dx (in float32) summed over every row, deterministically.
 )doc");
 
 REGISTER_OP("TfBert>FusedBiasGeglu")

@@ -26,6 +26,9 @@ class Dense(tf.keras.layers.Layer):
       fused_activation: None, or "gelu" / "gelu_tanh" / "geglu": add the bias and apply the
         activation in one fused op (tfbert.ops.gelu_ops). For "geglu" the output has units / 2
         features.
+      save_activation_derivative: with fused_activation "gelu" or "gelu_tanh", the fused op
+        keeps gelu'(x + bias) for the backward pass instead of recomputing it
+        (--gelu_save_derivative).
     Inputs: float Tensor of shape [..., in]. Output: [..., units] in the layer's compute dtype.
 
     Variables are named `kernel` and `bias`, as in google-research/bert checkpoints.
@@ -34,13 +37,18 @@ class Dense(tf.keras.layers.Layer):
     FUSED_ACTIVATIONS = ("gelu", "gelu_tanh", "geglu")
 
     def __init__(self, units: int, use_bias: bool = True, kernel_initializer=None,
-                 fused_activation: str | None = None, **kwargs):
+                 fused_activation: str | None = None, save_activation_derivative: bool = False,
+                 **kwargs):
         super().__init__(**kwargs)
         if fused_activation is not None and (fused_activation not in self.FUSED_ACTIVATIONS
                                              or not use_bias):
             raise ValueError(f"{self.name}: fused_activation={fused_activation!r} needs a bias and "
                              f"one of {self.FUSED_ACTIVATIONS}")
+        if save_activation_derivative and fused_activation not in ("gelu", "gelu_tanh"):
+            raise ValueError(f"{self.name}: save_activation_derivative needs fused_activation "
+                             f"'gelu' or 'gelu_tanh', got {fused_activation!r}")
         self.fused_activation = fused_activation
+        self.save_activation_derivative = save_activation_derivative
         self.units = units
         self.use_bias = use_bias
         self.kernel_initializer = tf.keras.initializers.get(kernel_initializer or "glorot_uniform")
@@ -72,7 +80,8 @@ class Dense(tf.keras.layers.Layer):
                 return recomputable(gelu_ops.fused_bias_geglu, outputs, self.bias,
                                     approximate=False)
             return recomputable(gelu_ops.fused_bias_gelu, outputs, self.bias,
-                                approximate=self.fused_activation == "gelu_tanh")
+                                approximate=self.fused_activation == "gelu_tanh",
+                                save_derivative=self.save_activation_derivative)
         if self.bias is not None and add_bias:
             outputs = outputs + self.bias
         return outputs
@@ -81,6 +90,7 @@ class Dense(tf.keras.layers.Layer):
         config = super().get_config()
         config.update(units=self.units, use_bias=self.use_bias,
                       fused_activation=self.fused_activation,
+                      save_activation_derivative=self.save_activation_derivative,
                       kernel_initializer=tf.keras.initializers.serialize(self.kernel_initializer))
         return config
 
@@ -177,19 +187,22 @@ class DenseFactory:
         return VocabShard(SingleProcess(), 0, vocab_size)
 
     def dense(self, units: int, name: str, use_bias: bool = True,
-              fused_activation: str | None = None) -> tf.keras.layers.Layer:
+              fused_activation: str | None = None,
+              save_activation_derivative: bool = False) -> tf.keras.layers.Layer:
         """A projection replicated on every rank (poolers, heads)."""
         return Dense(units, use_bias=use_bias, kernel_initializer=self._initializer(), name=name,
-                     fused_activation=fused_activation, dtype=self.dtype)
+                     fused_activation=fused_activation,
+                     save_activation_derivative=save_activation_derivative, dtype=self.dtype)
 
     def column_parallel(self, units: int, name: str, use_bias: bool = True,
-                        fused_activation: str | None = None,
-                        gated: bool = False) -> tf.keras.layers.Layer:
+                        fused_activation: str | None = None, gated: bool = False,
+                        save_activation_derivative: bool = False) -> tf.keras.layers.Layer:
         """A projection whose output features a tensor-parallel factory splits across ranks.
         Its input comes through `enter_parallel`. `gated`: the outputs are [gate, value]
         halves (each rank then holds matching slices of both)."""
         del gated
-        return self.dense(units, name=name, use_bias=use_bias, fused_activation=fused_activation)
+        return self.dense(units, name=name, use_bias=use_bias, fused_activation=fused_activation,
+                          save_activation_derivative=save_activation_derivative)
 
     def row_parallel(self, units: int, name: str, use_bias: bool = True) -> tf.keras.layers.Layer:
         """A projection whose input features a tensor-parallel factory splits across ranks
@@ -232,13 +245,14 @@ class TensorParallelDenseFactory(DenseFactory):
         return ShardInitializer(self._initializer(), split, self.group.rank, self.parts)
 
     def column_parallel(self, units: int, name: str, use_bias: bool = True,
-                        fused_activation: str | None = None,
-                        gated: bool = False) -> tf.keras.layers.Layer:
+                        fused_activation: str | None = None, gated: bool = False,
+                        save_activation_derivative: bool = False) -> tf.keras.layers.Layer:
         from tfbert.modeling.tensor_parallel import Split
 
         return Dense(self.local(units), use_bias=use_bias, name=name, dtype=self.dtype,
                      kernel_initializer=self._sliced(Split(1, halves=gated)),
-                     fused_activation=fused_activation)
+                     fused_activation=fused_activation,
+                     save_activation_derivative=save_activation_derivative)
 
     def row_parallel(self, units: int, name: str, use_bias: bool = True) -> tf.keras.layers.Layer:
         from tfbert.modeling.tensor_parallel import Split

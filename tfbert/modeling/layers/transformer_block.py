@@ -71,9 +71,9 @@ class TransformerBlock(tf.keras.layers.Layer):
         gated = hidden_act in GATED_ACTIVATIONS
         ffn_width = intermediate_size * (2 if gated else 1)
         self._factory = dense_factory
-        self.intermediate = dense_factory.column_parallel(ffn_width, name="dense",
-                                                          fused_activation=fused_activation,
-                                                          gated=gated)
+        self.intermediate = dense_factory.column_parallel(
+            ffn_width, name="dense", fused_activation=fused_activation, gated=gated,
+            save_activation_derivative=ops.gelu_save_derivative)
         self.ffn_output = dense_factory.row_parallel(hidden, name="dense")
         self.ffn_dropout = Dropout(hidden_dropout, rng, fused=ops.ytf_dropout, name="dropout",
                                    dtype=policy)
