@@ -123,7 +123,7 @@ def reference_worker(args) -> dict:
 SETUPS = {"plain": ("", "fp32"), "best": (None, "bf16")}  # None: --best_flags
 BEST_FLAGS = ("--precision=bf16 --ln_ytf_impl --attn_softmax_ytf_impl --ytf_gelu --ytf_dropout "
               "--gelu_save_derivative --fused_bias_dropout_add --fused_xent --fused_qkv "
-              "--optimizer=fused_lamb")
+              "--fused_qkv_split --optimizer=fused_lamb")
 
 
 def sample_data(args) -> tuple[list[str], str]:

@@ -3,7 +3,7 @@ and the step's model FLOPs utilisation (MFU).
 
     python benchmarks/profile_step.py --steps=10 -- --model=mini --precision=bf16 --ln_ytf_impl \
         --attn_softmax_ytf_impl --ytf_gelu --gelu_save_derivative --ytf_dropout \
-        --fused_bias_dropout_add --fused_xent --fused_qkv \
+        --fused_bias_dropout_add --fused_xent --fused_qkv --fused_qkv_split \
         --optimizer=fused_lamb --max_seq_length=128 --train_batch_size=16
 
 Everything after `--` is `tfbert.run` flags (flagfiles too): the script builds the run's config,

@@ -90,6 +90,7 @@ def test_precedence_preset_then_bert_config_then_flags(tmp_path):
     (["--vocab_size=100", "--fused_xent", "--xla=jit"], "custom ops of --fused_xent"),
     (["--vocab_size=100", "--ytf_gelu", "--hidden_act=relu"], "--ytf_gelu fuses GELU/GeGLU"),
     (["--vocab_size=100", "--gelu_save_derivative"], "add --ytf_gelu"),
+    (["--vocab_size=100", "--fused_qkv_split"], "add --fused_qkv"),
     (["--vocab_size=100", "--ytf_gelu", "--gelu_save_derivative", "--hidden_act=geglu"],
      "--gelu_save_derivative saves GELU's derivative"),
 ])

@@ -41,7 +41,7 @@ except OpsNotBuiltError:
 needs_ops = pytest.mark.skipif(not HAVE_OPS, reason="custom ops not built (make ops)")
 FUSED = cfg.FusedOpsConfig(ln_ytf_impl=True, attn_softmax_ytf_impl=True, ytf_gelu=True,
                            gelu_save_derivative=True, ytf_dropout=True, fused_bias_dropout_add=True,
-                           fused_qkv=True, fused_xent=True)
+                           fused_qkv=True, fused_qkv_split=True, fused_xent=True)
 
 
 def randomize(model, seed: int) -> None:

@@ -42,7 +42,7 @@ GLOBAL_BATCH = 8
 MODEL = dict(vocab_size=100, hidden_size=32, num_attention_heads=4, intermediate_size=36)
 FUSED = cfg.FusedOpsConfig(ln_ytf_impl=True, attn_softmax_ytf_impl=True, ytf_gelu=True,
                            ytf_dropout=True, fused_bias_dropout_add=True,
-                           fused_qkv=True)
+                           fused_qkv=True, fused_qkv_split=True)
 # GELU's saved derivative in the column-parallel FFN projection (GELU only: not for GeGLU).
 FUSED_SAVED = dataclasses.replace(FUSED, gelu_save_derivative=True)
 # name: (ranks (1: rank 0 alone; 2: each pair of ranks, a job of its own), tensor_parallel_size,

@@ -141,6 +141,8 @@ class FusedOpsConfig:
     # LayerNorm (the mask of --ytf_dropout).
     fused_bias_dropout_add: bool = False
     fused_qkv: bool = False  # Q, K and V projected by one matmul (no custom op)
+    # With fused_qkv: its bias add and the split into Q, K and V heads as one op.
+    fused_qkv_split: bool = False
     # The softmax cross-entropy losses (the MLM head's with its output bias) and their argmax
     # as one op on the logits in the compute dtype.
     fused_xent: bool = False
@@ -150,9 +152,13 @@ class FusedOpsConfig:
 
     # The boolean fields above, each a --flag that asks for a fused op.
     FLAGS: ClassVar[tuple[str, ...]] = ("ln_ytf_impl", "attn_softmax_ytf_impl", "ytf_gelu",
-                                        "ytf_dropout", "fused_bias_dropout_add", "fused_xent")
+                                        "ytf_dropout", "fused_bias_dropout_add", "fused_xent",
+                                        "fused_qkv_split")
 
     def __post_init__(self):
+        _require(not self.fused_qkv_split or self.fused_qkv,
+                 "--fused_qkv_split splits the projection of --fused_qkv into heads; add "
+                 "--fused_qkv")
         _require(not self.gelu_save_derivative or self.ytf_gelu,
                  "--gelu_save_derivative keeps the derivative of --ytf_gelu's fused op; add "
                  "--ytf_gelu")

@@ -208,6 +208,11 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
     flags.DEFINE_boolean("fused_qkv", False, "Project the attention's queries, keys and values "
                                              "with one matmul of their three kernels side by "
                                              "side (the same variables; no custom op).", **fv)
+    flags.DEFINE_boolean("fused_qkv_split", False, "With --fused_qkv: add the projection's "
+                                                   "bias and split it into the query, key and "
+                                                   "value heads with one fused op (its "
+                                                   "gradient gathers them back and sums the "
+                                                   "bias gradient in the same pass).", **fv)
     flags.DEFINE_enum("ln_dtype", "float32", ["float32", "float16", "bfloat16"],
                       "dtype of the LayerNorm's elementwise arithmetic (the mean and variance "
                       "are summed in float32 whatever it is); float16 needs --precision=fp16, "
@@ -642,7 +647,8 @@ def build_config(fv: flags.FlagValues, group=None):
                              gelu_save_derivative=fv.gelu_save_derivative,
                              ytf_dropout=fv.ytf_dropout,
                              fused_bias_dropout_add=fv.fused_bias_dropout_add,
-                             fused_qkv=fv.fused_qkv, fused_xent=fv.fused_xent,
+                             fused_qkv=fv.fused_qkv, fused_qkv_split=fv.fused_qkv_split,
+                             fused_xent=fv.fused_xent,
                              ln_dtype=fv.ln_dtype)
     config = cfg.Config(model=model, data=data, optimizer=optimizer, runtime=runtime,
                         distribution=distribution, ops=ops, task=task_config(fv))
@@ -669,6 +675,7 @@ def check_custom_ops(config) -> None:
                   "--ytf_dropout": "tf_bert_fused_dropout",
                   "--fused_bias_dropout_add": "tf_bert_fused_bias_dropout_add",
                   "--fused_xent": "tf_bert_fused_softmax_cross_entropy",
+                  "--fused_qkv_split": "tf_bert_fused_bias_split_heads",
                   "--optimizer=fused_lamb": "tf_bert_fused_lamb_update"}
     wanted = config.ops.enabled_flags() + (
         ["--optimizer=fused_lamb"] if config.optimizer.optimizer == "fused_lamb" else [])

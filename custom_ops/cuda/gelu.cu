@@ -219,17 +219,6 @@ __global__ void BiasGeluBackwardPairKernel(const T* __restrict__ dy, const T* __
   }
 }
 
-// One thread per column adds the row blocks' partials in block order.
-template <typename T>
-__global__ void BiasGradReduceKernel(const float* __restrict__ partial, int row_blocks, int cols,
-                                     T* __restrict__ dbias) {
-  const int col = blockIdx.x * blockDim.x + threadIdx.x;
-  if (col >= cols) return;
-  float sum = 0.0f;
-  for (int b = 0; b < row_blocks; ++b) sum += partial[static_cast<long long>(b) * cols + col];
-  dbias[col] = FromFloat<T>(sum);
-}
-
 unsigned int ElementwiseGrid(long long size) {
   const long long blocks = (size + kThreads - 1) / kThreads;
   return static_cast<unsigned int>(blocks < kMaxElementwiseBlocks ? blocks
@@ -289,7 +278,7 @@ cudaError_t LaunchBackward(const T* dy, const T* x, const T* bias, long long row
   }
   cudaError_t error = cudaGetLastError();
   if (error != cudaSuccess) return error;
-  BiasGradReduceKernel<T><<<(cols + kThreads - 1) / kThreads, kThreads, 0, stream>>>(
+  SumRowBlockPartialsKernel<T><<<(cols + kThreads - 1) / kThreads, kThreads, 0, stream>>>(
       workspace, row_blocks, cols, dbias);
   return cudaGetLastError();
 }

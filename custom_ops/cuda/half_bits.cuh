@@ -69,4 +69,18 @@ __device__ __forceinline__ RowSlice BlockRowSlice(long long rows) {
   return RowSlice{begin, min(rows, begin + rows_per_block)};
 }
 
+// The second step of the column-sum kernels' deterministic reductions (bias gradients): one
+// thread per column adds the row blocks' float32 partials ([row_blocks, cols]) in block order
+// and stores the sum in the output's type. No atomics, so the sums are bit-identical from run
+// to run.
+template <typename T>
+__global__ void SumRowBlockPartialsKernel(const float* __restrict__ partial, int row_blocks,
+                                          int cols, T* __restrict__ out) {
+  const int col = blockIdx.x * blockDim.x + threadIdx.x;
+  if (col >= cols) return;
+  float sum = 0.0f;
+  for (int b = 0; b < row_blocks; ++b) sum += partial[static_cast<long long>(b) * cols + col];
+  out[col] = FromFloat<T>(sum);
+}
+
 #endif  // TFBERT_CUDA_HALF_BITS_CUH_

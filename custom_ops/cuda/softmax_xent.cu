@@ -144,16 +144,6 @@ __global__ void SoftmaxXentBackwardKernel(const float* __restrict__ dloss,
   }
 }
 
-// One thread per column adds the row blocks' partials in block order.
-__global__ void BiasGradReduceKernel(const float* __restrict__ partial, int row_blocks, int cols,
-                                     float* __restrict__ dbias) {
-  const int col = blockIdx.x * blockDim.x + threadIdx.x;
-  if (col >= cols) return;
-  float sum = 0.0f;
-  for (int b = 0; b < row_blocks; ++b) sum += partial[static_cast<long long>(b) * cols + col];
-  dbias[col] = sum;
-}
-
 template <typename T>
 cudaError_t LaunchForward(const T* logits, const float* bias, const int* labels, long long rows,
                           int cols, float* loss, float* log_sum_exp, int* predicted,
@@ -179,8 +169,9 @@ cudaError_t LaunchBackward(const float* dloss, const T* logits, const float* bia
                                                            workspace);
   cudaError_t error = cudaGetLastError();
   if (error != cudaSuccess) return error;
-  BiasGradReduceKernel<<<(cols + kReduceThreads - 1) / kReduceThreads, kReduceThreads, 0,
-                         stream>>>(workspace, row_blocks, cols, dbias);
+  const int reduce_blocks = (cols + kReduceThreads - 1) / kReduceThreads;
+  SumRowBlockPartialsKernel<float><<<reduce_blocks, kReduceThreads, 0, stream>>>(
+      workspace, row_blocks, cols, dbias);
   return cudaGetLastError();
 }
 

@@ -1281,6 +1281,92 @@ def check_gelu_saved(ctx: Context, k: Kernels):
 
 
 # --------------------------------------------------------------------------------------------
+# Fused bias + split heads.
+# --------------------------------------------------------------------------------------------
+
+
+def split_heads_shapes(args):
+    """(B, S, n, H, bert): odd sizes, one head, a head size of 1; BERT-large's attention at
+    sequence 128 and 512."""
+    small = ([(3, 7, 5, 3), (2, 5, 1, 8), (4, 3, 2, 1), (1, 1, 1, 1)]
+             if args.shapes in ("small", "all") else [])
+    bert = [(32, 128, 16, 64), (8, 512, 16, 64)] if args.shapes in ("bert", "all") else []
+    return [s + (False,) for s in small] + [s + (True,) for s in bert]
+
+
+def check_split_heads(ctx: Context, k: Kernels):
+    """query/key/value = (x + bias) split into heads (tfbert_bias_split_heads_forward_*): bit
+    for bit the float32 sum rounded once, moved; the backward's dx bit for bit the gradients
+    moved back, dbias vs their float64 sum."""
+    torch = ctx.torch
+    for dtype in DTYPES:
+        k.require(f"tfbert_bias_split_heads_forward_{SUFFIX[dtype]}", "p,p,ll,ll,i,i,p,p,p,s")
+        k.require(f"tfbert_bias_split_heads_backward_{SUFFIX[dtype]}",
+                  "p,p,p,ll,ll,i,i,p,p,p,s")
+    for batch, seq, heads, head_size, bert in split_heads_shapes(ctx.args):
+        cols = 3 * heads * head_size
+        for dtype in DTYPES:
+            tdt, size = getattr(torch, dtype), 2 if dtype != "float32" else 4
+            bits = torch.int16 if size == 2 else torch.int32
+            x = ctx.randn((batch, seq, cols), dtype, scale=3.0)
+            bias = ctx.randn((cols,), dtype)
+            parts = [torch.full((batch, heads, seq, head_size), float("nan"), device="cuda",
+                                dtype=tdt) for _ in range(3)]
+            fwd = f"tfbert_bias_split_heads_forward_{SUFFIX[dtype]}"
+            fwd_args = (ptr(x), ptr(bias), batch, seq, heads, head_size,
+                        *(ptr(p) for p in parts), ctx.stream())
+            k(fwd, *fwd_args)
+            torch.cuda.synchronize()
+
+            def split(t):  # [B, S, 3D] -> 3 x [B, n, S, H]
+                return t.view(batch, seq, 3, heads, head_size).permute(2, 0, 3, 1, 4)
+
+            exact = split((x.float() + bias.float()).to(tdt))
+            mismatches = sum(int((p.view(bits) != e.contiguous().view(bits)).sum())
+                             for p, e in zip(parts, exact))
+            ref64 = split(x.double() + bias.double())
+            err, worst, ok, ratio = ctx.compare(
+                [(name, p, r, TOLERANCE[dtype])
+                 for name, p, r in zip(("query", "key", "value"), parts, ref64)])
+            shape = shape_str(batch, seq, cols)
+            row = Row("bias_split_heads_fwd", dtype, shape, err, worst, ratio,
+                      ok and mismatches == 0,
+                      note=f"{mismatches} elements differ" if mismatches else "bit-identical")
+            if bert:
+                ctx.add(row, lambda: k(fwd, *fwd_args),
+                        lambda: split(x + bias).contiguous(), 2 * x.numel() * size)
+            else:
+                ctx.add(row)
+
+            grads = [ctx.randn((batch, heads, seq, head_size), dtype) for _ in range(3)]
+            dx = torch.full_like(x, float("nan"))
+            dbias = torch.full_like(bias, float("nan"))
+            workspace = torch.empty(
+                k.inline("tfbert_split_heads_grad_workspace_floats", batch * seq, cols),
+                device="cuda")
+            bwd = f"tfbert_bias_split_heads_backward_{SUFFIX[dtype]}"
+            bwd_args = (*(ptr(g) for g in grads), batch, seq, heads, head_size, ptr(dx),
+                        ptr(dbias), ptr(workspace), ctx.stream())
+            k(bwd, *bwd_args)
+            torch.cuda.synchronize()
+            gathered = torch.stack(grads).permute(1, 3, 0, 2, 4).reshape(batch, seq, cols)
+            mismatches = int((dx.view(bits) != gathered.contiguous().view(bits)).sum())
+            err, worst, ok, ratio = ctx.compare(
+                [("dbias", dbias, gathered.double().sum((0, 1)), TOLERANCE[dtype])])
+            row = Row("bias_split_heads_bwd", dtype, shape, err, worst, ratio,
+                      ok and mismatches == 0,
+                      note=f"{mismatches} dx differ" if mismatches else "dx bit-identical")
+            if bert:
+                def theirs():
+                    g = torch.stack(grads).permute(1, 3, 0, 2, 4).reshape(batch, seq, cols)
+                    return g, g.float().sum((0, 1))
+
+                ctx.add(row, lambda: k(bwd, *bwd_args), theirs, 3 * x.numel() * size)
+            else:
+                ctx.add(row)
+
+
+# --------------------------------------------------------------------------------------------
 # Softmax cross-entropy.
 # --------------------------------------------------------------------------------------------
 
@@ -1380,6 +1466,7 @@ CHECKS = {
     "lamb": lambda ctx, k: (check_lamb(ctx, k), check_lamb_multi(ctx, k)),
     "lamb_shard": check_lamb_shard,
     "softmax_xent": check_softmax_xent,
+    "split_heads": check_split_heads,
 }
 
 

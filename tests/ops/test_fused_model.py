@@ -15,7 +15,8 @@ OP_OF_FLAG = {"ln_ytf_impl": "tf_bert_fused_layer_norm",
               "ytf_gelu": "tf_bert_fused_bias_gelu",
               "ytf_dropout": "tf_bert_fused_dropout",
               "fused_bias_dropout_add": "tf_bert_fused_bias_dropout_add",
-              "fused_xent": "tf_bert_fused_softmax_cross_entropy"}
+              "fused_xent": "tf_bert_fused_softmax_cross_entropy",
+              "fused_qkv_split": "tf_bert_fused_bias_split_heads"}
 
 
 def built(flag: str) -> bool:
@@ -25,9 +26,11 @@ def built(flag: str) -> bool:
 CASES = [dict(ln_ytf_impl=True), dict(attn_softmax_ytf_impl=True), dict(ytf_gelu=True),
          dict(ytf_gelu=True, gelu_save_derivative=True),
          dict(fused_qkv=True), dict(fused_qkv=True, use_bias_in_keys=False),
+         dict(fused_qkv=True, fused_qkv_split=True, use_bias_in_keys=False),
          dict(fused_bias_dropout_add=True), dict(fused_xent=True),
          dict(ln_ytf_impl=True, attn_softmax_ytf_impl=True, ytf_gelu=True, fused_qkv=True,
-              fused_bias_dropout_add=True, fused_xent=True, gelu_save_derivative=True)]
+              fused_bias_dropout_add=True, fused_xent=True, gelu_save_derivative=True,
+              fused_qkv_split=True)]
 
 
 def losses_and_grads(model, batch):

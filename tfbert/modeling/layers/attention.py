@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import tensorflow as tf
 
-from tfbert.modeling.layers.dense import DenseFactory, build_sublayer, fused_projection
+from tfbert.modeling.layers.dense import (DenseFactory, build_sublayer, fused_bias,
+                                          fused_projection)
 from tfbert.modeling.layers.dropout import Dropout, DropoutRng
 
 
@@ -52,6 +53,8 @@ class SelfAttention(tf.keras.layers.Layer):
         the backward pass instead of storing it.
       fused_qkv: project Q, K and V with one matmul of the three kernels side by side
         (`fused_projection`); the variables stay the three layers'.
+      fused_split: with fused_qkv, add the projection's bias and split it into Q, K and V
+        heads with one fused op (tfbert.ops.split_heads_ops, --fused_qkv_split).
 
     Variables (google-research/bert names): self/query, self/key, self/value, output/dense.
     """
@@ -59,10 +62,13 @@ class SelfAttention(tf.keras.layers.Layer):
     def __init__(self, num_heads: int, head_size: int, dense_factory: DenseFactory,
                  attention_dropout: float = 0.0, use_bias_in_keys: bool = True,
                  rng: DropoutRng | None = None, fused_softmax: bool = False,
-                 fused_qkv: bool = False, **kwargs):
+                 fused_qkv: bool = False, fused_split: bool = False, **kwargs):
         super().__init__(**kwargs)
+        if fused_split and not fused_qkv:
+            raise ValueError("fused_split splits the fused Q/K/V projection: it needs fused_qkv")
         self.fused_softmax = fused_softmax
         self.fused_qkv = fused_qkv
+        self.fused_split = fused_split
         self._rng = rng
         self.num_heads = num_heads
         self.local_heads = dense_factory.local(num_heads)
@@ -89,7 +95,14 @@ class SelfAttention(tf.keras.layers.Layer):
         if not self.fused_qkv:
             return (self._split_heads(self.query(inputs)), self._split_heads(self.key(inputs)),
                     self._split_heads(self.value(inputs)))
-        qkv = fused_projection([self.query, self.key, self.value], inputs)  # (B, S, 3nH)
+        layers = [self.query, self.key, self.value]
+        if self.fused_split:
+            from tfbert.ops.split_heads_ops import fused_bias_split_heads
+
+            qkv = fused_projection(layers, inputs, add_bias=False)  # (B, S, 3nH)
+            return fused_bias_split_heads(qkv, fused_bias(layers, qkv.dtype),
+                                          self.local_heads)  # (B, n, S, H) each
+        qkv = fused_projection(layers, inputs)  # (B, S, 3nH)
         batch, seq = tf.shape(qkv)[0], tf.shape(qkv)[1]
         qkv = tf.reshape(qkv, [batch, seq, 3, self.local_heads, self.head_size])  # (B, S, 3, n, H)
         qkv = tf.transpose(qkv, [2, 0, 3, 1, 4])  # (3, B, n, S, H)
@@ -161,5 +174,5 @@ class SelfAttention(tf.keras.layers.Layer):
         config.update(num_heads=self.num_heads, head_size=self.head_size,
                       attention_dropout=self.attention_dropout,
                       use_bias_in_keys=self.use_bias_in_keys, fused_softmax=self.fused_softmax,
-                      fused_qkv=self.fused_qkv)
+                      fused_qkv=self.fused_qkv, fused_split=self.fused_split)
         return config

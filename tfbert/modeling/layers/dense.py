@@ -95,14 +95,15 @@ class Dense(tf.keras.layers.Layer):
         return config
 
 
-def fused_projection(layers: list[Dense], inputs: tf.Tensor) -> tf.Tensor:
+def fused_projection(layers: list[Dense], inputs: tf.Tensor, add_bias: bool = True) -> tf.Tensor:
     """The projections of `inputs` by several Dense layers as one matmul: inputs @ [W_1 | W_2
     | ...] + [b_1 | b_2 | ...] (a layer without a bias contributes zeros).
 
     One [in, sum units] product instead of one per layer: fewer, larger matmuls, one gradient
     with respect to `inputs` instead of a sum of several, and the same variables (each layer
     keeps its kernel and bias). Call it inside the calling layer's `call`, whose compute dtype
-    the kernels are read in; the layers must be built (`build_sublayer`).
+    the kernels are read in; the layers must be built (`build_sublayer`). add_bias=False
+    leaves `fused_bias(layers, ...)` to the caller's fused op (--fused_qkv_split).
 
     Inputs: [..., in]. Returns [..., sum of the layers' units].
     """
@@ -111,13 +112,17 @@ def fused_projection(layers: list[Dense], inputs: tf.Tensor) -> tf.Tensor:
     outputs = tf.matmul(flat, kernel)  # (rows, U)
     units = sum(layer.units for layer in layers)
     outputs = tf.reshape(outputs, tf.concat([tf.shape(inputs)[:-1], [units]], axis=0))
-    if any(layer.use_bias for layer in layers):
+    if add_bias and any(layer.use_bias for layer in layers):
         # Added after the reshape, as Dense does: Grappler would otherwise fuse the matmul and
         # the bias into oneDNN's _FusedMatMul, measured slower on CPUs (profile_step.py).
-        bias = tf.concat([tf.cast(layer.bias, outputs.dtype) if layer.use_bias
-                          else tf.zeros([layer.units], outputs.dtype) for layer in layers], axis=0)
-        outputs = outputs + bias
+        outputs = outputs + fused_bias(layers, outputs.dtype)
     return outputs
+
+
+def fused_bias(layers: list[Dense], dtype) -> tf.Tensor:
+    """[b_1 | b_2 | ...] in dtype, zeros for a layer without a bias: `fused_projection`'s bias."""
+    return tf.concat([tf.cast(layer.bias, dtype) if layer.use_bias
+                      else tf.zeros([layer.units], dtype) for layer in layers], axis=0)
 
 
 def build_sublayer(layer: tf.keras.layers.Layer, input_shape, scope: str = "") -> None:

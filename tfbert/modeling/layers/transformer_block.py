@@ -62,6 +62,7 @@ class TransformerBlock(tf.keras.layers.Layer):
                                        rng=attention_rng or rng,
                                        fused_softmax=ops.attn_softmax_ytf_impl,
                                        fused_qkv=ops.fused_qkv,
+                                       fused_split=ops.fused_qkv_split,
                                        name="attention", dtype=policy)
         self.attention_dropout = Dropout(hidden_dropout, rng, fused=ops.ytf_dropout,
                                          name="dropout", dtype=policy)
