@@ -109,7 +109,9 @@ _CAST_TYPES = {"Cast", "_MklCast"}
 _SOFTMAX_TYPES = {"Softmax", "_MklSoftmax", "TfBert>FusedAttentionSoftmax",
                   "TfBert>FusedAttentionSoftmaxGrad"}
 _XLA_TYPES = {"_XlaRun", "_XlaCompile", "XlaLaunch", "_XlaMerge"}
-_TRANSPOSE_TYPES = {"Transpose", "_MklTranspose", "ConjugateTranspose"}
+# With --fused_qkv_split the Q/K/V heads' split (and their bias add) is one op and its gradient.
+_TRANSPOSE_TYPES = {"Transpose", "_MklTranspose", "ConjugateTranspose",
+                    "TfBert>FusedBiasSplitHeads", "TfBert>FusedBiasSplitHeadsGrad"}
 _RANDOM_TYPES = ("StatelessRandom", "RandomUniform", "RngReadAndSkip", "RngSkip")
 _LOSS_TYPES = {"SparseSoftmaxCrossEntropyWithLogits", "SoftmaxCrossEntropyWithLogits",
                "LogSoftmax", "ArgMax", "TfBert>FusedSoftmaxCrossEntropy",
@@ -533,6 +535,7 @@ def main() -> None:
              f"P={data.max_predictions_per_seq}, {runtime.precision}, xla={runtime.xla}, "
              f"{config.optimizer.optimizer}"
              + "".join(f", {flag}" for flag in config.ops.enabled_flags())
+             + (", --gelu_save_derivative" if config.ops.gelu_save_derivative else "")
              + (", --fused_qkv" if config.ops.fused_qkv else ""))
     summary = dict(
         setup=setup, run_flags=" ".join(run_flags), warmup_steps=args.warmup_steps,

@@ -109,6 +109,11 @@ def test_self_times_subtract_nested_ops_but_keep_a_kernels_own_events(tmp_path, 
      "attention softmax"),
     ("bert/encoder/layer_0/attention/output_1/add", "AddV2", "other"),  # the residual
     ("bert/encoder/layer_0/attention/self/transpose", "Transpose", "transposes"),
+    # --fused_qkv_split: the heads' split with the Q/K/V bias add, and its gradient.
+    ("bert/encoder/layer_0/attention/self/TfBert>FusedBiasSplitHeads",
+     "TfBert>FusedBiasSplitHeads", "transposes"),
+    ("gradient_tape/bert/encoder/layer_0/attention/self/TfBert>FusedBiasSplitHeadsGrad",
+     "TfBert>FusedBiasSplitHeadsGrad", "transposes"),
     ("bert/encoder/layer_0/output/LayerNorm/mul", "Mul", "LayerNorm"),
     ("gradient_tape/bert/encoder/layer_0/output/TfBert>FusedLayerNormGrad",
      "TfBert>FusedLayerNormGrad", "LayerNorm"),
