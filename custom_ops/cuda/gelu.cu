@@ -141,7 +141,6 @@ __global__ void BiasGeluBackwardKernel(const T* __restrict__ dy, const T* __rest
                                        const T* __restrict__ bias, long long rows, int cols,
                                        bool approximate, T* __restrict__ dx,
                                        float* __restrict__ partial) {
-  __shared__ float sums[kGradRowsPerPass][kWarpSize + 1];  // +1: no bank conflicts
   const int col = blockIdx.x * kWarpSize + threadIdx.x;
   const RowSlice slice = BlockRowSlice(rows);
   float sum = 0.0f;
@@ -152,12 +151,7 @@ __global__ void BiasGeluBackwardKernel(const T* __restrict__ dy, const T* __rest
       sum += grad;  // dbias from the float32 gradient, not the rounded dx
     }
   }
-  sums[threadIdx.y][threadIdx.x] = sum;
-  __syncthreads();
-  if (threadIdx.y == 0 && col < cols) {
-    for (int i = 1; i < kGradRowsPerPass; ++i) sum += sums[i][threadIdx.x];
-    partial[blockIdx.y * static_cast<long long>(cols) + col] = sum;
-  }
+  StoreBlockColumnSum<kGradRowsPerPass>(sum, col, cols, partial);
 }
 
 // BiasGeluBackwardKernel (GELU) with two adjacent columns per thread, for an even cols and

@@ -69,6 +69,22 @@ __device__ __forceinline__ RowSlice BlockRowSlice(long long rows) {
   return RowSlice{begin, min(rows, begin + rows_per_block)};
 }
 
+// The end of a column-sum block of 32 columns by kRowsPerPass rows (threadIdx.x the column,
+// threadIdx.y the row within each pass): each thread has summed its rows of column `col`; the
+// kRowsPerPass sums of a column are added in row order and stored as the block's partial, row
+// blockIdx.y of partial ([row_blocks, cols]). Every thread of the block must call it.
+template <int kRowsPerPass>
+__device__ __forceinline__ void StoreBlockColumnSum(float sum, int col, int cols,
+                                                    float* __restrict__ partial) {
+  __shared__ float sums[kRowsPerPass][32 + 1];  // +1: no bank conflicts
+  sums[threadIdx.y][threadIdx.x] = sum;
+  __syncthreads();
+  if (threadIdx.y == 0 && col < cols) {
+    for (int i = 1; i < kRowsPerPass; ++i) sum += sums[i][threadIdx.x];
+    partial[blockIdx.y * static_cast<long long>(cols) + col] = sum;
+  }
+}
+
 // The second step of the column-sum kernels' deterministic reductions (bias gradients): one
 // thread per column adds the row blocks' float32 partials ([row_blocks, cols]) in block order
 // and stores the sum in the output's type. No atomics, so the sums are bit-identical from run

@@ -122,7 +122,6 @@ __global__ void SoftmaxXentBackwardKernel(const float* __restrict__ dloss,
                                           const float* __restrict__ log_sum_exp, long long rows,
                                           int cols, T* __restrict__ dlogits,
                                           float* __restrict__ partial) {
-  __shared__ float sums[kGradRowsPerPass][kWarpSize + 1];  // +1: no bank conflicts
   const int col = blockIdx.x * kWarpSize + threadIdx.x;
   const RowSlice slice = BlockRowSlice(rows);
   float sum = 0.0f;
@@ -136,12 +135,7 @@ __global__ void SoftmaxXentBackwardKernel(const float* __restrict__ dloss,
       sum += grad;  // dbias from the float32 gradient, not the rounded dlogits
     }
   }
-  sums[threadIdx.y][threadIdx.x] = sum;
-  __syncthreads();
-  if (threadIdx.y == 0 && col < cols) {
-    for (int i = 1; i < kGradRowsPerPass; ++i) sum += sums[i][threadIdx.x];
-    partial[blockIdx.y * static_cast<long long>(cols) + col] = sum;
-  }
+  StoreBlockColumnSum<kGradRowsPerPass>(sum, col, cols, partial);
 }
 
 template <typename T>

@@ -3,10 +3,9 @@
 // Forward: a grid-stride loop over x's elements; each adds its bias and writes the element to
 // its place in query, key or value (consecutive threads read consecutive x and write runs of H
 // consecutive elements of one head).
-// Backward: the gradients gathered back into dx's layout the same way, then dbias from dx as
-// gelu.cu sums dbias: block (32, 8) of grid (ceil(3D / 32), row_blocks) adds its rows'
-// columns in a fixed order into a partial, and a second kernel adds the partials in block
-// order. dx holds the upstream gradients unchanged, so summing it is summing them.
+// Backward: one pass gathers the gradients back into dx's layout and sums dbias as gelu.cu
+// does: block (32, 8) of grid (ceil(3D / 32), row_blocks) adds its rows' columns in a fixed
+// order into a partial, and a second kernel adds the partials in block order.
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -56,38 +55,30 @@ __global__ void ForwardKernel(const T* __restrict__ x, const T* __restrict__ bia
   }
 }
 
+// Block (32, kGradRowsPerPass), grid (ceil(3D / 32), row_blocks): block (bx, by) gathers
+// dx's columns [32 bx, 32 bx + 32) of its rows from the three gradients (a warp reads runs of
+// consecutive h of one head) and stores their column sums as row `by` of partial
+// ([row_blocks, 3D]).
 template <typename T>
-__global__ void GatherKernel(const T* __restrict__ dquery, const T* __restrict__ dkey,
-                             const T* __restrict__ dvalue, long long size, long long seq,
-                             int heads, int head_size, T* __restrict__ dx) {
-  for (long long i = blockIdx.x * static_cast<long long>(blockDim.x) + threadIdx.x; i < size;
-       i += static_cast<long long>(gridDim.x) * blockDim.x) {
-    const Place place = PlaceOf(i, seq, heads, head_size);
-    const T* in = place.part == 0 ? dquery : (place.part == 1 ? dkey : dvalue);
-    dx[i] = in[place.index];
-  }
-}
-
-// Block (32, kGradRowsPerPass), grid (ceil(cols / 32), row_blocks): the column sums of dx over
-// this block's rows into row blockIdx.y of partial ([row_blocks, cols]).
-template <typename T>
-__global__ void ColumnSumKernel(const T* __restrict__ dx, long long rows, int cols,
-                                float* __restrict__ partial) {
-  __shared__ float sums[kGradRowsPerPass][kWarpSize + 1];  // +1: no bank conflicts
+__global__ void BackwardKernel(const T* __restrict__ dquery, const T* __restrict__ dkey,
+                               const T* __restrict__ dvalue, long long rows, long long seq,
+                               int heads, int head_size, T* __restrict__ dx,
+                               float* __restrict__ partial) {
+  const int cols = 3 * heads * head_size;
   const int col = blockIdx.x * kWarpSize + threadIdx.x;
   const RowSlice slice = BlockRowSlice(rows);
   float sum = 0.0f;
   if (col < cols) {
     for (long long row = slice.begin + threadIdx.y; row < slice.end; row += kGradRowsPerPass) {
-      sum += ToFloat(dx[row * cols + col]);
+      const long long i = row * cols + col;
+      const Place place = PlaceOf(i, seq, heads, head_size);
+      const T* in = place.part == 0 ? dquery : (place.part == 1 ? dkey : dvalue);
+      const T value = in[place.index];
+      dx[i] = value;
+      sum += ToFloat(value);
     }
   }
-  sums[threadIdx.y][threadIdx.x] = sum;
-  __syncthreads();
-  if (threadIdx.y == 0 && col < cols) {
-    for (int i = 1; i < kGradRowsPerPass; ++i) sum += sums[i][threadIdx.x];
-    partial[blockIdx.y * static_cast<long long>(cols) + col] = sum;
-  }
+  StoreBlockColumnSum<kGradRowsPerPass>(sum, col, cols, partial);
 }
 
 template <typename T>
@@ -108,15 +99,11 @@ cudaError_t LaunchBackward(const T* dquery, const T* dkey, const T* dvalue, long
   const long long rows = batch * seq;
   if (cols <= 0) return cudaSuccess;
   if (rows <= 0) return cudaMemsetAsync(dbias, 0, sizeof(T) * cols, stream);  // empty sums
-  GatherKernel<T><<<Grid(rows * cols), kThreads, 0, stream>>>(dquery, dkey, dvalue, rows * cols,
-                                                              seq, heads, head_size, dx);
-  cudaError_t error = cudaGetLastError();
-  if (error != cudaSuccess) return error;
   const int row_blocks = static_cast<int>(tfbert_split_heads_grad_row_blocks(rows));
   const dim3 grid((cols + kWarpSize - 1) / kWarpSize, row_blocks);
-  ColumnSumKernel<T><<<grid, dim3(kWarpSize, kGradRowsPerPass), 0, stream>>>(dx, rows, cols,
-                                                                              workspace);
-  error = cudaGetLastError();
+  BackwardKernel<T><<<grid, dim3(kWarpSize, kGradRowsPerPass), 0, stream>>>(
+      dquery, dkey, dvalue, rows, seq, heads, head_size, dx, workspace);
+  cudaError_t error = cudaGetLastError();
   if (error != cudaSuccess) return error;
   SumRowBlockPartialsKernel<T><<<(cols + kThreads - 1) / kThreads, kThreads, 0, stream>>>(
       workspace, row_blocks, cols, dbias);
