@@ -155,3 +155,13 @@ def test_fused_op_without_the_library_fails_at_start_saying_how_to_build(monkeyp
             build("--vocab_size=100", "--attn_softmax_ytf_impl", "--output_dir=x")
     finally:
         loader.load_ops.cache_clear()
+
+
+def test_the_fused_op_flags_reach_the_config():
+    # Each flag lands in FusedOpsConfig (the model tests then count the ops it puts in the
+    # step graph): a flag parsed and dropped here would fail.
+    config = build("--vocab_size=100", "--output_dir=x", "--ytf_gelu", "--gelu_save_derivative",
+                   "--fused_qkv", "--fused_qkv_split", "--fused_xent")
+    ops = config.ops
+    assert ops.gelu_save_derivative and ops.fused_qkv_split and ops.fused_xent
+    assert {"--fused_qkv_split", "--fused_xent"} <= set(ops.enabled_flags())

@@ -155,6 +155,34 @@ def test_fused_xent_in_bfloat16_reads_the_logits_once_and_matches_the_float32_lo
     assert not vocab_casts, [op.name for op in vocab_casts]
 
 
+@pytest.mark.parametrize("flags, op_type, grad_type, replaced", [
+    (dict(ytf_gelu=True, gelu_save_derivative=True), "TfBert>FusedBiasGeluSave",
+     "TfBert>FusedBiasGeluGradFromDerivative", "TfBert>FusedBiasGelu"),
+    (dict(fused_qkv=True, fused_qkv_split=True), "TfBert>FusedBiasSplitHeads",
+     "TfBert>FusedBiasSplitHeadsGrad", "Unpack"),
+])
+def test_flag_puts_its_op_in_every_layer(flags, op_type, grad_type, replaced):
+    # The model equivalence above would also pass with the flag ignored: here the step graph
+    # must hold the flag's op and its gradient once per layer, and none of what it replaces.
+    if not built("ytf_gelu") or not hasattr(load_ops(), "tf_bert_fused_bias_split_heads"):
+        pytest.skip("fused ops not built")
+    config = odd_model_config()
+    model = BertPretrainer(config, DropoutRng(0), ops=FusedOpsConfig(**flags))
+    model.build(ODD["seq"], ODD["predictions"])
+    batch = synthetic_batch()
+
+    def step():
+        with tf.GradientTape() as tape:
+            loss = model.compute_losses(batch)["loss"]
+        return tape.gradient(loss, model.trainable_variables)
+
+    graph = tf.function(step, autograph=False).get_concrete_function().graph
+    op_types = [op.type for op in graph.get_operations()]
+    assert op_types.count(op_type) == config.num_hidden_layers
+    assert op_types.count(grad_type) == config.num_hidden_layers
+    assert replaced not in op_types
+
+
 @pytest.mark.parametrize("fused_qkv, projections_per_layer", [(False, 3), (True, 1)])
 def test_fused_qkv_projects_queries_keys_and_values_with_one_matmul(fused_qkv,
                                                                     projections_per_layer):
